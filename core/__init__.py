@@ -1,0 +1,36 @@
+"""b24sms: a Bitrix24 SMS provider service with pluggable gateways.
+
+``create_app()`` builds the Flask app; plugin authors import :data:`hookimpl` from here.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Mapping
+
+from .hookspecs import hookimpl
+
+try:
+    __version__ = version("b24sms")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = ["create_app", "hookimpl", "__version__"]
+
+
+def create_app(
+    test_config: Mapping[str, Any] | None = None,
+    *,
+    config_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """Build the Flask app.
+
+    :param test_config: a whole configuration as a dict (the TOML's shape); used instead of the
+        file. Tests pass one; production reads ``B24SMS_CONFIG`` or ``config/default.toml``.
+    :param config_path: a TOML file to read instead of ``B24SMS_CONFIG``.
+    :raises b24sms.config.ConfigError, b24sms.plugins.PluginError: the service cannot start.
+    """
+    from .app import build_app
+
+    return build_app(test_config, config_path=config_path, environ=environ)

@@ -1,0 +1,265 @@
+"""The ``b24sms`` command: serve, worker, providers, portals, messages, plugins, db, demo."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+
+log = logging.getLogger("b24sms.cli")
+
+
+class Context:
+    """Builds the service lazily, so ``--help`` works without a config."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._service: Any = None
+
+    @property
+    def service(self) -> Any:
+        if self._service is None:
+            from . import logs
+            from .config import ConfigError, load_config
+            from .plugins import PluginError
+            from .service import Service
+
+            try:
+                config = load_config(self.config_path)
+                logs.configure(config["service"])
+                self._service = Service(config)
+            except (ConfigError, PluginError) as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._service
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="b24sms")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="B24SMS_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="TOML config (default: $B24SMS_CONFIG or config/default.toml).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """b24sms: the Bitrix24 SMS provider service."""
+    ctx.obj = Context(config_path)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, help="Web server threads (config: threads).")
+@click.option(
+    "--consumer/--no-consumer",
+    default=None,
+    help="Run queue workers inside this process (default: yes for a SQLite or memory queue).",
+)
+@pass_ctx
+def serve(obj: Context, host: str, port: int, threads: int | None, consumer: bool | None) -> None:
+    """Run the web service (waitress), with an embedded queue consumer."""
+    import waitress
+
+    from .app import build_app
+
+    svc = obj.service
+    app = build_app(service=svc)
+    if consumer is None:
+        consumer = svc.settings["queue_url"].startswith(("sqlite", "memory"))
+    embedded = svc.queue.start_embedded(svc.settings["workers"]) if consumer else None
+    click.echo(f"b24sms {__version__} serving on http://{host}:{port} "
+               f"(public URL {svc.public_url}; consumer {'on' if embedded else 'off'})")
+    try:
+        waitress.serve(
+            app, host=host, port=port, threads=threads or svc.settings["threads"], ident="b24sms"
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        svc.close()
+
+
+@cli.command()
+@click.option("--workers", "-w", default=None, type=int, help="Worker threads (config: workers).")
+@click.option("--no-periodic", is_flag=True, help="Do not run the sweep in this process.")
+@pass_ctx
+def worker(obj: Context, workers: int | None, no_periodic: bool) -> None:
+    """Run a queue consumer only (for separate machines)."""
+    svc = obj.service
+    svc.queue.run_consumer(workers=workers or svc.settings["workers"], periodic=not no_periodic)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_ctx
+def db_upgrade(obj: Context, revision: str) -> None:
+    """Apply the Alembic migrations."""
+    from . import migrate
+
+    migrate.upgrade(obj.service.db, revision)
+    click.echo(f"database at revision {migrate.current_revision(obj.service.db)}")
+
+
+@cli.group()
+def providers() -> None:
+    """Provider CODEs and their registration on portals."""
+
+
+@providers.command("list")
+@pass_ctx
+def providers_list(obj: Context) -> None:
+    """Configured providers and where they are registered."""
+    from sqlalchemy import select
+
+    from .models import Portal, ProviderRegistration
+
+    svc = obj.service
+    with svc.db.session() as session:
+        rows = session.execute(
+            select(ProviderRegistration, Portal.domain).join(Portal)
+        ).all()
+    by_code: dict[str, list[str]] = {}
+    for registration, domain in rows:
+        note = registration.state + (f": {registration.last_error}" if registration.last_error else "")
+        by_code.setdefault(registration.code, []).append(f"{domain} ({note})")
+    for code, provider in svc.providers.items():
+        state = "enabled" if provider["enabled"] else "disabled"
+        click.echo(f"{code}  plugin={provider['plugin']}  {state}  name={provider['name']!r}")
+        for line in by_code.get(code, []) or ["(not registered on any portal)"]:
+            click.echo(f"    {line}")
+
+
+@providers.command("sync")
+@click.option("--portal", "member_id", default=None, help="Only this member_id.")
+@pass_ctx
+def providers_sync(obj: Context, member_id: str | None) -> None:
+    """Reconcile every active portal's providers with the config."""
+    from .registration import sync_all, sync_portal
+
+    svc = obj.service
+    if member_id:
+        from .portals import find_portal
+
+        with svc.db.session() as session:
+            portal = find_portal(session, member_id)
+            if portal is None:
+                raise click.ClickException(f"no portal with member_id {member_id}")
+            reports = [sync_portal(svc, portal.id)]
+    else:
+        reports = sync_all(svc)
+    failed = False
+    for report in reports:
+        click.echo(str(report))
+        failed = failed or bool(report.failed)
+    if not reports:
+        click.echo("no active portals")
+    if failed:
+        sys.exit(1)
+
+
+@cli.group()
+def portals() -> None:
+    """Installed portals."""
+
+
+@portals.command("list")
+@pass_ctx
+def portals_list(obj: Context) -> None:
+    """Portals, their state and message counts (never their tokens)."""
+    from sqlalchemy import func, select
+
+    from .models import Message, Portal
+
+    with obj.service.db.session() as session:
+        counts = dict(
+            session.execute(select(Message.portal_id, func.count()).group_by(Message.portal_id)).all()
+        )
+        for portal in session.scalars(select(Portal).order_by(Portal.id)):
+            click.echo(
+                f"{portal.member_id}  {portal.domain}  {portal.state}  "
+                f"messages={counts.get(portal.id, 0)}  installed={portal.installed_at:%Y-%m-%d %H:%M}"
+                + (f"  last_error={portal.last_error}" if portal.last_error else "")
+            )
+
+
+@cli.command()
+@click.option("--status", default=None, help="Only this status.")
+@click.option("--code", default=None, help="Only this provider CODE.")
+@click.option("--portal", "member_id", default=None, help="Only this member_id.")
+@click.option("--limit", default=20, show_default=True, type=int)
+@pass_ctx
+def messages(obj: Context, status: str | None, code: str | None, member_id: str | None,
+             limit: int) -> None:
+    """Recent messages, newest first (numbers masked, bodies never shown)."""
+    from sqlalchemy import select
+
+    from .logs import mask_number
+    from .models import Message, Portal
+
+    query = select(Message, Portal.domain).join(Portal).order_by(Message.id.desc()).limit(limit)
+    if status:
+        query = query.where(Message.status == status)
+    if code:
+        query = query.where(Message.code == code)
+    if member_id:
+        query = query.where(Portal.member_id == member_id)
+    with obj.service.db.session() as session:
+        for message, domain in session.execute(query):
+            click.echo(
+                f"{message.created_at:%Y-%m-%d %H:%M:%S}  {message.message_id}  {message.code}  "
+                f"{domain}  {mask_number(message.to or message.to_raw)}  {message.status}  "
+                f"attempts={message.attempts}"
+                + (f"  error={message.last_error}" if message.last_error else "")
+            )
+
+
+@cli.command()
+@pass_ctx
+def plugins(obj: Context) -> None:
+    """Discovered plugins, their versions, gateway types and the CODEs that use them."""
+    from .plugins import plugin_versions
+
+    svc = obj.service
+    types_by_plugin: dict[str, list[str]] = {}
+    for gtype in svc.gateway_types.values():
+        codes = [c for c, p in svc.providers.items() if p["plugin"] == gtype.name]
+        types_by_plugin.setdefault(gtype.plugin, []).append(
+            f"{gtype.name} (codes: {', '.join(codes) or '-'})"
+        )
+    for name, dist, version in plugin_versions(svc.pm):
+        click.echo(f"{name}  {dist} {version}  gateways: {'; '.join(types_by_plugin.get(name, [])) or '-'}")
+
+
+@cli.command()
+@click.option("--to", "number", default="+14155550123", show_default=True)
+@click.option("--text", default="Your code: 1234", show_default=True)
+def demo(number: str, text: str) -> None:
+    """The whole flow against the bundled portal emulator, printed as a timeline."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(number, text, echo=click.echo))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from .plugins import make_plugin_manager
+
+    try:
+        make_plugin_manager().hook.b24sms_register_commands(cli=cli)
+    except Exception as exc:  # a broken plugin must not take the CLI down with it
+        click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+    cli()

@@ -1,0 +1,260 @@
+"""Configuration: one TOML file, ``${VAR}`` expansion, validated as a whole at start-up.
+
+The path comes from ``B24SMS_CONFIG``, else ``config/default.toml``. Any problem is raised as
+:class:`ConfigError` naming the file, the key and what is wrong, and the service does not start.
+Plugin options are validated later, by each plugin's own schema (see :mod:`b24sms.plugins`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+CODE_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, the key and the problem."""
+
+
+def expand_variables(value: Any, environ: Mapping[str, str], path: str, filename: str) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of ``value``, recursively."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{filename}: {path}: environment variable {name} is not set "
+                f"(set it, or write ${{{name}:-default}})"
+            )
+
+        return _VAR_RE.sub(substitute, value)
+    if isinstance(value, dict):
+        return {
+            k: expand_variables(v, environ, f"{path}.{k}" if path else k, filename)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_variables(v, environ, f"{path}[{i}]", filename) for i, v in enumerate(value)]
+    return value
+
+
+def _raise(message: str) -> bool:
+    raise ValidationError(message)
+
+
+def _url(schemes: tuple[str, ...]):
+    def check(value: str) -> None:
+        scheme = urlsplit(value).scheme.split("+", 1)[0]
+        if scheme not in schemes:
+            raise ValidationError(f"must start with one of {', '.join(s + '://' for s in schemes)}")
+
+    return check
+
+
+class ServiceSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    public_url = fields.String(required=True, validate=_url(("http", "https")))
+    #: empty: generated once and kept in instance/secret_key (single-machine use)
+    secret_key = fields.String(
+        required=True,
+        validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters"),
+    )
+    database_url = fields.String(
+        load_default="sqlite:///instance/b24sms.sqlite3", validate=_url(("sqlite", "postgresql"))
+    )
+    queue_url = fields.String(
+        load_default="sqlite:///instance/b24sms-queue.sqlite3",
+        validate=_url(("sqlite", "postgresql", "postgres", "redis", "memory")),
+    )
+    default_region = fields.String(load_default="US", validate=validate.Regexp(r"^[A-Z]{2}$"))
+    max_attempts = fields.Integer(load_default=8, validate=validate.Range(min=1, max=100))
+    retry_base_delay = fields.Float(load_default=2.0, validate=validate.Range(min=0))
+    retry_max_delay = fields.Float(load_default=600.0, validate=validate.Range(min=0))
+    stuck_after = fields.Float(load_default=300.0, validate=validate.Range(min=1))
+    sweep_interval = fields.Float(load_default=60.0, validate=validate.Range(min=1))
+    max_body_bytes = fields.Integer(load_default=256 * 1024, validate=validate.Range(min=1024))
+    workers = fields.Integer(load_default=2, validate=validate.Range(min=1, max=64))
+    threads = fields.Integer(load_default=8, validate=validate.Range(min=1, max=256))
+    log_format = fields.String(load_default="text", validate=validate.OneOf(["text", "json"]))
+    log_level = fields.String(
+        load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+    )
+
+
+class Bitrix24Schema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    client_id = fields.String(load_default="")
+    client_secret = fields.String(load_default="")
+    oauth_url = fields.String(
+        load_default="https://oauth.bitrix.info/oauth/token/", validate=_url(("http", "https"))
+    )
+    requests_per_second = fields.Float(load_default=2.0, validate=validate.Range(min=0.1))
+    burst = fields.Integer(load_default=50, validate=validate.Range(min=1, max=250))
+    timeout = fields.Float(load_default=30.0, validate=validate.Range(min=1, max=60))
+    user_agent = fields.String(load_default="")
+
+
+class ProviderSchema(Schema):
+    """The core's part of a ``[providers.<CODE>]`` table; the rest goes to the plugin."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    plugin = fields.String(required=True, validate=validate.Length(min=1))
+    name = fields.Raw(required=True)
+    description = fields.String(load_default="")
+    portals = fields.List(fields.String(), load_default=None)
+    enabled = fields.Boolean(load_default=True)
+
+    @validates_schema
+    def check_name(self, data: dict, **kwargs: Any) -> None:
+        name = data.get("name")
+        if isinstance(name, str) and name.strip():
+            return
+        if isinstance(name, dict) and name and all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in name.items()
+        ):
+            return
+        raise ValidationError("must be a string or a table of language = name", "name")
+
+
+CORE_PROVIDER_KEYS = frozenset(ProviderSchema().fields)
+
+
+class ConfigSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    service = fields.Nested(ServiceSchema, required=True)
+    bitrix24 = fields.Nested(Bitrix24Schema, load_default=lambda: Bitrix24Schema().load({}))
+    providers = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
+    metrics = fields.Dict(load_default=dict)
+
+
+def first_error(messages: Any, prefix: str = "") -> tuple[str, str]:
+    """Flatten marshmallow's nested error dict to (dotted key, text) of the first problem."""
+    if isinstance(messages, dict):
+        key, value = next(iter(messages.items()))
+        key = str(key)
+        if key == "_schema":
+            return first_error(value, prefix)
+        return first_error(value, f"{prefix}.{key}" if prefix else key)
+    if isinstance(messages, list):
+        first = messages[0]
+        if isinstance(first, (dict, list)):
+            return first_error(first, prefix)
+        return prefix, str(first)
+    return prefix, str(messages)
+
+
+def _field_problem(messages: Any) -> str:
+    key, text = first_error(messages)
+    if text == "Unknown field.":
+        text = "unknown key"
+    return f"{key}: {text}"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Read, expand and validate the configuration file; return a plain dict.
+
+    :param path: the TOML file; default ``B24SMS_CONFIG`` or ``config/default.toml``.
+    :param environ: variables for ``${VAR}``; default ``os.environ``.
+    :raises ConfigError: naming the file, the key and the problem.
+    """
+    environ = os.environ if environ is None else environ
+    filename = str(path or environ.get("B24SMS_CONFIG") or DEFAULT_CONFIG)
+    try:
+        with open(filename, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{filename}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{filename}: not valid TOML: {exc}") from None
+    return validate_config(raw, environ, filename)
+
+
+def validate_config(
+    raw: dict[str, Any], environ: Mapping[str, str] | None = None, filename: str = "<config>"
+) -> dict[str, Any]:
+    """Expand and validate an already parsed configuration (tests build these as dicts)."""
+    environ = os.environ if environ is None else environ
+    expanded = expand_variables(raw, environ, "", filename)
+    try:
+        config = ConfigSchema().load(expanded)
+    except ValidationError as exc:
+        raise ConfigError(f"{filename}: {_field_problem(exc.messages)}") from None
+    providers: dict[str, dict[str, Any]] = {}
+    for code, table in config["providers"].items():
+        if not CODE_RE.match(code):
+            raise ConfigError(
+                f"{filename}: providers.{code}: a provider CODE may hold only letters, digits, "
+                "'.', '_' and '-'"
+            )
+        try:
+            provider = ProviderSchema().load(table)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{filename}: providers.{code}.{_field_problem(exc.messages)}"
+            ) from None
+        core = {k: provider.pop(k) for k in list(provider) if k in CORE_PROVIDER_KEYS}
+        core["options"] = provider
+        core["code"] = code
+        providers[code] = core
+    config["providers"] = providers
+    config["service"]["public_url"] = config["service"]["public_url"].rstrip("/")
+    if not config["service"]["secret_key"]:
+        config["service"]["secret_key"] = instance_secret_key()
+    config["filename"] = filename
+    return config
+
+
+
+def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
+    """Make a relative ``sqlite:///relative/path`` absolute against ``base`` (default: cwd) and
+    create its folder, so ``instance/`` appears on first run."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url in ("sqlite://", "sqlite:///:memory:"):
+        return url
+    rest = url[len(prefix):]
+    path = Path(rest)
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(path)
+
+
+def instance_secret_key(instance: Path | None = None) -> str:
+    """The generated secret key of this machine, created on first use in ``instance/secret_key``.
+
+    Fine for one machine; several machines must share one key, so set ``secret_key`` there.
+    """
+    import secrets
+
+    path = (instance or Path.cwd() / "instance") / "secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()

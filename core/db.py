@@ -1,0 +1,75 @@
+"""The database: engine, session factory, and the SQLite settings that make it safe to share.
+
+One :class:`Database` per app (``app.extensions["b24sms"].db``). Callers own their sessions:
+one per request, one per task (``with db.session() as session``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import resolve_sqlite_path
+
+
+class Database:
+    """Owns the engine and hands out sessions."""
+
+    def __init__(self, url: str, **engine_options: Any) -> None:
+        url = resolve_sqlite_path(url)
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            engine_options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+        else:
+            engine_options.setdefault("pool_pre_ping", True)
+            engine_options.setdefault("pool_size", 10)
+            engine_options.setdefault("max_overflow", 20)
+        self.engine: Engine = create_engine(url, **engine_options)
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed when the block ends, rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def new_session(self) -> Session:
+        """A plain session whose transactions the caller manages."""
+        return self._sessions()
+
+    def ping(self) -> None:
+        """Raise when the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and never takes the write lock up front;
+    # with it off, every transaction starts BEGIN IMMEDIATE, which serialises writers across
+    # processes (our row lock on SQLite) instead of failing them with "database is locked".
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

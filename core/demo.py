@@ -1,0 +1,106 @@
+"""``b24sms demo``: the whole flow against the bundled emulator, printed as a timeline.
+
+A temporary SQLite database and queue, the service under waitress with an embedded consumer, an
+emulated portal that installs the app, sends one message through the log-only provider, and
+receives the statuses back.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CLIENT_ID = "local.demo00000000000.00000000"
+
+
+class _Dispatcher:
+    """WSGI target set after the socket exists (the app must know its own URL)."""
+
+    app: Any = None
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        return self.app(environ, start_response)
+
+
+def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int:
+    """Run the demo; 0 when the message reached a final status at the portal."""
+    import secrets
+
+    import waitress
+
+    from .app import build_app
+    from .config import validate_config
+    from .emulator import Emulator
+    from .service import Service
+
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        echo(f"{time.monotonic() - started:7.3f}s  {line}")
+
+    client_secret = secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix="b24sms-demo-") as tmp, Emulator(
+        client_id=CLIENT_ID, client_secret=client_secret
+    ) as emu:
+        portal = emu.add_portal()
+        say(f"emulated portal {portal.domain} (member_id {portal.member_id})")
+        dispatcher = _Dispatcher()
+        server = waitress.create_server(dispatcher, host="127.0.0.1", port=0, threads=4)
+        public_url = f"http://127.0.0.1:{server.effective_port}"
+        config = validate_config(
+            {
+                "service": {
+                    "public_url": public_url,
+                    "secret_key": secrets.token_urlsafe(32),
+                    "database_url": f"sqlite:///{Path(tmp) / 'demo.sqlite3'}",
+                    "queue_url": f"sqlite:///{Path(tmp) / 'demo-queue.sqlite3'}",
+                    "retry_base_delay": 0.2,
+                },
+                "bitrix24": {
+                    "client_id": CLIENT_ID,
+                    "client_secret": client_secret,
+                    "oauth_url": emu.oauth_url,
+                },
+                "providers": {
+                    "demo_log": {"plugin": "log", "name": "Demo log", "outcome": "delivered"}
+                },
+            }
+        )
+        service = Service(config)
+        dispatcher.app = build_app(service=service)
+        consumer = service.queue.start_embedded(2)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        say(f"b24sms serving on {public_url} with an embedded queue consumer")
+        try:
+            response = portal.install(public_url)
+            say(f"portal → POST /bitrix24/install (ONAPPINSTALL): HTTP {response.status_code}")
+            say(f"providers registered on the portal: {sorted(portal.senders)}")
+            message_id, response = portal.send_sms("demo_log", number, text)
+            say(f"portal → POST HANDLER demo_log, message {message_id}: HTTP {response.status_code}")
+            seen = 0
+            deadline = time.monotonic() + 30
+            final = None
+            while time.monotonic() < deadline and final is None:
+                statuses = portal.messages[message_id]["statuses"]
+                for entry in statuses[seen:]:
+                    say(f"b24sms → messageservice.message.status.update: {entry['status']}")
+                    if entry["status"] in ("delivered", "undelivered", "failed"):
+                        final = entry["status"]
+                seen = len(statuses)
+                time.sleep(0.05)
+            if final is None:
+                say("no final status within 30 s")
+                return 1
+            say(f"done: the portal shows the message as {final}; "
+                f"{portal.stats['requests']} REST requests, "
+                f"{portal.stats['rejected_rate_limit']} rejected by the rate limit")
+            return 0
+        finally:
+            server.close()
+            consumer.stop()
+            service.close()

@@ -1,0 +1,181 @@
+"""What the service stores: portals, provider registrations, messages, their history, the outbox.
+
+Times are naive UTC (:func:`utcnow`), the same on SQLite and PostgreSQL. Schema changes go
+through Alembic (``core/migrations``); this module is the model the migrations follow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    """Now, as naive UTC."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class PortalState:
+    ACTIVE = "active"
+    UNINSTALLED = "uninstalled"
+    #: tokens refused (invalid_token, NO_AUTH_FOUND, invalid_grant): stop calling, keep the work
+    NEEDS_REINSTALL = "needs_reinstall"
+    #: OVERLOAD_LIMIT or PORTAL_DELETED: Bitrix24 asked us to stop
+    BLOCKED = "blocked"
+
+
+class Portal(Base):
+    __tablename__ = "portals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64), unique=True)
+    domain: Mapped[str] = mapped_column(String(255))
+    client_endpoint: Mapped[str] = mapped_column(String(512))
+    server_endpoint: Mapped[str | None] = mapped_column(String(512))
+    access_token: Mapped[str | None] = mapped_column(String(255))
+    refresh_token: Mapped[str | None] = mapped_column(String(255))
+    token_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    application_token: Mapped[str | None] = mapped_column(String(255))
+    scope: Mapped[str | None] = mapped_column(String(512))
+    language: Mapped[str | None] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(32), default=PortalState.ACTIVE)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: no REST call before this moment (rate limit, OPERATION_TIME_LIMIT, transient errors)
+    paused_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    installed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    uninstalled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    registrations: Mapped[list[ProviderRegistration]] = relationship(
+        back_populates="portal", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def __repr__(self) -> str:  # never show tokens
+        return f"<Portal {self.id} {self.domain} {self.state}>"
+
+
+class RegistrationState:
+    REGISTERED = "registered"
+    ERROR = "error"
+    REMOVED = "removed"
+
+
+class ProviderRegistration(Base):
+    """One provider CODE as registered (or meant to be) on one portal."""
+
+    __tablename__ = "provider_registrations"
+    __table_args__ = (UniqueConstraint("portal_id", "code"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
+    code: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    #: digest of what was sent to Bitrix24 (handler, name, description) to notice changes
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    portal: Mapped[Portal] = relationship(back_populates="registrations")
+
+
+class Message(Base):
+    """One message Bitrix24 handed us, from the HANDLER call to its final status."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("portal_id", "message_id", name="uq_messages_portal_message_id"),
+        Index("ix_messages_code_external_id", "code", "external_id"),
+        Index("ix_messages_status_next_attempt", "status", "next_attempt_at"),
+        Index("ix_messages_portal_created", "portal_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
+    code: Mapped[str] = mapped_column(String(64))
+    #: Bitrix24's message_id (32 hex): the key of every status update
+    message_id: Mapped[str] = mapped_column(String(64))
+    to_raw: Mapped[str] = mapped_column(String(64))
+    #: E.164, or None when the number could not be parsed (the message is then failed)
+    to: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    module_id: Mapped[str | None] = mapped_column(String(32))
+    #: bindings (crm) or workflow_id / document_id / document_type (bizproc), as sent
+    context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str | None] = mapped_column(String(128))
+    raw_status: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: when the next send attempt is due; None once the gateway took it or it is final
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: set while a worker is sending, so the sweep can tell "in flight" from "lost"
+    sending_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    portal: Mapped[Portal] = relationship()
+    history: Mapped[list[StatusEvent]] = relationship(
+        back_populates="message",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="StatusEvent.id",
+    )
+
+
+class StatusEvent(Base):
+    """Every status report about a message, applied or not."""
+
+    __tablename__ = "status_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    raw_status: Mapped[str | None] = mapped_column(String(64))
+    #: handler, gateway, callback, poll, sweep
+    source: Mapped[str] = mapped_column(String(16))
+    applied: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    message: Mapped[Message] = relationship(back_populates="history")
+
+
+class OutboxEntry(Base):
+    """A status waiting to be reported to Bitrix24: one row per message, newest status wins."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_portal_id", "portal_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), unique=True
+    )
+    code: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    #: bumped on every coalesced update, so a flush deletes only the version it reported
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    not_before: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

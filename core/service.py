@@ -1,0 +1,67 @@
+"""The service: config, database, plugins, gateways and queue, built once per process.
+
+The Flask app keeps it in ``app.extensions["b24sms"]``; the worker builds one without Flask.
+Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pluggy
+
+from .config import load_config
+from .db import Database
+from .gateway import Gateway
+from .plugins import GatewayType, build_gateways, gateway_types, make_plugin_manager
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Everything a request or a task needs, owned by one process."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config["service"]
+        self.pm = plugin_manager or make_plugin_manager(environ)
+        self.gateway_types: dict[str, GatewayType] = gateway_types(self.pm)
+        self.providers: dict[str, dict[str, Any]] = dict(config["providers"])
+        self.gateways: dict[str, Gateway] = build_gateways(
+            self.providers,
+            self.gateway_types,
+            self.settings["public_url"],
+            config.get("filename", "<config>"),
+        )
+        self.db = Database(self.settings["database_url"])
+        # The queue imports delivery code that needs this object; built last.
+        from .queue import Queue
+
+        self.queue = Queue(self.settings["queue_url"], self)
+
+    @classmethod
+    def from_file(cls, path: str | None = None, **kwargs: Any) -> Service:
+        return cls(load_config(path), **kwargs)
+
+    @property
+    def public_url(self) -> str:
+        return self.settings["public_url"]
+
+    def enabled_providers(self) -> dict[str, dict[str, Any]]:
+        return {code: p for code, p in self.providers.items() if p["enabled"]}
+
+    def close(self) -> None:
+        for gateway in self.gateways.values():
+            try:
+                gateway.close()
+            except Exception:
+                log.exception("closing gateway %s failed", gateway.code)
+        self.db.dispose()

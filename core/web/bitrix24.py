@@ -1,0 +1,262 @@
+"""Routes Bitrix24 calls: install, events, and the HANDLER of every provider CODE."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import phonenumbers
+from flask import Blueprint, current_app, jsonify, render_template_string, request
+from marshmallow import Schema, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ..bitrix24.payloads import (
+    EventSchema,
+    HandlerSchema,
+    InstallFormSchema,
+    PayloadError,
+    first_problem,
+    parse_bracketed,
+)
+from ..errors import ApiError
+from ..events import MessageInfo, notify
+from ..logs import mask_number
+from ..messages import new_message, record_status
+from ..models import Message, Portal, PortalState
+from ..portals import (
+    find_portal,
+    install_from_event,
+    install_from_form,
+    tokens_match,
+    uninstall,
+    update_from_event,
+)
+from ..registration import sync_portal, verify_handler_key
+from ..service import Service
+from ..statuses import FAILED
+
+bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
+log = logging.getLogger(__name__)
+
+INSTALL_FINISH_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
+<script src="//api.bitrix24.com/api/v1/"></script></head>
+<body style="font-family: sans-serif">
+<p>The SMS providers are installed{% if failed %} ({{ failed }} could not be registered yet;
+they will be retried){% endif %}.</p>
+<script>if (window.BX24) { BX24.init(function () { BX24.installFinish(); }); }</script>
+</body></html>"""
+
+
+def service() -> Service:
+    return current_app.extensions["b24sms"]
+
+
+def read_payload() -> dict[str, Any]:
+    """The request body as nested fields: a bracketed form, or a JSON object (for tools)."""
+    if request.mimetype == "application/json":
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        return data
+    try:
+        return parse_bracketed(request.form.items(multi=True))
+    except PayloadError as exc:
+        raise ApiError(400, "invalid_payload", f"{exc.field}: {exc}") from None
+
+
+def load(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return schema.load(payload)
+    except ValidationError as exc:
+        field, problem = first_problem(exc.messages)
+        raise ApiError(400, "invalid_field", f"{field}: {problem}") from None
+
+
+def _sync_after_commit(portal_id: int) -> dict[str, Any]:
+    """Register the portal's providers; a failure is recorded and retried by `providers sync`."""
+    try:
+        report = sync_portal(service(), portal_id)
+    except Exception as exc:  # the install itself is stored; registration can be repeated
+        log.warning("provider registration for portal %s failed: %s", portal_id, exc)
+        return {"registered": False, "error": type(exc).__name__}
+    return {"registered": not report.failed, "failed": len(report.failed)}
+
+
+def _reinstall_allowed(portal: Portal, application_token: str | None, access_token: str) -> bool:
+    """A re-install must prove itself: the stored application_token, or a token that works at
+    the portal we already know (so a forged install cannot take over a portal's messages)."""
+    if tokens_match(portal.application_token, application_token):
+        return True
+    from ..bitrix24.verify import probe_token
+
+    return probe_token(portal.client_endpoint, access_token, service().config["bitrix24"])
+
+
+@bp.post("/install")
+def install():
+    """ONAPPINSTALL (form with ``event``) or the UI install form (``AUTH_ID`` …)."""
+    svc = service()
+    payload = read_payload()
+    ui = "event" not in payload
+    if ui:
+        form = load(InstallFormSchema(), {**request.args.to_dict(), **payload})
+        member_id, app_token, access = form["member_id"], form["APPLICATION_TOKEN"], form["AUTH_ID"]
+    else:
+        event = load(EventSchema(), payload)
+        if event["event"].upper() != "ONAPPINSTALL":
+            raise ApiError(400, "unsupported_event", f"event: {event['event']} is not ONAPPINSTALL")
+        auth = _require_install_auth(event["auth"])
+        member_id, app_token, access = auth["member_id"], auth["application_token"], auth["access_token"]
+
+    with svc.db.session() as session:
+        existing = find_portal(session, member_id)
+        if existing is not None and existing.state == PortalState.ACTIVE:
+            if not _reinstall_allowed(existing, app_token, access):
+                raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
+        if ui:
+            portal, created = install_from_form(session, form)
+        else:
+            portal, created = install_from_event(session, auth, event["data"])
+        portal_id, domain = portal.id, portal.domain
+    log.info("portal %s %s (member %s)", domain, "installed" if created else "re-installed",
+             member_id)
+    registration = _sync_after_commit(portal_id)
+    if ui:
+        return render_template_string(INSTALL_FINISH_PAGE, failed=registration.get("failed", 0))
+    return jsonify({"result": "installed", "portal": domain, **registration})
+
+
+def _require_install_auth(auth: Mapping[str, Any]) -> Mapping[str, Any]:
+    for key in ("member_id", "domain", "access_token", "refresh_token", "application_token"):
+        if not auth.get(key):
+            raise ApiError(400, "invalid_field", f"auth[{key}]: missing")
+    return auth
+
+
+@bp.post("/events")
+def events():
+    """ONAPPUPDATE re-registers providers; ONAPPUNINSTALL stops (and with CLEAN erases)."""
+    svc = service()
+    event = load(EventSchema(), read_payload())
+    name = event["event"].upper()
+    auth = event["auth"]
+    if name == "ONAPPINSTALL":
+        return install()
+    if name not in ("ONAPPUPDATE", "ONAPPUNINSTALL"):
+        raise ApiError(400, "unsupported_event", f"event: {event['event']} is not handled")
+    member_id = auth.get("member_id")
+    if not member_id:
+        raise ApiError(400, "invalid_field", "auth[member_id]: missing")
+    with svc.db.session() as session:
+        portal = find_portal(session, member_id, lock=True)
+        if portal is None or not tokens_match(portal.application_token, auth.get("application_token")):
+            raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
+        portal_id, domain = portal.id, portal.domain
+        if name == "ONAPPUNINSTALL":
+            clean = str(event["data"].get("CLEAN", "0")) == "1"
+            uninstall(session, portal, clean=clean)
+        else:
+            update_from_event(session, portal, auth)
+    if name == "ONAPPUNINSTALL":
+        log.info("portal %s uninstalled (clean=%s)", domain, clean)
+        return jsonify({"result": "uninstalled", "clean": clean})
+    log.info("portal %s updated; registering providers again", domain)
+    return jsonify({"result": "updated", **_sync_after_commit(portal_id)})
+
+
+def normalise_number(raw: str, region: str) -> str | None:
+    """E.164 for a number as typed in the CRM, or None when it is not a possible number."""
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _message_context(data: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("bindings", "workflow_id", "document_id", "document_type", "ts")
+    return {k: data[k] for k in keys if data.get(k) is not None}
+
+
+@bp.post("/handler/<code>")
+def handler(code: str):
+    """A message from Bitrix24: verify, store durably, hand to delivery, answer at once."""
+    svc = service()
+    provider = svc.providers.get(code)
+    if provider is None or not provider["enabled"]:
+        raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
+    data = load(HandlerSchema(), read_payload())
+    if data["code"] != code:
+        raise ApiError(400, "invalid_field", "code: does not match the provider in the URL")
+    auth = data.get("auth") or {}
+    member_id = request.args.get("member_id") or auth.get("member_id")
+    key = request.args.get("key", "")
+    if not member_id or not verify_handler_key(svc.settings["secret_key"], member_id, code, key):
+        raise ApiError(401, "unauthorized", "handler key missing or not valid")
+    if auth.get("member_id") and auth["member_id"] != member_id:
+        raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
+
+    to = normalise_number(data["message_to"], svc.settings["default_region"])
+    with svc.db.session() as session:
+        portal = find_portal(session, member_id)
+        if portal is None or portal.state == PortalState.UNINSTALLED:
+            raise ApiError(401, "unauthorized", "portal not installed")
+        if "application_token" in auth and not tokens_match(
+            portal.application_token, auth["application_token"]
+        ):
+            raise ApiError(401, "unauthorized", "application_token mismatch")
+        duplicate = session.scalar(
+            select(Message.id).where(
+                Message.portal_id == portal.id, Message.message_id == data["message_id"]
+            )
+        )
+        if duplicate is not None:
+            return jsonify({"result": "duplicate", "id": duplicate})
+        message = new_message(
+            portal_id=portal.id,
+            code=code,
+            message_id=data["message_id"],
+            to_raw=data["message_to"],
+            to=to,
+            body=data["message_body"],
+            module_id=data.get("module_id"),
+            context=_message_context(data),
+        )
+        session.add(message)
+        try:
+            session.flush()
+        except IntegrityError:
+            # The same message_id raced in through another request: that one stored it.
+            session.rollback()
+            return jsonify({"result": "duplicate"})
+        message.portal = portal
+        record_status(session, message, message.status, source="handler", report=False)
+        if to is None:
+            message.last_error = "the recipient is not a valid phone number"
+            record_status(session, message, FAILED, source="handler", detail=message.last_error)
+        info = MessageInfo.from_row(message)
+        portal_id = portal.id
+    log.info(
+        "message %s for %s stored (code %s, portal %s)",
+        info.message_id, mask_number(info.to or data["message_to"]), code, info.domain,
+    )
+    if to is None:
+        _enqueue(svc.queue.enqueue_flush, portal_id)
+    else:
+        _enqueue(svc.queue.enqueue_send, info.id)
+    notify(svc.pm, "b24sms_message_stored", message=info)
+    return jsonify({"result": "accepted", "id": info.id, "status": info.status})
+
+
+def _enqueue(enqueue: Any, object_id: int) -> None:
+    try:
+        enqueue(object_id)
+    except Exception as exc:
+        # Stored is what matters: the sweep finds work whose trigger was lost.
+        log.warning("queue unavailable; %s(%s) is left to the sweep: %s",
+                    getattr(enqueue, "__name__", "enqueue"), object_id, type(exc).__name__)

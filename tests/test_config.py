@@ -1,0 +1,114 @@
+"""Config: TOML loading, ${VAR} expansion, validation errors that name file, key and problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from b24sms.config import ConfigError, load_config, validate_config
+
+GOOD = """
+[service]
+public_url = "https://sms.example.com/"
+secret_key = "${KEY}"
+default_region = "${REGION:-DE}"
+
+[providers.sms1]
+plugin = "log"
+name = { en = "Log", de = "Protokoll" }
+outcome = "sent"
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "b24sms.toml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_expands_and_applies_defaults(tmp_path):
+    config = load_config(write(tmp_path, GOOD), environ={"KEY": "k" * 20})
+    service = config["service"]
+    assert service["secret_key"] == "k" * 20
+    assert service["default_region"] == "DE"
+    assert service["public_url"] == "https://sms.example.com"
+    assert service["queue_url"].startswith("sqlite:///")
+    assert config["bitrix24"]["requests_per_second"] == 2.0
+    provider = config["providers"]["sms1"]
+    assert provider["plugin"] == "log" and provider["enabled"] is True
+    assert provider["options"] == {"outcome": "sent"}
+
+
+def test_unset_variable_names_file_key_and_variable(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    text = str(info.value)
+    assert str(path) in text and "service.secret_key" in text and "KEY" in text
+
+
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        ('[service]\npublic_url = "ftp://x"\nsecret_key = "' + "k" * 20 + '"', "service.public_url",
+         "must start with"),
+        ('[service]\npublic_url = "https://x.y"\nsecret_key = "short"', "service.secret_key",
+         "at least 16"),
+        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20 + '"\nbogus = 1',
+         "service.bogus", "unknown key"),
+        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
+         + '"\n[providers.a]\nname = "A"', "providers.a.plugin", "Missing data"),
+        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
+         + '"\n[providers."bad code"]\nplugin = "log"\nname = "A"', "providers.bad code", "CODE"),
+        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
+         + '"\n[providers.a]\nplugin = "log"\nname = 3', "providers.a.name", "string"),
+        ("[service\n", "", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert key in message and problem in message
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_default_config_runs_with_no_edits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(environ={})
+    assert config["service"]["database_url"].startswith("sqlite:///")
+    assert [p["plugin"] for p in config["providers"].values()] == ["log"]
+    # the generated secret key is kept, not regenerated on the next start
+    key = config["service"]["secret_key"]
+    assert len(key) >= 32 and (tmp_path / "instance" / "secret_key").read_text() == key
+    assert load_config(environ={})["service"]["secret_key"] == key
+
+
+def test_example_config_is_valid(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "config" / "example.toml"
+    env = {
+        "B24SMS_SECRET_KEY": "x" * 32,
+        "B24_CLIENT_SECRET": "secret",
+        "TWILIO_AUTH_TOKEN": "token",
+        "SMTP_PASSWORD": "pw",
+        "GATEWAY_A_TOKEN": "a",
+        "GATEWAY_A_CALLBACK_SECRET": "b",
+        "GATEWAY_B_KEY": "c",
+        "GATEWAY_B_CALLBACK_SECRET": "d",
+    }
+    config = load_config(example, environ=env)
+    assert len(config["providers"]) >= 5
+
+
+def test_validate_config_accepts_dicts():
+    config = validate_config(
+        {"service": {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}}, environ={}
+    )
+    assert config["providers"] == {}
