@@ -156,15 +156,16 @@ def providers_sync(obj: Context, member_id: str | None) -> None:
 
         with svc.db.session() as session:
             portal = find_portal(session, member_id)
-            if portal is None:
-                raise click.ClickException(f"no portal with member_id {member_id}")
-            reports = [sync_portal(svc, portal.id)]
+            portal_id = portal.id if portal is not None else None
+        if portal_id is None:
+            raise click.ClickException(f"no portal with member_id {member_id}")
+        reports = [sync_portal(svc, portal_id)]
     else:
         reports = sync_all(svc)
     failed = False
     for report in reports:
         click.echo(str(report))
-        failed = failed or bool(report.failed)
+        failed = failed or not report.ok
     if not reports:
         click.echo("no active portals")
     if failed:

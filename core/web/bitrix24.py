@@ -82,7 +82,7 @@ def _sync_after_commit(portal_id: int) -> dict[str, Any]:
     except Exception as exc:  # the install itself is stored; registration can be repeated
         log.warning("provider registration for portal %s failed: %s", portal_id, exc)
         return {"registered": False, "error": type(exc).__name__}
-    return {"registered": not report.failed, "failed": len(report.failed)}
+    return {"registered": report.ok, "failed": len(report.failed) or (0 if report.ok else 1)}
 
 
 def _reinstall_allowed(portal: Portal, application_token: str | None, access_token: str) -> bool:

@@ -1,0 +1,301 @@
+"""The Bitrix24 REST client for one portal: JSON calls, batches, typed errors, token refresh.
+
+The portal's tokens are read from the database on every call, because another thread or process
+may have refreshed them a moment ago; an ``expired_token`` answer is refreshed through
+:func:`b24sms.bitrix24.oauth.refresh_tokens` (serialised per portal) and the call repeated once.
+
+Do not call it while holding an open :meth:`~b24sms.db.Database.session`: the client opens its own
+short transactions, and on SQLite every transaction takes the database-wide write lock.
+Pacing is the caller's business; :attr:`Bitrix24Client.last_time` exposes the answer's ``time``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .. import __version__
+from ..db import Database
+from ..models import Portal, PortalState
+from .errors import (
+    Bitrix24Error,
+    PortalBlocked,
+    TokenExpired,
+    TokensRevoked,
+    TransientError,
+    from_response,
+    network_error,
+)
+from .oauth import CONNECT_TIMEOUT, inactive_portal_error, refresh_tokens
+
+__all__ = [
+    "MAX_BATCH",
+    "BatchResult",
+    "Bitrix24Client",
+    "php_urlencode",
+    "shared_session",
+    "user_agent",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bitrix24 runs at most this many commands per ``batch`` request
+MAX_BATCH = 50
+
+_session_lock = threading.Lock()
+_session: tuple[int, requests.Session] | None = None
+
+
+def shared_session() -> requests.Session:
+    """The process-wide HTTP session (keep-alive connections to the portals and OAuth).
+
+    A forked child gets its own: sockets inherited from the parent must not be shared.
+    """
+    global _session
+    with _session_lock:
+        if _session is None or _session[0] != os.getpid():
+            session = requests.Session()
+            # Many worker threads talk to the same few hosts; the default pool of 10 would
+            # discard connections under load.
+            adapter = HTTPAdapter(pool_connections=16, pool_maxsize=64)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            _session = (os.getpid(), session)
+        return _session[1]
+
+
+def user_agent(settings: Mapping[str, Any]) -> str:
+    """``settings["user_agent"]`` when set, else ``b24sms/<version>``."""
+    return settings.get("user_agent") or f"b24sms/{__version__}"
+
+
+def php_urlencode(params: Mapping[str, Any]) -> str:
+    """Encode nested parameters the way PHP's ``http_build_query`` does.
+
+    ``{"CODE": "x", "NAME": {"en": "A"}, "L": [1, 2]}`` gives
+    ``CODE=x&NAME%5Ben%5D=A&L%5B0%5D=1&L%5B1%5D=2`` (brackets percent-encoded, which PHP reads the
+    same). ``None`` values are left out, booleans become ``1`` / ``0``. Used for ``batch``
+    commands, whose parameters travel as a query string.
+    """
+    pairs: list[tuple[str, str]] = []
+    _flatten("", params, pairs)
+    return urlencode(pairs)
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(f"{prefix}[{key}]" if prefix else str(key), item, out)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _flatten(f"{prefix}[{index}]", item, out)
+    elif isinstance(value, bool):
+        out.append((prefix, "1" if value else "0"))
+    else:
+        out.append((prefix, str(value)))
+
+
+@dataclass
+class BatchResult:
+    """What a ``batch`` answered, per command key.
+
+    With ``halt=True`` the commands after the first failing one are not run: their keys are in
+    :attr:`skipped`, in neither :attr:`results` nor :attr:`errors`.
+    """
+
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, Bitrix24Error] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    #: the answer's ``time`` block (``operating``, ``operating_reset_at``…)
+    time: dict[str, Any] | None = None
+
+
+class Bitrix24Client:
+    """REST calls to one portal on behalf of this app.
+
+    :param db: the database holding the portal and its tokens.
+    :param portal_id: primary key of the :class:`~b24sms.models.Portal`.
+    :param settings: ``config["bitrix24"]``.
+    :param http: the HTTP session; default :func:`shared_session`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        portal_id: int,
+        settings: Mapping[str, Any],
+        http: requests.Session | None = None,
+    ) -> None:
+        self.db = db
+        self.portal_id = portal_id
+        self.settings = settings
+        self.http = http or shared_session()
+        #: the ``time`` block of the latest answer that had one: ``operating``,
+        #: ``operating_reset_at``… for pacing
+        self.last_time: dict[str, Any] | None = None
+        #: the portal's domain as last read, for log lines
+        self.domain: str = f"portal#{portal_id}"
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Call one REST method and return its ``result``.
+
+        :param method: e.g. ``messageservice.sender.add``.
+        :param params: the method's parameters (nested dicts and lists allowed).
+        :raises Bitrix24Error: the typed error of the answer (see :mod:`.errors`); an
+            ``expired_token`` is refreshed and the call repeated once before anything is raised.
+        """
+        return self._request(method, dict(params or {})).get("result")
+
+    def batch(
+        self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], halt: bool = False
+    ) -> BatchResult:
+        """Run up to :data:`MAX_BATCH` commands in one request.
+
+        :param commands: key → ``(method, params)``; the keys name the results.
+        :param halt: stop at the first failing command.
+        :returns: per-key results and errors.
+        :raises ValueError: more than :data:`MAX_BATCH` commands, or a ``batch`` inside.
+        :raises Bitrix24Error: the batch request itself failed (like :meth:`call`).
+        """
+        if len(commands) > MAX_BATCH:
+            raise ValueError(f"a batch takes at most {MAX_BATCH} commands, got {len(commands)}")
+        if not commands:
+            return BatchResult()
+        cmd: dict[str, str] = {}
+        keys: dict[str, str] = {}
+        for key, (method, params) in commands.items():
+            if method.strip().lower() == "batch":
+                raise ValueError("Bitrix24 runs no batch inside a batch")
+            query = php_urlencode(params or {})
+            cmd[str(key)] = f"{method}?{query}" if query else method
+            keys[str(key)] = key
+        payload = self._request("batch", {"halt": 1 if halt else 0, "cmd": cmd})
+        outer = payload.get("result")
+        outer = outer if isinstance(outer, dict) else {}
+        answered = _keyed(outer.get("result"))
+        failed = _keyed(outer.get("result_error"))
+        batch = BatchResult(time=payload.get("time") if isinstance(payload.get("time"), dict)
+                            else None)
+        for wire_key, key in keys.items():
+            if wire_key in failed:
+                error = failed[wire_key]
+                if isinstance(error, str):
+                    error = {"error": error}
+                batch.errors[key] = from_response(None, error)
+            elif wire_key in answered:
+                batch.results[key] = answered[wire_key]
+            else:
+                batch.skipped.append(key)
+        if batch.errors:
+            log.info(
+                "%s: batch of %d: %d failed (%s)",
+                self.domain,
+                len(cmd),
+                len(batch.errors),
+                ", ".join(sorted({e.code for e in batch.errors.values()})),
+            )
+        return batch
+
+    # -- the request, with one refresh --------------------------------------------------------
+
+    def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        token, endpoint = self._load()
+        try:
+            return self._post(endpoint, method, params, token)
+        except TokenExpired:
+            log.info("%s: %s: access token expired, refreshing", self.domain, method)
+        except (TokensRevoked, PortalBlocked) as exc:
+            self._mark(exc, token)
+            raise
+        # Raises TokensRevoked itself (and marks the portal) when the refresh is refused.
+        refresh_tokens(self.db, self.portal_id, token, self.settings, self.http)
+        # Re-read rather than trust the returned token alone: the refresh may have moved the
+        # portal to another client_endpoint, and someone may already hold an even newer token.
+        token, endpoint = self._load()
+        try:
+            return self._post(endpoint, method, params, token)
+        except (TokensRevoked, PortalBlocked) as exc:
+            self._mark(exc, token)
+            raise
+
+    def _load(self) -> tuple[str, str]:
+        with self.db.session() as session:
+            portal = session.get(Portal, self.portal_id)
+            if portal is None:
+                raise TokensRevoked("PORTAL_NOT_FOUND", f"no portal with id {self.portal_id}")
+            self.domain = portal.domain
+            if portal.state != PortalState.ACTIVE:
+                raise inactive_portal_error(portal)
+            if not portal.access_token:
+                raise TokensRevoked("NO_AUTH_FOUND", f"portal {portal.domain} has no token")
+            return portal.access_token, portal.client_endpoint
+
+    def _post(
+        self, endpoint: str, method: str, params: dict[str, Any], token: str
+    ) -> dict[str, Any]:
+        url = endpoint if endpoint.endswith("/") else endpoint + "/"
+        url += method
+        try:
+            response = self.http.post(
+                url,
+                json={**params, "auth": token},
+                headers={"User-Agent": user_agent(self.settings), "Accept": "application/json"},
+                timeout=(CONNECT_TIMEOUT, float(self.settings.get("timeout", 30.0))),
+            )
+        except requests.RequestException as exc:
+            error = network_error(exc, url)
+            log.warning("%s: %s failed: %s", self.domain, method, error)
+            raise error from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("time"), dict):
+            self.last_time = payload["time"]
+        if 200 <= response.status_code < 300 and isinstance(payload, dict) \
+                and not payload.get("error"):
+            return payload
+        if 200 <= response.status_code < 300 and not isinstance(payload, dict):
+            error: Bitrix24Error = TransientError(
+                "ERROR_UNEXPECTED_ANSWER", "the answer is not a JSON object", response.status_code
+            )
+        else:
+            error = from_response(response.status_code, payload)
+        level = logging.INFO if isinstance(error, TokenExpired) else logging.WARNING
+        log.log(level, "%s: %s answered %s", self.domain, method, error)
+        raise error
+
+    def _mark(self, error: Bitrix24Error, token: str) -> None:
+        """Record on the portal that Bitrix24 wants no more calls (re-install, or blocked)."""
+        with self.db.session() as session:
+            portal = session.get(Portal, self.portal_id)
+            if portal is None or portal.state != PortalState.ACTIVE:
+                return
+            if isinstance(error, TokensRevoked):
+                # A re-install may have stored fresh tokens while our call was on its way.
+                if portal.access_token != token:
+                    return
+                portal.state = PortalState.NEEDS_REINSTALL
+            else:
+                portal.state = PortalState.BLOCKED
+            portal.last_error = str(error)
+        log.warning("%s: marked %s after %s", self.domain, portal.state, error.code)
+
+
+def _keyed(value: Any) -> dict[str, Any]:
+    # PHP encodes an empty array as [] and an array with keys 0..n-1 as a JSON list.
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, list):
+        return {str(i): v for i, v in enumerate(value)}
+    return {}

@@ -1,0 +1,174 @@
+"""Refreshing a portal's OAuth tokens, serialised per portal across processes and machines.
+
+Bitrix24 rotates refresh tokens: the answer carries a new one and the old one is spent, so two
+refreshes of one portal at once make one of them fail with ``invalid_grant`` — which would look
+exactly like a revoked app. The refresh therefore runs inside one database transaction that locks
+the portal's row (``SELECT … FOR UPDATE`` on PostgreSQL; on SQLite every transaction of
+:meth:`b24sms.db.Database.session` is ``BEGIN IMMEDIATE``, a database-wide write lock). Whoever
+waited on the lock finds a newer access token stored and uses it without calling OAuth.
+
+Refresh only on ``expired_token``, never on a timer: Bitrix24 may block apps that refresh needlessly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+from sqlalchemy import select
+
+from ..db import Database
+from ..models import Portal, PortalState, utcnow
+from .errors import (
+    Bitrix24Error,
+    PermanentError,
+    PortalBlocked,
+    TokensRevoked,
+    TransientError,
+    from_response,
+    network_error,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+
+
+def refresh_tokens(
+    db: Database,
+    portal_id: int,
+    failed_access_token: str | None,
+    settings: Mapping[str, Any],
+    http: requests.Session | None = None,
+) -> str:
+    """Get a working access token for a portal whose token ``failed_access_token`` expired.
+
+    In one transaction holding the portal's row lock: when the stored access token is no longer
+    ``failed_access_token``, another thread or process refreshed meanwhile and its token is
+    returned without calling OAuth; otherwise the refresh token is exchanged at
+    ``settings["oauth_url"]`` and the new tokens and endpoints are stored before the lock is
+    released.
+
+    :param db: the database holding the portal.
+    :param portal_id: primary key of the :class:`~b24sms.models.Portal`.
+    :param failed_access_token: the access token the failed call used.
+    :param settings: ``config["bitrix24"]`` (``client_id``, ``client_secret``, ``oauth_url``,
+        ``timeout``, ``user_agent``).
+    :param http: the session to send with; default the process-wide one.
+    :returns: the access token to use.
+    :raises TokensRevoked: OAuth refused the refresh (``invalid_grant``, ``invalid_client``) or
+        there is nothing to refresh with; the portal is then marked ``needs_reinstall`` (committed).
+    :raises TransientError: OAuth could not be reached or answered garbage; retry later.
+    :raises Bitrix24Error: any other refusal (``invalid_scope``, ``PAYMENT_REQUIRED``…).
+    """
+    from .client import shared_session, user_agent
+
+    http = http or shared_session()
+    revoked: TokensRevoked | None = None
+    with db.session() as session:
+        # The lock is the point: it is held until the new tokens are committed.
+        portal = session.scalars(
+            select(Portal).where(Portal.id == portal_id).with_for_update()
+        ).one_or_none()
+        if portal is None:
+            raise TokensRevoked("PORTAL_NOT_FOUND", f"no portal with id {portal_id}")
+        if portal.access_token and portal.access_token != failed_access_token:
+            log.debug("portal %s: tokens already refreshed by someone else", portal.domain)
+            return portal.access_token
+        if portal.state != PortalState.ACTIVE:
+            raise inactive_portal_error(portal)
+        if not portal.refresh_token:
+            revoked = TokensRevoked("NO_REFRESH_TOKEN", "no refresh token stored")
+        else:
+            try:
+                answer = _exchange(portal.refresh_token, settings, http, user_agent(settings))
+            except TokensRevoked as exc:
+                revoked = exc
+            except Bitrix24Error as exc:
+                log.warning("portal %s: token refresh failed: %s", portal.domain, exc)
+                raise
+            else:
+                _store(portal, answer)
+                log.info("portal %s: tokens refreshed", portal.domain)
+                return portal.access_token  # type: ignore[return-value]
+        # Tokens are gone for good: say so on the portal. Committed when the block ends, so the
+        # state survives the exception raised below.
+        portal.state = PortalState.NEEDS_REINSTALL
+        portal.last_error = f"token refresh refused: {revoked}"
+        log.warning("portal %s: token refresh refused (%s); needs re-install",
+                    portal.domain, revoked.code)
+    raise revoked
+
+
+def inactive_portal_error(portal: Portal) -> Bitrix24Error:
+    """The error for calling a portal we stopped using (blocked, needing re-install, gone)."""
+    text = f"portal {portal.domain} is {portal.state}"
+    if portal.state == PortalState.BLOCKED:
+        return PortalBlocked("PORTAL_BLOCKED", text)
+    return TokensRevoked("PORTAL_NOT_ACTIVE", text)
+
+
+def _exchange(
+    refresh_token: str, settings: Mapping[str, Any], http: requests.Session, agent: str
+) -> dict[str, Any]:
+    """One GET to the OAuth server; the decoded answer, or a typed error."""
+    url = settings["oauth_url"]
+    params = {
+        "grant_type": "refresh_token",
+        "client_id": settings.get("client_id", ""),
+        "client_secret": settings.get("client_secret", ""),
+        "refresh_token": refresh_token,
+    }
+    try:
+        response = http.get(
+            url,
+            params=params,
+            headers={"User-Agent": agent, "Accept": "application/json"},
+            timeout=(CONNECT_TIMEOUT, float(settings.get("timeout", 30.0))),
+        )
+    except requests.RequestException as exc:
+        raise network_error(exc, url) from None
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and payload.get("error"):
+        raise from_response(response.status_code, payload)
+    if response.status_code != 200 or not isinstance(payload, dict):
+        raise from_response(response.status_code, None)
+    if not payload.get("access_token") or not payload.get("refresh_token"):
+        raise TransientError("ERROR_UNEXPECTED_ANSWER", "OAuth answer without tokens",
+                             response.status_code)
+    return payload
+
+
+def _store(portal: Portal, answer: dict[str, Any]) -> None:
+    member_id = answer.get("member_id")
+    if member_id and member_id != portal.member_id:
+        # Storing another portal's tokens here would send its messages' statuses to the wrong
+        # portal; refuse rather than guess.
+        raise PermanentError("MEMBER_ID_MISMATCH", "OAuth answered for another portal")
+    portal.access_token = answer["access_token"]
+    portal.refresh_token = answer["refresh_token"]
+    portal.token_expires_at = _expires_at(answer)
+    if answer.get("client_endpoint"):
+        portal.client_endpoint = answer["client_endpoint"]
+    if answer.get("server_endpoint"):
+        portal.server_endpoint = answer["server_endpoint"]
+    if answer.get("scope"):
+        portal.scope = answer["scope"]
+
+
+def _expires_at(answer: dict[str, Any]) -> dt.datetime:
+    try:
+        return dt.datetime.fromtimestamp(float(answer["expires"]), dt.UTC).replace(tzinfo=None)
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        seconds = float(answer.get("expires_in") or 3600)
+    except (TypeError, ValueError):
+        seconds = 3600.0
+    return utcnow() + dt.timedelta(seconds=seconds)

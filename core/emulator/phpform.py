@@ -1,0 +1,100 @@
+"""PHP-style bracketed form fields, the way Bitrix24 writes and reads them.
+
+Bitrix24 is PHP: it sends nested data as ``auth[member_id]=…&bindings[0][OWNER_ID]=…`` and parses
+incoming forms (``NAME[en]=…``, ``cmd[k]=…``) with PHP's rules. Both directions live here so the
+emulator's REST side and its outgoing calls agree with each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["php_form_decode", "php_form_encode"]
+
+_SEGMENT = re.compile(r"\[([^\]]*)\]")
+
+
+def _split_key(key: str) -> list[str] | None:
+    """``a[b][]`` -> ``["a", "b", ""]``; a key PHP would not nest stays whole."""
+    open_at = key.find("[")
+    if open_at <= 0:
+        return [key] if key else None
+    if "]" not in key[open_at:]:
+        # PHP reads a name whose first bracket never closes as a plain name, "[" turned "_".
+        return [key[:open_at] + "_" + key[open_at + 1:]]
+    parts = [key[:open_at]]
+    pos = open_at
+    while pos < len(key):
+        match = _SEGMENT.match(key, pos)
+        if match is None:
+            # PHP drops whatever follows a later unbalanced bracket rather than failing.
+            break
+        parts.append(match.group(1))
+        pos = match.end()
+    return parts
+
+
+def _next_index(container: dict[str, Any]) -> str:
+    numeric = [int(k) for k in container if k.isdigit()]
+    return str(max(numeric) + 1 if numeric else 0)
+
+
+def php_form_decode(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Turn decoded form pairs into nested dicts the way PHP fills ``$_POST``.
+
+    ``[("NAME[en]", "x"), ("a[]", "1"), ("a[]", "2")]`` gives
+    ``{"NAME": {"en": "x"}, "a": {"0": "1", "1": "2"}}``. Every container is a dict with string
+    keys (PHP arrays are ordered maps); a later scalar for the same key wins, as in PHP.
+
+    :param pairs: ``(key, value)`` pairs, e.g. from :func:`urllib.parse.parse_qsl`.
+    :returns: the nested parameters.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        parts = _split_key(key)
+        if not parts:
+            continue
+        node = result
+        for depth, part in enumerate(parts):
+            name = _next_index(node) if part == "" and depth else part
+            if depth == len(parts) - 1:
+                node[name] = value
+            else:
+                child = node.get(name)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[name] = child
+                node = child
+    return result
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(f"{prefix}[{key}]" if prefix else str(key), item, out)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _flatten(f"{prefix}[{index}]", item, out)
+    elif isinstance(value, bool):
+        # http_build_query writes booleans as 1/0.
+        out.append((prefix, "1" if value else "0"))
+    else:
+        out.append((prefix, str(value)))
+
+
+def php_form_encode(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Flatten nested data into bracketed form pairs, like PHP's ``http_build_query``.
+
+    ``{"auth": {"member_id": "m"}, "bindings": [{"OWNER_ID": 5}]}`` gives
+    ``[("auth[member_id]", "m"), ("bindings[0][OWNER_ID]", "5")]``. ``None`` values are left out.
+
+    :param data: the nested parameters.
+    :returns: pairs ready for ``requests.post(url, data=pairs)`` or :func:`urllib.parse.urlencode`.
+    """
+    out: list[tuple[str, str]] = []
+    _flatten("", data, out)
+    return out
