@@ -163,6 +163,8 @@ class Gateway:
     - ``statuses`` — the gateway's status words mapped to queued/sent/delivered/undelivered/failed.
     - ``callbacks`` — True when the gateway posts delivery reports to ``callback_url``.
     - ``poll_interval`` — seconds between :meth:`poll` calls for messages not final, or None.
+    - ``example_options`` — a minimal valid options table pointing at nothing real; the contract
+      test (``tests/test_gateway_contract.py``) builds every registered type with it.
     """
 
     name: ClassVar[str] = ""
@@ -170,6 +172,7 @@ class Gateway:
     statuses: ClassVar[Mapping[str, str]] = {}
     callbacks: ClassVar[bool] = False
     poll_interval: ClassVar[float | None] = None
+    example_options: ClassVar[Mapping[str, Any] | None] = None
 
     def __init__(self, options: Mapping[str, Any], context: GatewayContext) -> None:
         self.options = options

@@ -45,13 +45,26 @@ def configure(settings: Mapping[str, Any]) -> None:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
     logger.addHandler(handler)
+    # urllib3 logs whole URLs (query strings can hold API keys) at DEBUG: keep it quieter.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger("urllib3").level))
 
 
 def mask_number(number: str | None) -> str:
-    """``+14155550123`` → ``+1*******23``: enough to recognise, not enough to dial."""
+    """``+14155550100`` → ``+1********00``: the country code and the last two digits stay.
+
+    Enough to tell messages apart in a log without writing a whole phone number down. The one
+    masking used everywhere, so one number looks the same in every log line.
+    """
+    import phonenumbers
+
     if not number:
         return "-"
-    if len(number) <= 5:
-        return "*" * len(number)
-    head = 2 if number.startswith("+") else 1
-    return number[:head] + "*" * (len(number) - head - 2) + number[-2:]
+    digits = "".join(ch for ch in number if ch.isdigit())
+    if len(digits) <= 4:
+        return "*" * len(digits)
+    try:
+        country = str(phonenumbers.parse("+" + digits).country_code)
+    except phonenumbers.NumberParseException:
+        country = ""
+    hidden = len(digits) - len(country) - 2
+    return f"+{country}{'*' * hidden}{digits[-2:]}"
