@@ -16,7 +16,10 @@ CLIENT_SECRET = "test-client-secret-XYZ"
 
 
 def base_config(tmp_path, public_url: str = "http://127.0.0.1:9", **sections: Any) -> dict:
-    """A whole config as a dict: SQLite in tmp_path, immediate queue, one log provider."""
+    """A whole config as a dict: SQLite in tmp_path, immediate queue, one log provider.
+
+    ``service`` and ``bitrix24`` are merged into the defaults; other sections replace them.
+    """
     config: dict[str, Any] = {
         "service": {
             "public_url": public_url,
@@ -29,7 +32,7 @@ def base_config(tmp_path, public_url: str = "http://127.0.0.1:9", **sections: An
         "providers": {"smslog": {"plugin": "log", "name": "Log only"}},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
+        if key in ("service", "bitrix24"):
             config[key].update(copy.deepcopy(value))
         else:
             config[key] = copy.deepcopy(value)

@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
 from b24sms.gateway import OutgoingMessage, PermanentGatewayError, RetryableGatewayError
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
+from tests.fakes.smtp_server import LoopbackController, Recorder
 
 PASSWORD = "smtp-pass-TOPSECRET"
-
-
-@dataclass
-class Recorder:
-    """An aiosmtpd handler that keeps every mail and answers what a test scripts."""
-
-    mails: list[Any] = field(default_factory=list)
-    rcpt_answer: str | None = None
-    data_answer: str | None = None
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.rcpt_answer:
-            return self.rcpt_answer
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        if self.data_answer:
-            return self.data_answer
-        self.mails.append(envelope)
-        return "250 Message accepted for delivery"
-
-    def parsed(self, index: int = -1) -> email.message.EmailMessage:
-        return email.message_from_bytes(self.mails[index].content, policy=email.policy.default)
-
-
-class LoopbackController(Controller):
-    """aiosmtpd's Controller on port 0: the real port is read back from the bound socket."""
-
-    def _trigger_server(self) -> None:
-        if self.port == 0:
-            self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 def authenticate(server, session, envelope, mechanism, auth_data):
