@@ -179,3 +179,28 @@ class OutboxEntry(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     not_before: Mapped[dt.datetime | None] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# ------------------------------------------------------------------------------------------------
+# Delivery engine addition (core/outbox.py): the per-portal flush lease and the shared estimate of
+# the portal's leaky bucket. Kept in the database because every process (web, embedded consumer,
+# `b24sms worker` on other machines) must see the same lease and the same bucket.
+# ------------------------------------------------------------------------------------------------
+
+
+class PortalPacing(Base):
+    """Who flushes a portal's outbox now, and how full we believe its REST bucket is."""
+
+    __tablename__ = "portal_pacing"
+
+    portal_id: Mapped[int] = mapped_column(
+        ForeignKey("portals.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: requests we put in the portal's leaky bucket, as of ``bucket_at`` (drains at the rate)
+    bucket_level: Mapped[float] = mapped_column(default=0.0)
+    bucket_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: the flusher holding the lease ("host:pid:thread:nonce") and until when it holds unrenewed
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: consecutive failed batch requests (transient errors), for exponential backoff
+    failures: Mapped[int] = mapped_column(Integer, default=0)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-29 21:40:43.780229
+Create Date: 2026-11-29 22:08:01.583402
 """
 
 from __future__ import annotations
@@ -68,6 +68,16 @@ def upgrade() -> None:
         batch_op.create_index('ix_messages_portal_created', ['portal_id', 'created_at'], unique=False)
         batch_op.create_index('ix_messages_status_next_attempt', ['status', 'next_attempt_at'], unique=False)
 
+    op.create_table('portal_pacing',
+    sa.Column('portal_id', sa.Integer(), nullable=False),
+    sa.Column('bucket_level', sa.Double(), nullable=False),
+    sa.Column('bucket_at', sa.DateTime(), nullable=True),
+    sa.Column('lease_owner', sa.String(length=128), nullable=True),
+    sa.Column('lease_until', sa.DateTime(), nullable=True),
+    sa.Column('failures', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['portal_id'], ['portals.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('portal_id')
+    )
     op.create_table('provider_registrations',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('portal_id', sa.Integer(), nullable=False),
@@ -129,6 +139,7 @@ def downgrade() -> None:
 
     op.drop_table('outbox')
     op.drop_table('provider_registrations')
+    op.drop_table('portal_pacing')
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index('ix_messages_status_next_attempt')
         batch_op.drop_index('ix_messages_portal_created')

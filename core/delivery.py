@@ -1,0 +1,577 @@
+"""Sending messages through their gateways: attempts, retries with backoff, reports, the sweep.
+
+Plain functions that open their own sessions; the queue's tasks are thin wrappers around them
+and tests call them directly.
+
+An attempt is two transactions with the gateway call between them. The first counts the attempt
+and sets ``sending_since`` and is committed *before* the gateway is called, so a worker that
+dies mid-send leaves a visible trace; :func:`sweep` re-queues such messages after
+``stuck_after`` seconds, and messages whose task was lost. Delivery is therefore at least once:
+a worker killed after the gateway accepted a message but before we recorded it means one more
+send on the next attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from .events import MessageInfo, notify
+from .gateway import (
+    Gateway,
+    GatewayError,
+    OutgoingMessage,
+    RetryableGatewayError,
+    SendResult,
+    StatusReport,
+)
+from .messages import StatusChange, record_status
+from .models import Message, OutboxEntry, Portal, PortalState, utcnow
+from .statuses import FAILED, FINAL_STATUSES, is_final
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+#: a message whose next attempt is due within this many seconds counts as due (clock rounding)
+DUE_TOLERANCE = 0.5
+#: messages one sweep re-queues at most (the rest wait for the next sweep)
+SWEEP_LIMIT = 500
+#: messages one :func:`poll_due` asks each polling gateway about at most
+POLL_LIMIT = 100
+#: how long a callback about an unknown external id waits for an in-flight send to record it
+CALLBACK_GRACE = 2.0
+#: longest error text kept on a message
+MAX_ERROR_TEXT = 1000
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one :func:`deliver` call did.
+
+    ``action`` is ``skipped`` (nothing to do: final, not due, in flight, unknown), ``sent`` (the
+    gateway accepted it), ``retry`` (failed, another attempt in ``retry_in`` seconds) or
+    ``failed`` (the message is now failed).
+    """
+
+    message_pk: int
+    action: str
+    detail: str | None = None
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one :func:`sweep` found: messages re-queued and portals whose flush it asked for."""
+
+    requeued: tuple[int, ...] = ()
+    stuck: tuple[int, ...] = ()
+    flushes: tuple[int, ...] = ()
+
+
+def retry_delay(
+    attempt: int,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential backoff with full jitter.
+
+    A uniform draw from ``[0, min(cap, base * 2 ** (attempt - 1))]`` spreads the retries of a
+    burst that failed together (AWS "full jitter"). A gateway's ``retry_after`` is a floor: it
+    asked us not to come back sooner, even beyond the cap.
+    """
+    exponent = min(max(attempt - 1, 0), 60)
+    ceiling = min(cap, base * (2.0**exponent))
+    delay = (rng or random).uniform(0.0, ceiling)
+    if retry_after is not None and retry_after > delay:
+        delay = float(retry_after)
+    return delay
+
+
+def _seconds(value: float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+def _error_text(error: BaseException) -> str:
+    return str(error)[:MAX_ERROR_TEXT]
+
+
+def _info(message: Message) -> MessageInfo:
+    return MessageInfo.from_row(message)
+
+
+def _after_commit(
+    service: Service, portal_id: int, changes: Sequence[tuple[StatusChange, MessageInfo]]
+) -> None:
+    """Tell the event hooks about committed changes and ask for the portal's outbox flush."""
+    for change, info in changes:
+        notify(
+            service.pm,
+            "b24sms_status_changed",
+            message=dataclasses.replace(info, status=change.status),
+            previous=change.previous,
+            status=change.status,
+            raw_status=change.raw_status,
+            source=change.source,
+        )
+    if changes:
+        request_flush(service, portal_id)
+
+
+def request_flush(service: Service, portal_id: int) -> None:
+    """Ask for a flush of the portal's outbox; a queue that is down is logged, not raised
+    (the entries are committed, and the sweep asks again)."""
+    try:
+        service.queue.enqueue_flush(portal_id)
+    except Exception:
+        log.exception("could not enqueue the outbox flush of portal %s; the sweep will", portal_id)
+
+
+def _requeue(service: Service, message_pk: int, delay: float | None = None) -> None:
+    try:
+        service.queue.enqueue_send(message_pk, delay=delay)
+    except Exception:
+        log.exception("could not enqueue message %s; the sweep will", message_pk)
+
+
+# -- sending ------------------------------------------------------------------------------------
+
+
+def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
+    """Make one send attempt for a message, if it is due, and record the outcome.
+
+    Skips messages that are final, not due, already handed to the gateway, or in flight in
+    another worker (``sending_since`` younger than ``stuck_after``). A message without a usable
+    number, or whose CODE no longer has a gateway, fails without a gateway call.
+    """
+    settings = service.settings
+    max_attempts = int(settings["max_attempts"])
+    stuck_after = float(settings["stuck_after"])
+    now = utcnow()
+    failed_early: list[tuple[StatusChange, MessageInfo]] = []
+    with service.db.session() as session:
+        message = session.get(Message, message_pk, with_for_update=True)
+        if message is None:
+            log.warning("message %s: not found; nothing to send", message_pk)
+            return DeliveryOutcome(message_pk, "skipped", "not found")
+        if is_final(message.status):
+            return DeliveryOutcome(message_pk, "skipped", f"already {message.status}")
+        if message.next_attempt_at is None:
+            # The gateway took it; only reports move it on now.
+            return DeliveryOutcome(message_pk, "skipped", "handed to the gateway")
+        if message.sending_since is not None and message.sending_since > now - _seconds(
+            stuck_after
+        ):
+            return DeliveryOutcome(message_pk, "skipped", "in flight")
+        early = (message.next_attempt_at - now).total_seconds()
+        if early > DUE_TOLERANCE:
+            # A duplicate trigger; the task of the scheduled attempt (or the sweep) comes later.
+            return DeliveryOutcome(message_pk, "skipped", "not due", retry_in=early)
+        portal = message.portal
+        portal_id, domain, code = message.portal_id, portal.domain, message.code
+        gateway = service.gateways.get(message.code)
+        problem: str | None = None
+        if message.to is None:
+            problem = "the recipient number could not be parsed"
+        elif gateway is None:
+            problem = (
+                f"no gateway for provider CODE {message.code!r} "
+                "(it was removed from the configuration)"
+            )
+        elif message.attempts >= max_attempts:
+            # Earlier attempts were cut short (a worker died mid-send) and used up the budget.
+            problem = f"gave up after {message.attempts} attempts"
+        if problem is not None:
+            message.last_error = problem
+            message.sending_since = None
+            message.next_attempt_at = None
+            change = record_status(session, message, FAILED, source="gateway", detail=problem)
+            if change is not None:
+                failed_early.append((change, _info(message)))
+        else:
+            assert gateway is not None and message.to is not None
+            message.attempts += 1
+            message.sending_since = now
+            attempt = message.attempts
+            outgoing = OutgoingMessage(
+                id=message.id,
+                message_id=message.message_id,
+                code=message.code,
+                member_id=portal.member_id,
+                to=message.to,
+                body=message.body,
+                callback_url=gateway.callback_url,
+                attempt=attempt,
+            )
+    if problem is not None:
+        log.warning(
+            "message %s (%s, %s): failed without sending: %s",
+            message_pk, code, domain, problem,
+        )
+        _after_commit(service, portal_id, failed_early)
+        return DeliveryOutcome(message_pk, "failed", problem)
+
+    # Committed: from here a crash leaves sending_since behind for the sweep.
+    log.info("message %s (%s, %s): attempt %d", message_pk, code, domain, attempt)
+    error: GatewayError | None = None
+    result: SendResult | None = None
+    try:
+        result = gateway.send(outgoing)
+        if not isinstance(result, SendResult):
+            raise TypeError(f"send() returned {type(result).__name__}, not SendResult")
+    except GatewayError as exc:
+        error = exc
+    except Exception as exc:
+        # A bug or an unforeseen failure inside the plugin: keep the traceback, retry anyway —
+        # losing the message is worse than trying again.
+        log.exception("message %s (%s): gateway %s raised", message_pk, code, gateway.name)
+        error = RetryableGatewayError(f"unexpected {type(exc).__name__} in the gateway")
+    if error is None:
+        assert result is not None
+        return _record_sent(service, gateway, message_pk, result, domain)
+    return _record_failure(service, message_pk, error, domain)
+
+
+def _map(gateway: Gateway, report: StatusReport | SendResult) -> str | None:
+    if report.status is not None:
+        return report.status
+    return gateway.map_status(str(report.raw_status))
+
+
+def _record_sent(
+    service: Service, gateway: Gateway, message_pk: int, result: SendResult, domain: str
+) -> DeliveryOutcome:
+    changes: list[tuple[StatusChange, MessageInfo]] = []
+    with service.db.session() as session:
+        message = session.get(Message, message_pk, with_for_update=True)
+        if message is None:
+            return DeliveryOutcome(message_pk, "skipped", "deleted while sending")
+        portal_id, code = message.portal_id, message.code
+        message.sending_since = None
+        message.next_attempt_at = None
+        if result.external_id is not None:
+            message.external_id = str(result.external_id)
+        if result.raw_status is not None:
+            message.raw_status = str(result.raw_status)[:64]
+        reports: list[StatusReport | SendResult] = [result, *result.later]
+        applied: list[StatusChange] = []
+        for report in reports:
+            status = _map(gateway, report)
+            if status is None:
+                log.warning(
+                    "message %s (%s, %s): unknown gateway status %r; ignored",
+                    message_pk, code, domain, report.raw_status,
+                )
+                continue
+            detail = report.error if isinstance(report, StatusReport) else None
+            change = record_status(
+                session,
+                message,
+                status,
+                source="gateway",
+                raw_status=None if report.raw_status is None else str(report.raw_status)[:64],
+                detail=detail,
+            )
+            if change is not None:
+                applied.append(change)
+        info = _info(message)
+        changes = [(change, info) for change in applied]
+        status_now = message.status
+    log.info(
+        "message %s (%s, %s): accepted by the gateway, status %s", message_pk, code, domain,
+        status_now,
+    )
+    _after_commit(service, portal_id, changes)
+    return DeliveryOutcome(message_pk, "sent", status_now)
+
+
+def _record_failure(
+    service: Service, message_pk: int, error: GatewayError, domain: str
+) -> DeliveryOutcome:
+    settings = service.settings
+    max_attempts = int(settings["max_attempts"])
+    changes: list[tuple[StatusChange, MessageInfo]] = []
+    delay: float | None = None
+    with service.db.session() as session:
+        message = session.get(Message, message_pk, with_for_update=True)
+        if message is None:
+            return DeliveryOutcome(message_pk, "skipped", "deleted while sending")
+        portal_id, code, attempts = message.portal_id, message.code, message.attempts
+        message.sending_since = None
+        message.last_error = _error_text(error)
+        will_retry = error.retryable and attempts < max_attempts and not is_final(message.status)
+        if will_retry:
+            delay = retry_delay(
+                attempts,
+                float(settings["retry_base_delay"]),
+                float(settings["retry_max_delay"]),
+                error.retry_after,
+            )
+            message.next_attempt_at = utcnow() + _seconds(delay)
+        else:
+            message.next_attempt_at = None
+            change = record_status(
+                session, message, FAILED, source="gateway", detail=_error_text(error)
+            )
+            if change is not None:
+                changes.append((change, _info(message)))
+        info = _info(message)
+    if will_retry:
+        log.warning(
+            "message %s (%s, %s): attempt %d failed: %s; retry in %.1fs",
+            message_pk, code, domain, attempts, error, delay,
+        )
+    else:
+        kind = "permanent error" if not error.retryable else f"{attempts} attempts"
+        log.warning(
+            "message %s (%s, %s): failed (%s): %s", message_pk, code, domain, kind, error
+        )
+    notify(service.pm, "b24sms_send_failed", message=info, error=error, will_retry=will_retry)
+    _after_commit(service, portal_id, changes)
+    if will_retry:
+        _requeue(service, message_pk, delay)
+        return DeliveryOutcome(message_pk, "retry", _error_text(error), retry_in=delay)
+    return DeliveryOutcome(message_pk, "failed", _error_text(error))
+
+
+# -- reports from gateways ----------------------------------------------------------------------
+
+
+def apply_reports(
+    service: Service,
+    code: str,
+    reports: Iterable[StatusReport],
+    source: str = "callback",
+    *,
+    grace: float = CALLBACK_GRACE,
+) -> int:
+    """Record delivery reports of the gateway behind ``code``, matched by external id.
+
+    Each report is mapped with the gateway's status map (an unknown word is logged and
+    ignored) and recorded with :func:`~b24sms.messages.record_status`; applied changes reach the
+    event hooks after the commit and the affected portals' outboxes are flushed. A report about
+    an unknown external id is logged and ignored — after waiting up to ``grace`` seconds when a
+    send of this CODE is in flight, because a fast gateway's callback can overtake the answer
+    to our send request, before we stored the external id.
+
+    :returns: the number of reports that matched a message (applied or only recorded).
+    """
+    gateway = service.gateways.get(code)
+    usable: list[tuple[StatusReport, str]] = []
+    for report in reports:
+        if not report.external_id:
+            log.warning("report from %s without an external id; ignored", code)
+            continue
+        status = report.status
+        if status is None and gateway is not None:
+            status = gateway.map_status(str(report.raw_status))
+        if status is None:
+            log.warning(
+                "report from %s about %s: unknown status %r; ignored",
+                code, report.external_id, report.raw_status,
+            )
+            continue
+        usable.append((report, status))
+    matched = 0
+    deadline = time.monotonic() + grace
+    while usable:
+        found, usable, in_flight = _apply_once(service, code, usable, source)
+        matched += found
+        if not usable or not in_flight or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    for report, _ in usable:
+        log.warning(
+            "report from %s about unknown external id %s; ignored", code, report.external_id
+        )
+    return matched
+
+
+def _apply_once(
+    service: Service, code: str, reports: list[tuple[StatusReport, str]], source: str
+) -> tuple[int, list[tuple[StatusReport, str]], bool]:
+    """One transaction over ``reports``: (matched, the unmatched ones, a send is in flight)."""
+    matched = 0
+    unmatched: list[tuple[StatusReport, str]] = []
+    by_portal: dict[int, list[tuple[StatusChange, MessageInfo]]] = {}
+    with service.db.session() as session:
+        for report, status in reports:
+            messages = session.scalars(
+                select(Message)
+                .where(Message.code == code, Message.external_id == str(report.external_id))
+                .with_for_update()
+            ).all()
+            if not messages:
+                unmatched.append((report, status))
+                continue
+            for message in messages:
+                matched += 1
+                raw = None if report.raw_status is None else str(report.raw_status)[:64]
+                change = record_status(
+                    session, message, status, source=source, raw_status=raw, detail=report.error
+                )
+                if report.error and change is not None and status == FAILED:
+                    message.last_error = str(report.error)[:MAX_ERROR_TEXT]
+                if change is not None:
+                    by_portal.setdefault(message.portal_id, []).append((change, _info(message)))
+        in_flight = bool(unmatched) and session.scalar(
+            select(Message.id)
+            .where(Message.code == code, Message.sending_since.is_not(None))
+            .limit(1)
+        ) is not None
+    for portal_id, changes in by_portal.items():
+        _after_commit(service, portal_id, changes)
+    return matched, unmatched, in_flight
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+
+
+def sweep(service: Service) -> SweepReport:
+    """Find work a lost task or a dead worker left behind, and trigger it again.
+
+    - messages not final whose attempt has been due for ``stuck_after`` seconds with no worker
+      on it (the task was lost): re-queued;
+    - messages whose ``sending_since`` is older than ``stuck_after`` (the worker died
+      mid-send): released and re-queued; the cut-short attempt still counts;
+    - portals with a due outbox backlog that are active and not paused: flushed (paused ones
+      get a flush scheduled for the end of the pause).
+
+    Re-queued messages get ``next_attempt_at = now``, so the next sweep leaves them alone for
+    another ``stuck_after`` seconds; a duplicate task is harmless (:func:`deliver` skips).
+    """
+    stuck_after = float(service.settings["stuck_after"])
+    now = utcnow()
+    cutoff = now - _seconds(stuck_after)
+    not_final = Message.status.not_in(FINAL_STATUSES)
+    with service.db.session() as session:
+        stuck = session.scalars(
+            select(Message)
+            .where(not_final, Message.sending_since.is_not(None), Message.sending_since <= cutoff)
+            .order_by(Message.sending_since)
+            .limit(SWEEP_LIMIT)
+            .with_for_update()
+        ).all()
+        for message in stuck:
+            log.warning(
+                "message %s (%s): attempt %d stuck since %s (worker lost); re-queued",
+                message.id, message.code, message.attempts, message.sending_since,
+            )
+            message.last_error = f"attempt {message.attempts} was cut short (worker lost)"
+            message.sending_since = None
+            message.next_attempt_at = now
+        lost = session.scalars(
+            select(Message)
+            .where(
+                not_final,
+                Message.sending_since.is_(None),
+                Message.next_attempt_at.is_not(None),
+                Message.next_attempt_at <= cutoff,
+            )
+            .order_by(Message.next_attempt_at)
+            .limit(SWEEP_LIMIT)
+            .with_for_update()
+        ).all()
+        for message in lost:
+            message.next_attempt_at = now
+        stuck_ids = tuple(m.id for m in stuck)
+        lost_ids = tuple(m.id for m in lost if m.id not in stuck_ids)
+        if lost_ids:
+            log.info("sweep: %d messages due with no task; re-queued", len(lost_ids))
+        backlog = session.execute(
+            select(Portal.id, Portal.paused_until)
+            .where(
+                Portal.state == PortalState.ACTIVE,
+                Portal.id.in_(
+                    select(OutboxEntry.portal_id).where(
+                        (OutboxEntry.not_before.is_(None)) | (OutboxEntry.not_before <= now)
+                    )
+                ),
+            )
+        ).all()
+    for message_pk in stuck_ids + lost_ids:
+        _requeue(service, message_pk)
+    flushes: list[int] = []
+    for portal_id, paused_until in backlog:
+        delay = None
+        if paused_until is not None and paused_until > now:
+            delay = (paused_until - now).total_seconds()
+        try:
+            service.queue.enqueue_flush(portal_id, delay=delay)
+        except Exception:
+            log.exception("sweep: could not enqueue the flush of portal %s", portal_id)
+            continue
+        flushes.append(portal_id)
+    return SweepReport(requeued=lost_ids, stuck=stuck_ids, flushes=tuple(flushes))
+
+
+def poll_due(service: Service) -> int:
+    """Ask gateways that have a ``poll_interval`` about their messages not yet final.
+
+    Each message is polled at most once per interval (its ``updated_at`` marks the last poll).
+    :returns: the number of reports that matched a message.
+    """
+    matched = 0
+    for code, gateway in service.gateways.items():
+        interval = gateway.poll_interval
+        if not interval:
+            continue
+        now = utcnow()
+        with service.db.session() as session:
+            rows = session.scalars(
+                select(Message)
+                .where(
+                    Message.code == code,
+                    Message.status.not_in(FINAL_STATUSES),
+                    Message.external_id.is_not(None),
+                    Message.next_attempt_at.is_(None),
+                    Message.sending_since.is_(None),
+                    Message.updated_at <= now - _seconds(float(interval)),
+                )
+                .order_by(Message.updated_at)
+                .limit(POLL_LIMIT)
+                .with_for_update()
+            ).all()
+            targets = [(m.id, str(m.external_id)) for m in rows]
+            for message in rows:
+                message.updated_at = now
+        reports: list[StatusReport] = []
+        for message_pk, external_id in targets:
+            try:
+                report = gateway.poll(external_id)
+            except GatewayError as exc:
+                log.warning("poll of message %s (%s) failed: %s", message_pk, code, exc)
+                continue
+            except Exception:
+                log.exception("poll of message %s (%s) raised", message_pk, code)
+                continue
+            if report is not None:
+                if report.external_id is None:
+                    report = dataclasses.replace(report, external_id=external_id)
+                reports.append(report)
+        if reports:
+            matched += apply_reports(service, code, reports, source="poll", grace=0)
+    return matched
+
+
+__all__ = [
+    "DeliveryOutcome",
+    "SweepReport",
+    "apply_reports",
+    "deliver",
+    "poll_due",
+    "request_flush",
+    "retry_delay",
+    "sweep",
+]

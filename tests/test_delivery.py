@@ -1,0 +1,507 @@
+"""Sending through gateways: attempts, retries with backoff, permanent errors, the sweep.
+
+Immediate mode (``memory://``): tasks run inline, so each test reads the outcome right after
+enqueueing. The helpers here (a scripted gateway, an event recorder, a service factory, rows)
+are shared by the other delivery-engine test modules.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import pytest
+from sqlalchemy import select
+
+from b24sms import hookimpl
+from b24sms.config import validate_config
+from b24sms.delivery import deliver, retry_delay, sweep
+from b24sms.gateway import (
+    Gateway,
+    OutgoingMessage,
+    PermanentGatewayError,
+    RetryableGatewayError,
+    SendResult,
+    StatusReport,
+)
+from b24sms.messages import new_message
+from b24sms.migrate import upgrade
+from b24sms.models import (
+    Message,
+    OutboxEntry,
+    Portal,
+    PortalState,
+    StatusEvent,
+    utcnow,
+)
+from b24sms.plugins import make_plugin_manager
+from b24sms.service import Service
+from tests.conftest import base_config
+
+CODE = "scripted"
+
+
+# -- a gateway whose answers a test scripts ------------------------------------------------------
+
+
+class ScriptedGateway(Gateway):
+    """Answers ``send`` from ``script`` (exceptions are raised, callables called), else accepts
+    the message and reports it delivered at once."""
+
+    name: ClassVar[str] = "scripted"
+    statuses: ClassVar[dict[str, str]] = {
+        "accepted": "sent",
+        "queued": "queued",
+        "DELIVRD": "delivered",
+        "UNDELIV": "undelivered",
+        "REJECTD": "failed",
+    }
+    callbacks: ClassVar[bool] = True
+
+    def __init__(self, options: Any, context: Any) -> None:
+        super().__init__(options, context)
+        self.script: list[Any] = []
+        self.calls: list[OutgoingMessage] = []
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        self.calls.append(message)
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, BaseException):
+            raise step
+        if callable(step):
+            return step(message)
+        if step is not None:
+            return step
+        return SendResult(
+            external_id=f"ext-{message.id}", raw_status="accepted",
+            later=(StatusReport("DELIVRD"),),
+        )
+
+
+class ScriptedPlugin:
+    @hookimpl
+    def b24sms_register_gateways(self, register: Callable[[type[Gateway]], None]) -> None:
+        register(ScriptedGateway)
+
+
+class Recorder:
+    """Collects the event hooks' calls."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[int, str | None, str, str]] = []
+        self.failures: list[tuple[int, str, bool, int]] = []
+
+    @hookimpl
+    def b24sms_status_changed(self, message, previous, status, raw_status, source) -> None:
+        assert message.status == status
+        self.changes.append((message.id, previous, status, source))
+
+    @hookimpl
+    def b24sms_send_failed(self, message, error, will_retry) -> None:
+        self.failures.append((message.id, str(error), will_retry, message.attempts))
+
+
+# -- service and rows ----------------------------------------------------------------------------
+
+
+def build_service(
+    tmp_path,
+    *,
+    service: dict[str, Any] | None = None,
+    bitrix24: dict[str, Any] | None = None,
+    recorder: Recorder | None = None,
+    providers: dict[str, Any] | None = None,
+) -> Service:
+    """A Service on a fresh SQLite database in ``tmp_path`` with the scripted gateway as CODE
+    ``scripted``; tiny retry delays unless ``service`` says otherwise."""
+    settings = {
+        "queue_url": "memory://",
+        "max_attempts": 5,
+        "retry_base_delay": 0.01,
+        "retry_max_delay": 0.05,
+        **(service or {}),
+    }
+    raw = base_config(tmp_path, service=settings, bitrix24=bitrix24 or {})
+    raw["providers"] = providers or {CODE: {"plugin": "scripted", "name": "Scripted"}}
+    config = validate_config(raw, environ={})
+    pm = make_plugin_manager(environ={"B24SMS_LOAD_PLUGINS": ""})
+    pm.register(ScriptedPlugin(), name="scripted-test")
+    if recorder is not None:
+        pm.register(recorder, name="recorder")
+    svc = Service(config, plugin_manager=pm)
+    create_schema(svc)
+    return svc
+
+
+def create_schema(svc: Service) -> None:
+    """Bring the test database to the newest schema."""
+    upgrade(svc.db)
+
+
+def add_portal(svc: Service, emulated: Any = None, *, state: str = PortalState.ACTIVE) -> int:
+    """A portal row: the emulated portal's endpoint and tokens, or a dummy one."""
+    with svc.db.session() as session:
+        portal = Portal(
+            member_id=emulated.member_id if emulated else secrets.token_hex(16),
+            domain=emulated.domain if emulated else "unit.example.com",
+            client_endpoint=emulated.client_endpoint if emulated else "http://127.0.0.1:9/rest/",
+            server_endpoint=None,
+            access_token=emulated.access_token if emulated else "a" * 70,
+            refresh_token=emulated.refresh_token if emulated else "r" * 70,
+            application_token=emulated.application_token if emulated else "t" * 32,
+            state=state,
+        )
+        session.add(portal)
+        session.flush()
+        return portal.id
+
+
+def add_message(
+    svc: Service,
+    portal_id: int,
+    *,
+    code: str = CODE,
+    to: str | None = "+14155550100",
+    message_id: str | None = None,
+    emulated: Any = None,
+) -> int:
+    """A stored, queued message (and its record on the emulated portal, if given)."""
+    message_id = message_id or secrets.token_hex(16)
+    if emulated is not None:
+        emulated.messages[message_id] = {"code": code, "to": to, "body": "hi", "statuses": []}
+    with svc.db.session() as session:
+        message = new_message(
+            portal_id=portal_id, code=code, message_id=message_id, to_raw=to or "garbage",
+            to=to, body="secret body text", module_id="crm", context={},
+        )
+        session.add(message)
+        session.flush()
+        return message.id
+
+
+def load(svc: Service, message_pk: int) -> Message:
+    with svc.db.session() as session:
+        return session.get(Message, message_pk)
+
+
+def history(svc: Service, message_pk: int) -> list[tuple[str, str, bool]]:
+    with svc.db.session() as session:
+        rows = session.scalars(
+            select(StatusEvent).where(StatusEvent.message_pk == message_pk).order_by(StatusEvent.id)
+        ).all()
+        return [(e.status, e.source, e.applied) for e in rows]
+
+
+def outbox(svc: Service) -> list[tuple[int, str, int]]:
+    with svc.db.session() as session:
+        rows = session.scalars(select(OutboxEntry).order_by(OutboxEntry.id)).all()
+        return [(e.message_pk, e.status, e.version) for e in rows]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def svc(tmp_path, recorder) -> Iterator[Service]:
+    service = build_service(tmp_path, recorder=recorder)
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def portal_id(svc) -> int:
+    # Not active: these tests look at the outbox; nothing calls Bitrix24.
+    return add_portal(svc, state=PortalState.UNINSTALLED)
+
+
+def gateway(svc: Service) -> ScriptedGateway:
+    gw = svc.gateways[CODE]
+    assert isinstance(gw, ScriptedGateway)
+    return gw
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+def test_success_records_external_id_statuses_and_outbox(svc, portal_id, recorder):
+    pk = add_message(svc, portal_id)
+    svc.queue.enqueue_send(pk)
+    message = load(svc, pk)
+    assert message.status == "delivered"
+    assert message.attempts == 1
+    assert message.external_id == f"ext-{pk}"
+    assert message.sending_since is None and message.next_attempt_at is None
+    assert history(svc, pk) == [("sent", "gateway", True), ("delivered", "gateway", True)]
+    # coalesced: one outbox row with the newest status
+    assert outbox(svc) == [(pk, "delivered", 2)]
+    assert recorder.changes == [(pk, "queued", "sent", "gateway"),
+                                (pk, "sent", "delivered", "gateway")]
+    sent = gateway(svc).calls[0]
+    assert sent.callback_url.endswith(f"/gateways/{CODE}/callback")
+    assert sent.to == "+14155550100" and sent.attempt == 1
+
+
+def test_fails_twice_then_succeeds_ends_delivered_with_three_attempts(svc, portal_id, recorder):
+    gateway(svc).script = [
+        RetryableGatewayError("timeout"),
+        RetryableGatewayError("HTTP 503", code="503"),
+    ]
+    pk = add_message(svc, portal_id)
+    svc.queue.enqueue_send(pk)
+    svc.queue.drain(max_wait=5)
+    message = load(svc, pk)
+    assert message.status == "delivered"
+    assert message.attempts == 3
+    assert message.last_error == "503: HTTP 503"
+    assert [c.attempt for c in gateway(svc).calls] == [1, 2, 3]
+    assert [(f[2], f[3]) for f in recorder.failures] == [(True, 1), (True, 2)]
+
+
+def test_permanent_error_fails_at_once(svc, portal_id, recorder):
+    gateway(svc).script = [PermanentGatewayError("number is blacklisted", code="21610")]
+    pk = add_message(svc, portal_id)
+    svc.queue.enqueue_send(pk)
+    svc.queue.drain(max_wait=5)
+    message = load(svc, pk)
+    assert message.status == "failed"
+    assert message.attempts == 1
+    assert message.last_error == "21610: number is blacklisted"
+    assert len(gateway(svc).calls) == 1
+    assert recorder.failures[0][2] is False
+    assert outbox(svc) == [(pk, "failed", 1)]
+
+
+def test_retry_limit_ends_failed(svc, portal_id, recorder):
+    gateway(svc).script = [RetryableGatewayError(f"down {i}") for i in range(10)]
+    pk = add_message(svc, portal_id)
+    svc.queue.enqueue_send(pk)
+    svc.queue.drain(max_wait=5)
+    message = load(svc, pk)
+    assert message.status == "failed"
+    assert message.attempts == 5  # max_attempts
+    assert message.last_error == "down 4"
+    assert [f[2] for f in recorder.failures] == [True, True, True, True, False]
+
+
+def test_retry_after_is_honoured_and_waits_for_its_time(svc, portal_id):
+    gateway(svc).script = [RetryableGatewayError("slow down", retry_after=30)]
+    pk = add_message(svc, portal_id)
+    before = utcnow()
+    svc.queue.enqueue_send(pk)
+    message = load(svc, pk)
+    assert message.status == "queued" and message.attempts == 1
+    assert message.next_attempt_at >= before + dt.timedelta(seconds=29)
+    # the retry task waits in the immediate queue; run early, deliver declines: not due
+    assert svc.queue.pending_inline() == 1
+    outcome = deliver(svc, pk)
+    assert outcome.action == "skipped" and outcome.detail == "not due"
+    assert len(gateway(svc).calls) == 1
+
+
+def test_retry_delay_full_jitter_with_cap_and_floor():
+    rng = random.Random(7)
+    delays = [retry_delay(n, 2.0, 600.0, rng=rng) for n in range(1, 12)]
+    for n, delay in enumerate(delays, start=1):
+        assert 0 <= delay <= min(600.0, 2.0 * 2 ** (n - 1))
+    assert retry_delay(1, 2.0, 600.0, retry_after=900, rng=rng) == 900
+    assert retry_delay(100, 2.0, 5.0, rng=rng) <= 5.0
+
+
+def test_unparseable_number_fails_without_calling_the_gateway(svc, portal_id):
+    pk = add_message(svc, portal_id, to=None)
+    svc.queue.enqueue_send(pk)
+    message = load(svc, pk)
+    assert message.status == "failed"
+    assert "could not be parsed" in message.last_error
+    assert gateway(svc).calls == []
+
+
+def test_code_without_gateway_fails_with_clear_error(svc, portal_id):
+    pk = add_message(svc, portal_id, code="removed-code")
+    svc.queue.enqueue_send(pk)
+    message = load(svc, pk)
+    assert message.status == "failed"
+    assert "'removed-code'" in message.last_error and "no gateway" in message.last_error
+
+
+def test_unexpected_exception_is_retried_and_logged(svc, portal_id, caplog):
+    gateway(svc).script = [ZeroDivisionError("boom")]
+    pk = add_message(svc, portal_id)
+    with caplog.at_level(logging.ERROR, logger="b24sms.delivery"):
+        svc.queue.enqueue_send(pk)
+        svc.queue.drain(max_wait=5)
+    message = load(svc, pk)
+    assert message.status == "delivered" and message.attempts == 2
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_unknown_gateway_status_is_ignored_not_guessed(svc, portal_id, caplog):
+    gateway(svc).script = [SendResult(external_id="x1", raw_status="WEIRD")]
+    pk = add_message(svc, portal_id)
+    with caplog.at_level(logging.WARNING, logger="b24sms.delivery"):
+        svc.queue.enqueue_send(pk)
+    message = load(svc, pk)
+    assert message.status == "queued"
+    assert message.external_id == "x1" and message.next_attempt_at is None
+    assert "WEIRD" in caplog.text
+    # handed to the gateway: a second trigger sends nothing
+    assert deliver(svc, pk).detail == "handed to the gateway"
+
+
+def test_secrets_and_bodies_stay_out_of_logs(svc, portal_id, caplog):
+    gateway(svc).script = [RetryableGatewayError("down")]
+    pk = add_message(svc, portal_id)
+    with caplog.at_level(logging.DEBUG):
+        svc.queue.enqueue_send(pk)
+        svc.queue.drain(max_wait=5)
+    assert load(svc, pk).status == "delivered"
+    assert "secret body text" not in caplog.text
+    assert "a" * 70 not in caplog.text
+
+
+def test_final_and_in_flight_messages_are_skipped(svc, portal_id):
+    pk = add_message(svc, portal_id)
+    with svc.db.session() as session:
+        session.get(Message, pk).sending_since = utcnow()
+    assert deliver(svc, pk).detail == "in flight"
+    svc.queue.enqueue_send(pk)
+    assert gateway(svc).calls == []
+    with svc.db.session() as session:
+        message = session.get(Message, pk)
+        message.sending_since = None
+        message.status = "delivered"
+    assert deliver(svc, pk).detail == "already delivered"
+    assert gateway(svc).calls == []
+
+
+def test_sweep_requeues_lost_and_stuck_messages(tmp_path, recorder):
+    svc = build_service(tmp_path, service={"stuck_after": 5}, recorder=recorder)
+    try:
+        portal_id = add_portal(svc, state=PortalState.UNINSTALLED)
+        lost = add_message(svc, portal_id)
+        stuck = add_message(svc, portal_id)
+        fresh = add_message(svc, portal_id)
+        long_ago = utcnow() - dt.timedelta(seconds=60)
+        with svc.db.session() as session:
+            session.get(Message, lost).next_attempt_at = long_ago
+            m = session.get(Message, stuck)
+            m.sending_since, m.attempts = long_ago, 1
+            session.get(Message, fresh).sending_since = utcnow()  # in flight elsewhere
+        report = sweep(svc)
+        assert set(report.requeued) == {lost} and set(report.stuck) == {stuck}
+        assert load(svc, lost).status == "delivered"
+        assert load(svc, stuck).status == "delivered"
+        assert load(svc, stuck).attempts == 2  # the cut-short attempt counts
+        assert load(svc, fresh).status == "queued"
+        assert len(gateway(svc).calls) == 2
+    finally:
+        svc.close()
+
+
+def test_sweep_fails_a_message_whose_attempts_ran_out(tmp_path):
+    svc = build_service(tmp_path, service={"stuck_after": 5, "max_attempts": 2})
+    try:
+        portal_id = add_portal(svc, state=PortalState.UNINSTALLED)
+        pk = add_message(svc, portal_id)
+        with svc.db.session() as session:
+            m = session.get(Message, pk)
+            m.sending_since, m.attempts = utcnow() - dt.timedelta(seconds=60), 2
+        sweep(svc)
+        message = load(svc, pk)
+        assert message.status == "failed" and "gave up after 2 attempts" in message.last_error
+        assert gateway(svc).calls == []
+    finally:
+        svc.close()
+
+
+def test_a_flush_enqueued_from_inside_a_send_runs_after_it(svc, portal_id):
+    # Immediate mode must neither recurse nor lose the flush a send asks for.
+    pks = [add_message(svc, portal_id) for _ in range(3)]
+    for pk in pks:
+        svc.queue.enqueue_send(pk)
+    assert [load(svc, pk).status for pk in pks] == ["delivered"] * 3
+    assert svc.queue.pending_inline() == 0
+
+
+# -- the queue's stores --------------------------------------------------------------------------
+
+POSTGRES_QUEUE = os.environ.get("B24SMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_QUEUE = os.environ.get("B24SMS_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def test_queue_url_selects_the_store(tmp_path):
+    from huey import MemoryHuey, PostgresHuey, RedisHuey, SqliteHuey
+
+    from b24sms.queue import QueueError, make_huey
+
+    assert isinstance(make_huey("memory://"), MemoryHuey)
+    assert make_huey("memory://").immediate
+    sqlite = make_huey(f"sqlite:///{tmp_path}/sub/dir/queue.sqlite3")
+    assert isinstance(sqlite, SqliteHuey) and (tmp_path / "sub" / "dir").is_dir()
+    # neither connects when built: a store that is down must not stop the service starting
+    assert isinstance(make_huey("postgresql://nobody@127.0.0.1:1/none"), PostgresHuey)
+    assert isinstance(make_huey("postgresql+psycopg://nobody@127.0.0.1:1/none"), PostgresHuey)
+    assert isinstance(make_huey("redis://127.0.0.1:1/0"), RedisHuey)
+    with pytest.raises(QueueError):
+        make_huey("amqp://x")
+
+
+def test_ping_raises_when_the_store_is_down(tmp_path):
+    svc = build_service(tmp_path, service={"queue_url": "redis://127.0.0.1:1/0"})
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - whatever the client raises
+            svc.queue.ping()
+        assert svc.queue.describe() == "redis://127.0.0.1:1/0"
+    finally:
+        svc.close()
+
+
+def test_memory_queue_has_no_consumer(svc):
+    from b24sms.queue import QueueError
+
+    with pytest.raises(QueueError, match="memory://"):
+        svc.queue.run_consumer(workers=1)
+    handle = svc.queue.start_embedded(2)
+    assert not handle.running
+    handle.stop()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql", "redis"])
+def test_embedded_consumer_delivers_on_every_store(tmp_path, store):
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/queue.sqlite3",
+        "postgresql": POSTGRES_QUEUE,
+        "redis": REDIS_QUEUE,
+    }[store]
+    svc = build_service(tmp_path, service={"queue_url": url})
+    handle = None
+    try:
+        try:
+            svc.queue.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means "not here"
+            pytest.skip(f"{store} queue store not reachable: {type(exc).__name__}")
+        svc.queue.huey.flush()  # leftovers of an earlier run would name rows of another database
+        portal_id = add_portal(svc, state=PortalState.UNINSTALLED)
+        pks = [add_message(svc, portal_id) for _ in range(3)]
+        handle = svc.queue.start_embedded(workers=2)
+        for pk in pks:
+            svc.queue.enqueue_send(pk)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(load(svc, pk).status == "delivered" for pk in pks):
+                break
+            time.sleep(0.05)
+        assert [load(svc, pk).status for pk in pks] == ["delivered"] * 3
+    finally:
+        if handle is not None:
+            handle.stop()
+        svc.queue.huey.flush()
+        svc.close()
