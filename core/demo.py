@@ -7,6 +7,7 @@ receives the statuses back.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -24,6 +25,17 @@ class _Dispatcher:
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         return self.app(environ, start_response)
+
+
+class _TimelineHandler(logging.Handler):
+    """Shows what the log gateway writes as a line of the timeline."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say(f"log gateway: {record.getMessage()}")
 
 
 def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int:
@@ -71,6 +83,9 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
             }
         )
         service = Service(config)
+        gateway_log = _TimelineHandler(say)
+        logging.getLogger("b24sms.gateway.demo_log").addHandler(gateway_log)
+        logging.getLogger("b24sms.gateway.demo_log").setLevel(logging.INFO)
         dispatcher.app = build_app(service=service)
         consumer = service.queue.start_embedded(2)
         thread = threading.Thread(target=server.run, daemon=True)
@@ -101,6 +116,9 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
                 f"{portal.stats['rejected_rate_limit']} rejected by the rate limit")
             return 0
         finally:
-            server.close()
+            logging.getLogger("b24sms.gateway.demo_log").removeHandler(gateway_log)
+            # waitress's loop cannot be stopped from another thread without racing its select();
+            # the thread is a daemon and ends with the command.
+            server.task_dispatcher.shutdown()
             consumer.stop()
             service.close()
