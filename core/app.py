@@ -38,9 +38,12 @@ def build_app(
     app.extensions["b24sms"] = service
 
     errors.init_app(app)
-    from .web import bitrix24, gateways, health
+    from . import metrics
+    from .web import app_page, bitrix24, gateways, health
 
     app.register_blueprint(bitrix24.bp)
     app.register_blueprint(gateways.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(app_page.bp)
+    metrics.init_app(app, service)
     return app

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -111,6 +112,22 @@ class Bitrix24Schema(Schema):
     user_agent = fields.String(load_default="")
 
 
+class MetricsSchema(Schema):
+    """``[metrics]``: the Prometheus endpoint ``GET /metrics``, off unless asked for."""
+
+    class Meta:
+        unknown = RAISE
+
+    enabled = fields.Boolean(load_default=False)
+    #: the bearer token scrapers must send; empty: no token (only on a private network)
+    token = fields.String(
+        load_default="",
+        validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters"),
+    )
+    #: counts computed from the shared database at scrape time (see b24sms.metrics)
+    database = fields.Boolean(load_default=True)
+
+
 class ProviderSchema(Schema):
     """The core's part of a ``[providers.<CODE>]`` table; the rest goes to the plugin."""
 
@@ -145,7 +162,7 @@ class ConfigSchema(Schema):
     service = fields.Nested(ServiceSchema, required=True)
     bitrix24 = fields.Nested(Bitrix24Schema, load_default=lambda: Bitrix24Schema().load({}))
     providers = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
-    metrics = fields.Dict(load_default=dict)
+    metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
 
 
 def first_error(messages: Any, prefix: str = "") -> tuple[str, str]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from . import metrics
 from .events import MessageInfo, notify
 from .gateway import (
     Gateway,
@@ -226,6 +227,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     log.info("message %s (%s, %s): attempt %d", message_pk, code, domain, attempt)
     error: GatewayError | None = None
     result: SendResult | None = None
+    started = time.perf_counter()
     try:
         result = gateway.send(outgoing)
         if not isinstance(result, SendResult):
@@ -237,6 +239,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
         # losing the message is worse than trying again.
         log.exception("message %s (%s): gateway %s raised", message_pk, code, gateway.name)
         error = RetryableGatewayError(f"unexpected {type(exc).__name__} in the gateway")
+    metrics.observe_gateway_send(code, time.perf_counter() - started, error)
     if error is None:
         assert result is not None
         return _record_sent(service, gateway, message_pk, result, domain)

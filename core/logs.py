@@ -1,4 +1,5 @@
-"""Logging set-up: text or one JSON object per line, and masking of phone numbers."""
+"""Logging set-up: text or one JSON object per line, masking of phone numbers, and the one log
+line per message state change (:class:`StatusLog`, an internal plugin on the event hooks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from .events import MessageInfo
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -68,3 +76,58 @@ def mask_number(number: str | None) -> str:
         country = ""
     hidden = len(digits) - len(country) - 2
     return f"+{country}{'*' * hidden}{digits[-2:]}"
+
+
+#: the logger of the state-change lines, so operators can route or silence them on their own
+STATUS_LOGGER = "b24sms.status"
+STATUS_LOG_PLUGIN_NAME = "b24sms.status_log"
+
+
+class StatusLog:
+    """Writes one structured line per message state change: stored (queued), then every applied
+    status. The fields (``extra``) become JSON keys with ``log_format = "json"``: ``event``,
+    ``id`` (ours), ``message_id`` (Bitrix24's), ``code``, ``portal`` (member_id), ``domain``,
+    ``previous``, ``status``, ``source``, ``attempts``. Never the body, the number or a token.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger(STATUS_LOGGER)
+
+    @staticmethod
+    def _fields(message: MessageInfo) -> dict[str, Any]:
+        return {
+            "id": message.id,
+            "message_id": message.message_id,
+            "code": message.code,
+            "portal": message.member_id,
+            "domain": message.domain,
+            "attempts": message.attempts,
+        }
+
+    @hookimpl
+    def b24sms_message_stored(self, message: MessageInfo) -> None:
+        # Every message starts queued; a failure decided while storing it (an unusable number)
+        # is a change of its own, logged by b24sms_status_changed.
+        self.log.info(
+            "message %s (%s, %s): stored, status queued",
+            message.message_id, message.code, message.domain,
+            extra={"event": "message_status", **self._fields(message), "previous": None,
+                   "status": "queued", "source": "handler"},
+        )
+
+    @hookimpl
+    def b24sms_status_changed(
+        self, message: MessageInfo, previous: str | None, status: str, source: str
+    ) -> None:
+        self.log.info(
+            "message %s (%s, %s): %s -> %s (%s)",
+            message.message_id, message.code, message.domain, previous or "-", status, source,
+            extra={"event": "message_status", **self._fields(message), "previous": previous,
+                   "status": status, "source": source},
+        )
+
+
+def register_status_log(pm: pluggy.PluginManager) -> None:
+    """Register :class:`StatusLog` on ``pm`` once (idempotent: apps may share a service)."""
+    if pm.get_plugin(STATUS_LOG_PLUGIN_NAME) is None:
+        pm.register(StatusLog(), name=STATUS_LOG_PLUGIN_NAME)

@@ -33,6 +33,11 @@ class Service:
         self.config = config
         self.settings = config["service"]
         self.pm = plugin_manager or make_plugin_manager(environ)
+        # Observers every process needs, web or worker: the state-change log line and metrics.
+        from . import logs, metrics
+
+        logs.register_status_log(self.pm)
+        metrics.register_hooks(self.pm)
         self.gateway_types: dict[str, GatewayType] = gateway_types(self.pm)
         self.providers: dict[str, dict[str, Any]] = dict(config["providers"])
         self.gateways: dict[str, Gateway] = build_gateways(

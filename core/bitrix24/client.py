@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from urllib.parse import urlencode
 import requests
 from requests.adapters import HTTPAdapter
 
-from .. import __version__
+from .. import __version__, metrics
 from ..db import Database
 from ..models import Portal, PortalState
 from .errors import (
@@ -196,6 +197,8 @@ class Bitrix24Client:
                 batch.results[key] = answered[wire_key]
             else:
                 batch.skipped.append(key)
+        for key, error in batch.errors.items():
+            metrics.count_rest_error(commands[key][0], error.code)
         if batch.errors:
             log.info(
                 "%s: batch of %d: %d failed (%s)",
@@ -245,6 +248,7 @@ class Bitrix24Client:
     ) -> dict[str, Any]:
         url = endpoint if endpoint.endswith("/") else endpoint + "/"
         url += method
+        started = time.perf_counter()
         try:
             response = self.http.post(
                 url,
@@ -254,8 +258,11 @@ class Bitrix24Client:
             )
         except requests.RequestException as exc:
             error = network_error(exc, url)
+            metrics.observe_rest_request(method, time.perf_counter() - started)
+            metrics.count_rest_error(method, error.code)
             log.warning("%s: %s failed: %s", self.domain, method, error)
             raise error from None
+        metrics.observe_rest_request(method, time.perf_counter() - started)
         try:
             payload = response.json()
         except ValueError:
@@ -271,6 +278,7 @@ class Bitrix24Client:
             )
         else:
             error = from_response(response.status_code, payload)
+        metrics.count_rest_error(method, error.code)
         level = logging.INFO if isinstance(error, TokenExpired) else logging.WARNING
         log.log(level, "%s: %s answered %s", self.domain, method, error)
         raise error

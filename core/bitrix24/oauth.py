@@ -20,6 +20,7 @@ from typing import Any
 import requests
 from sqlalchemy import select
 
+from .. import metrics
 from ..db import Database
 from ..models import Portal, PortalState, utcnow
 from .errors import (
@@ -77,6 +78,7 @@ def refresh_tokens(
             raise TokensRevoked("PORTAL_NOT_FOUND", f"no portal with id {portal_id}")
         if portal.access_token and portal.access_token != failed_access_token:
             log.debug("portal %s: tokens already refreshed by someone else", portal.domain)
+            metrics.count_token_refresh("reused")
             return portal.access_token
         if portal.state != PortalState.ACTIVE:
             raise inactive_portal_error(portal)
@@ -89,10 +91,12 @@ def refresh_tokens(
                 revoked = exc
             except Bitrix24Error as exc:
                 log.warning("portal %s: token refresh failed: %s", portal.domain, exc)
+                metrics.count_token_refresh("failed")
                 raise
             else:
                 _store(portal, answer)
                 log.info("portal %s: tokens refreshed", portal.domain)
+                metrics.count_token_refresh("refreshed")
                 return portal.access_token  # type: ignore[return-value]
         # Tokens are gone for good: say so on the portal. Committed when the block ends, so the
         # state survives the exception raised below.
@@ -100,6 +104,7 @@ def refresh_tokens(
         portal.last_error = f"token refresh refused: {revoked}"
         log.warning("portal %s: token refresh refused (%s); needs re-install",
                     portal.domain, revoked.code)
+    metrics.count_token_refresh("refused")
     raise revoked
 
 

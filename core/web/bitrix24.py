@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import phonenumbers
@@ -124,6 +125,8 @@ def install():
     log.info("portal %s %s (member %s)", domain, "installed" if created else "re-installed",
              member_id)
     registration = _sync_after_commit(portal_id)
+    # Statuses that waited while the portal's tokens were dead can go now.
+    _enqueue(svc.queue.enqueue_flush, portal_id)
     if ui:
         return render_template_string(INSTALL_FINISH_PAGE, failed=registration.get("failed", 0))
     return jsonify({"result": "installed", "portal": domain, **registration})
@@ -201,7 +204,56 @@ def handler(code: str):
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
 
+    accepted = accept_message(svc, member_id, code, data, auth=auth)
+    return jsonify(accepted.answer())
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What :func:`accept_message` did: ``accepted`` (stored, handed to delivery) or
+    ``duplicate`` (this portal's message_id is stored already; ``id`` None when it raced in
+    through a concurrent request)."""
+
+    result: str
+    id: int | None = None
+    status: str | None = None
+
+    def answer(self) -> dict[str, Any]:
+        """The HANDLER's JSON answer."""
+        body: dict[str, Any] = {"result": self.result}
+        if self.id is not None:
+            body["id"] = self.id
+        if self.status is not None:
+            body["status"] = self.status
+        return body
+
+
+def accept_message(
+    svc: Service,
+    member_id: str,
+    code: str,
+    data: Mapping[str, Any],
+    *,
+    auth: Mapping[str, Any] | None = None,
+    report: bool = True,
+) -> Accepted:
+    """Store a message of portal ``member_id`` for provider ``code`` and hand it to delivery.
+
+    The one path of every message: the HANDLER's, and the app page's test messages. The
+    message is committed before this returns (Bitrix24 never retries a HANDLER call), then
+    queued for sending, and ``b24sms_message_stored`` is called.
+
+    :param data: the HANDLER fields as :class:`HandlerSchema` loads them (``message_id``,
+        ``message_to``, ``message_body``, ``module_id``, context fields).
+    :param auth: the call's ``auth[…]``; when it holds ``application_token``, that must be the
+        portal's.
+    :param report: whether a failure decided here (an unusable number) goes to the portal's
+        outbox; False for messages Bitrix24 does not know (app-page tests).
+    :raises ApiError: 401 when the portal is not installed or the application_token differs.
+    """
+    auth = auth or {}
     to = normalise_number(data["message_to"], svc.settings["default_region"])
+    failed_change = None
     with svc.db.session() as session:
         portal = find_portal(session, member_id)
         if portal is None or portal.state == PortalState.UNINSTALLED:
@@ -216,7 +268,7 @@ def handler(code: str):
             )
         )
         if duplicate is not None:
-            return jsonify({"result": "duplicate", "id": duplicate})
+            return Accepted("duplicate", duplicate)
         message = new_message(
             portal_id=portal.id,
             code=code,
@@ -233,12 +285,15 @@ def handler(code: str):
         except IntegrityError:
             # The same message_id raced in through another request: that one stored it.
             session.rollback()
-            return jsonify({"result": "duplicate"})
+            return Accepted("duplicate")
         message.portal = portal
         record_status(session, message, message.status, source="handler", report=False)
         if to is None:
             message.last_error = "the recipient is not a valid phone number"
-            record_status(session, message, FAILED, source="handler", detail=message.last_error)
+            failed_change = record_status(
+                session, message, FAILED, source="handler", detail=message.last_error,
+                report=report,
+            )
         info = MessageInfo.from_row(message)
         portal_id = portal.id
     log.info(
@@ -246,11 +301,23 @@ def handler(code: str):
         info.message_id, mask_number(info.to or data["message_to"]), code, info.domain,
     )
     if to is None:
-        _enqueue(svc.queue.enqueue_flush, portal_id)
+        if report:
+            _enqueue(svc.queue.enqueue_flush, portal_id)
     else:
         _enqueue(svc.queue.enqueue_send, info.id)
     notify(svc.pm, "b24sms_message_stored", message=info)
-    return jsonify({"result": "accepted", "id": info.id, "status": info.status})
+    if failed_change is not None:
+        # Failed before any send: observers (status log, metrics) hear it like any other change.
+        notify(
+            svc.pm,
+            "b24sms_status_changed",
+            message=info,
+            previous=failed_change.previous,
+            status=failed_change.status,
+            raw_status=failed_change.raw_status,
+            source=failed_change.source,
+        )
+    return Accepted("accepted", info.id, info.status)
 
 
 def _enqueue(enqueue: Any, object_id: int) -> None:
