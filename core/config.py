@@ -165,18 +165,24 @@ class ConfigSchema(Schema):
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
 
 
-def first_error(messages: Any, prefix: str = "") -> tuple[str, str]:
-    """Flatten marshmallow's nested error dict to (dotted key, text) of the first problem."""
+def first_error(messages: Any, prefix: str = "", *, brackets: bool = False) -> tuple[str, str]:
+    """Flatten marshmallow's nested error dict to (key, text) of the first problem.
+
+    Keys are dotted (``service.public_url``), or bracketed the way forms name them
+    (``auth[member_id]``) with ``brackets``.
+    """
     if isinstance(messages, dict):
         key, value = next(iter(messages.items()))
         key = str(key)
         if key == "_schema":
-            return first_error(value, prefix)
-        return first_error(value, f"{prefix}.{key}" if prefix else key)
+            return first_error(value, prefix, brackets=brackets)
+        if prefix:
+            key = f"{prefix}[{key}]" if brackets else f"{prefix}.{key}"
+        return first_error(value, key, brackets=brackets)
     if isinstance(messages, list):
         first = messages[0]
         if isinstance(first, (dict, list)):
-            return first_error(first, prefix)
+            return first_error(first, prefix, brackets=brackets)
         return prefix, str(first)
     return prefix, str(messages)
 

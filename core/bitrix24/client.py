@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from .. import __version__, metrics
 from ..db import Database
 from ..models import Portal, PortalState
+from ..phpform import php_urlencode
 from .errors import (
     Bitrix24Error,
     PortalBlocked,
@@ -78,32 +78,6 @@ def user_agent(settings: Mapping[str, Any]) -> str:
     return settings.get("user_agent") or f"b24sms/{__version__}"
 
 
-def php_urlencode(params: Mapping[str, Any]) -> str:
-    """Encode nested parameters the way PHP's ``http_build_query`` does.
-
-    ``{"CODE": "x", "NAME": {"en": "A"}, "L": [1, 2]}`` gives
-    ``CODE=x&NAME%5Ben%5D=A&L%5B0%5D=1&L%5B1%5D=2`` (brackets percent-encoded, which PHP reads the
-    same). ``None`` values are left out, booleans become ``1`` / ``0``. Used for ``batch``
-    commands, whose parameters travel as a query string.
-    """
-    pairs: list[tuple[str, str]] = []
-    _flatten("", params, pairs)
-    return urlencode(pairs)
-
-
-def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
-    if value is None:
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _flatten(f"{prefix}[{key}]" if prefix else str(key), item, out)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _flatten(f"{prefix}[{index}]", item, out)
-    elif isinstance(value, bool):
-        out.append((prefix, "1" if value else "0"))
-    else:
-        out.append((prefix, str(value)))
 
 
 @dataclass

@@ -155,18 +155,3 @@ class InstallFormSchema(Schema):
     PROTOCOL = _Text(load_default="1", validate=validate.OneOf(["0", "1"]))
     LANG = _Text(load_default=None)
 
-
-def first_problem(messages: Any, prefix: str = "") -> tuple[str, str]:
-    """The first (field, problem) of a marshmallow error dict, with bracketed field names."""
-    if isinstance(messages, dict):
-        key, value = next(iter(messages.items()))
-        if key == "_schema":
-            return first_problem(value, prefix)
-        name = f"{prefix}[{key}]" if prefix else str(key)
-        return first_problem(value, name)
-    if isinstance(messages, list):
-        first = messages[0]
-        if isinstance(first, (dict, list)):
-            return first_problem(first, prefix)
-        return prefix, str(first)
-    return prefix, str(messages)

@@ -8,10 +8,14 @@ emulator's REST side and its outgoing calls agree with each other.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
+from ..phpform import php_form_encode
+
 __all__ = ["php_form_decode", "php_form_encode"]
+
+# Encoding is shared with the REST client (b24sms.phpform); decoding here is PHP-lenient on purpose.
 
 _SEGMENT = re.compile(r"\[([^\]]*)\]")
 
@@ -68,33 +72,3 @@ def php_form_decode(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
                     node[name] = child
                 node = child
     return result
-
-
-def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
-    if value is None:
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _flatten(f"{prefix}[{key}]" if prefix else str(key), item, out)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _flatten(f"{prefix}[{index}]", item, out)
-    elif isinstance(value, bool):
-        # http_build_query writes booleans as 1/0.
-        out.append((prefix, "1" if value else "0"))
-    else:
-        out.append((prefix, str(value)))
-
-
-def php_form_encode(data: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Flatten nested data into bracketed form pairs, like PHP's ``http_build_query``.
-
-    ``{"auth": {"member_id": "m"}, "bindings": [{"OWNER_ID": 5}]}`` gives
-    ``[("auth[member_id]", "m"), ("bindings[0][OWNER_ID]", "5")]``. ``None`` values are left out.
-
-    :param data: the nested parameters.
-    :returns: pairs ready for ``requests.post(url, data=pairs)`` or :func:`urllib.parse.urlencode`.
-    """
-    out: list[tuple[str, str]] = []
-    _flatten("", data, out)
-    return out

@@ -18,9 +18,9 @@ from ..bitrix24.payloads import (
     HandlerSchema,
     InstallFormSchema,
     PayloadError,
-    first_problem,
     parse_bracketed,
 )
+from ..config import first_error
 from ..errors import ApiError
 from ..events import MessageInfo, notify
 from ..logs import mask_number
@@ -72,7 +72,7 @@ def load(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return schema.load(payload)
     except ValidationError as exc:
-        field, problem = first_problem(exc.messages)
+        field, problem = first_error(exc.messages, brackets=True)
         raise ApiError(400, "invalid_field", f"{field}: {problem}") from None
 
 
