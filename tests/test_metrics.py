@@ -327,21 +327,25 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     env = {**os.environ, "B24SMS_CONFIG": str(config), "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    # A file, not a pipe: a full pipe would block gunicorn's logging mid-test.
+    stderr = (tmp_path / "gunicorn.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
          "--graceful-timeout", "2", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                # The first answer can be slow on a fresh checkout (imports compile to .pyc).
+                if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not start: {process.stderr.read().decode()[-2000:]}")
+                log_text = (tmp_path / "gunicorn.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"gunicorn did not start: {log_text}")
             time.sleep(0.1)
         yield url, multiproc
     finally:
@@ -351,7 +355,7 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        process.stderr.close()
+        stderr.close()
 
 
 def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
