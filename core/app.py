@@ -39,11 +39,12 @@ def build_app(
 
     errors.init_app(app)
     from . import metrics
-    from .web import app_page, bitrix24, gateways, health
+    from .web import app_page, bitrix24, gateways, health, ratelimit
 
     app.register_blueprint(bitrix24.bp)
     app.register_blueprint(gateways.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(app_page.bp)
     metrics.init_app(app, service)
+    ratelimit.init_app(app, service)
     return app

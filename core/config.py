@@ -75,6 +75,14 @@ class ServiceSchema(Schema):
         required=True,
         validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters"),
     )
+    #: keys replaced by a rotation, still accepted on HANDLER URLs until `providers sync` ran
+    #: everywhere (docs/operations.md); empty strings are dropped, so `${OLD_KEY:-}` works
+    previous_secret_keys = fields.List(
+        fields.String(
+            validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters")
+        ),
+        load_default=list,
+    )
     database_url = fields.String(
         load_default="sqlite:///instance/b24sms.sqlite3", validate=_url(("sqlite", "postgresql"))
     )
@@ -128,6 +136,51 @@ class MetricsSchema(Schema):
     database = fields.Boolean(load_default=True)
 
 
+def _check_proxies(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise ValidationError("must be a number of proxies or a list of proxy addresses")
+    if isinstance(value, int):
+        if not 0 <= value <= 10:
+            raise ValidationError("must be between 0 and 10")
+        return
+    for item in value:
+        _check_network(item)
+
+
+def _check_network(value: Any) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not an IP address or network") from None
+
+
+class RateLimitSchema(Schema):
+    """``[rate_limit]``: token buckets on the public routes (see b24sms.web.ratelimit)."""
+
+    class Meta:
+        unknown = RAISE
+
+    enabled = fields.Boolean(load_default=True)
+    #: auto: shared in Redis when queue_url is redis://, else per process
+    storage = fields.String(
+        load_default="auto", validate=validate.OneOf(["auto", "memory", "redis"])
+    )
+    redis_url = fields.String(
+        load_default="", validate=lambda v: v == "" or _url(("redis", "rediss", "unix"))(v)
+    )
+    #: 0: the peer address is the client; N: N proxies append to X-Forwarded-For; or a list
+    trusted_proxies = fields.Raw(load_default=0, validate=_check_proxies)
+    exempt = fields.List(fields.String(validate=_check_network), load_default=list)
+    portal_rate = fields.Float(load_default=200.0, validate=validate.Range(min=0.01))
+    portal_burst = fields.Integer(load_default=20_000, validate=validate.Range(min=1))
+    ip_rate = fields.Float(load_default=50.0, validate=validate.Range(min=0.01))
+    ip_burst = fields.Integer(load_default=1_000, validate=validate.Range(min=1))
+    failure_rate = fields.Float(load_default=0.5, validate=validate.Range(min=0.001))
+    failure_burst = fields.Integer(load_default=30, validate=validate.Range(min=1))
+
+
 class ProviderSchema(Schema):
     """The core's part of a ``[providers.<CODE>]`` table; the rest goes to the plugin."""
 
@@ -163,6 +216,7 @@ class ConfigSchema(Schema):
     bitrix24 = fields.Nested(Bitrix24Schema, load_default=lambda: Bitrix24Schema().load({}))
     providers = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
+    rate_limit = fields.Nested(RateLimitSchema, load_default=lambda: RateLimitSchema().load({}))
 
 
 def first_error(messages: Any, prefix: str = "", *, brackets: bool = False) -> tuple[str, str]:
@@ -244,11 +298,24 @@ def validate_config(
         providers[code] = core
     config["providers"] = providers
     config["service"]["public_url"] = config["service"]["public_url"].rstrip("/")
+    _check_rate_limit_storage(config, filename)
+    config["service"]["previous_secret_keys"] = [
+        key for key in config["service"]["previous_secret_keys"] if key
+    ]
     if not config["service"]["secret_key"]:
         config["service"]["secret_key"] = instance_secret_key()
     config["filename"] = filename
     return config
 
+
+def _check_rate_limit_storage(config: dict[str, Any], filename: str) -> None:
+    limits = config["rate_limit"]
+    queue_is_redis = config["service"]["queue_url"].startswith(("redis://", "rediss://"))
+    if limits["storage"] == "redis" and not (limits["redis_url"] or queue_is_redis):
+        raise ConfigError(
+            f"{filename}: rate_limit.redis_url: storage = \"redis\" needs a redis_url "
+            "(or a redis:// queue_url)"
+        )
 
 
 def resolve_sqlite_path(url: str, base: Path | None = None) -> str:

@@ -7,6 +7,7 @@ one per request, one per task (``with db.session() as session``).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import resolve_sqlite_path
+
+#: seconds a SQLite writer waits for the lock before the transaction fails ("database is locked")
+SQLITE_BUSY_TIMEOUT = 30
 
 
 class Database:
@@ -27,21 +31,39 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            engine_options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+            engine_options.setdefault(
+                "connect_args", {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}
+            )
         else:
             engine_options.setdefault("pool_pre_ping", True)
             engine_options.setdefault("pool_size", 10)
             engine_options.setdefault("max_overflow", 20)
+        # Statement parameters are tokens as often as not: keep them out of SQL logging and out
+        # of error messages (which reach the log through log.exception).
+        engine_options.setdefault("hide_parameters", True)
         self.engine: Engine = create_engine(url, **engine_options)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time, and every transaction here is a writer (BEGIN
+        # IMMEDIATE). Threads of one process that find the file locked would sleep in SQLite's
+        # busy handler (1, 2, 5, 10 … 100 ms steps) and miss the moment it frees; taking turns
+        # on a lock in the process hands the database over at once, in order. Other processes
+        # still wait in the busy handler.
+        self._write_lock = threading.RLock() if self.is_sqlite else None
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """A session in a transaction: committed when the block ends, rolled back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        lock = self._write_lock
+        # Bounded like SQLite's busy timeout: past it, go on and let SQLite decide.
+        locked = lock is not None and lock.acquire(timeout=SQLITE_BUSY_TIMEOUT)
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        finally:
+            if locked:
+                lock.release()
 
     def new_session(self) -> Session:
         """A plain session whose transactions the caller manages."""
@@ -67,7 +89,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -18,11 +18,13 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, contains_eager
 
 from . import metrics
 from .events import MessageInfo, notify
@@ -34,7 +36,7 @@ from .gateway import (
     SendResult,
     StatusReport,
 )
-from .messages import StatusChange, record_status
+from .messages import StatusChange, enqueue_report, record_status
 from .models import Message, OutboxEntry, Portal, PortalState, utcnow
 from .statuses import FAILED, FINAL_STATUSES, is_final
 
@@ -53,6 +55,9 @@ POLL_LIMIT = 100
 CALLBACK_GRACE = 2.0
 #: longest error text kept on a message
 MAX_ERROR_TEXT = 1000
+#: the outcome of a send is recorded through a database outage for at most this share of
+#: ``stuck_after`` from the attempt's start, so it is in before the sweep would re-send
+RECORD_RETRY_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,18 @@ def _requeue(service: Service, message_pk: int, delay: float | None = None) -> N
 # -- sending ------------------------------------------------------------------------------------
 
 
+def _locked_with_portal(session: Session, message_pk: int) -> Message | None:
+    """The message, row-locked, with its portal loaded by the same statement: every send reads
+    the portal's domain and member_id, and a lazy load would cost a query of its own."""
+    return session.scalars(
+        select(Message)
+        .join(Message.portal)
+        .options(contains_eager(Message.portal))
+        .where(Message.id == message_pk)
+        .with_for_update(of=Message)
+    ).first()
+
+
 def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     """Make one send attempt for a message, if it is due, and record the outcome.
 
@@ -162,7 +179,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     now = utcnow()
     failed_early: list[tuple[StatusChange, MessageInfo]] = []
     with service.db.session() as session:
-        message = session.get(Message, message_pk, with_for_update=True)
+        message = _locked_with_portal(session, message_pk)
         if message is None:
             log.warning("message %s: not found; nothing to send", message_pk)
             return DeliveryOutcome(message_pk, "skipped", "not found")
@@ -227,6 +244,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     log.info("message %s (%s, %s): attempt %d", message_pk, code, domain, attempt)
     error: GatewayError | None = None
     result: SendResult | None = None
+    attempt_started = time.monotonic()
     started = time.perf_counter()
     try:
         result = gateway.send(outgoing)
@@ -240,10 +258,45 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
         log.exception("message %s (%s): gateway %s raised", message_pk, code, gateway.name)
         error = RetryableGatewayError(f"unexpected {type(exc).__name__} in the gateway")
     metrics.observe_gateway_send(code, time.perf_counter() - started, error)
+    # Until the outcome is recorded, the sweep would take this attempt for lost and send the
+    # message again: a database that is briefly unreachable must not cost a second send.
+    deadline = attempt_started + RECORD_RETRY_SHARE * stuck_after
     if error is None:
         assert result is not None
-        return _record_sent(service, gateway, message_pk, result, domain)
-    return _record_failure(service, message_pk, error, domain)
+        sent = result
+        return _record_persistently(
+            lambda: _record_sent(service, gateway, message_pk, sent, domain), message_pk, deadline
+        )
+    failure = error
+    return _record_persistently(
+        lambda: _record_failure(service, message_pk, failure, domain), message_pk, deadline
+    )
+
+
+def _record_persistently(
+    record: Callable[[], DeliveryOutcome], message_pk: int, deadline: float
+) -> DeliveryOutcome:
+    """Run ``record`` (one transaction), again and again while the database cannot be reached,
+    until ``time.monotonic()`` passes ``deadline``; then the error propagates (the sweep
+    re-queues the attempt later)."""
+    delay = 0.1
+    while True:
+        try:
+            return record()
+        except OperationalError as exc:
+            reason = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                log.error(
+                    "message %s: the outcome of its send could not be recorded (%s); "
+                    "the sweep will re-queue it", message_pk, reason,
+                )
+                raise
+            log.warning(
+                "message %s: database unavailable while recording the outcome of its send "
+                "(%s); trying again in %.1fs", message_pk, reason, delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _map(gateway: Gateway, report: StatusReport | SendResult) -> str | None:
@@ -257,7 +310,7 @@ def _record_sent(
 ) -> DeliveryOutcome:
     changes: list[tuple[StatusChange, MessageInfo]] = []
     with service.db.session() as session:
-        message = session.get(Message, message_pk, with_for_update=True)
+        message = _locked_with_portal(session, message_pk)
         if message is None:
             return DeliveryOutcome(message_pk, "skipped", "deleted while sending")
         portal_id, code = message.portal_id, message.code
@@ -285,9 +338,14 @@ def _record_sent(
                 source="gateway",
                 raw_status=None if report.raw_status is None else str(report.raw_status)[:64],
                 detail=detail,
+                report=False,
             )
             if change is not None:
                 applied.append(change)
+        if applied:
+            # Only the newest status reaches Bitrix24 (the outbox coalesces): one outbox write
+            # for a send that reported "sent" and "delivered" at once, not one per report.
+            enqueue_report(session, message)
         info = _info(message)
         changes = [(change, info) for change in applied]
         status_now = message.status

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import redaction
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ def configure(settings: Mapping[str, Any]) -> None:
     logger.addHandler(handler)
     # urllib3 logs whole URLs (query strings can hold API keys) at DEBUG: keep it quieter.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger("urllib3").level))
+    # At any level, request lines (werkzeug, urllib3, gunicorn) lose secret query values.
+    redaction.install_log_filters()
 
 
 def mask_number(number: str | None) -> str:

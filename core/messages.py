@@ -11,7 +11,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .models import Message, OutboxEntry, StatusEvent, utcnow
@@ -81,22 +82,118 @@ def enqueue_report(session: Session, message: Message) -> None:
     """Put the message's current status in its portal's outbox, replacing an unsent one."""
     if message.message_id.startswith(TEST_MESSAGE_PREFIX):
         return
-    entry = session.scalar(select(OutboxEntry).where(OutboxEntry.message_pk == message.id))
-    if entry is None:
-        session.add(
-            OutboxEntry(
-                portal_id=message.portal_id,
-                message_pk=message.id,
-                code=message.code,
-                message_id=message.message_id,
-                status=message.status,
+    # One statement, no look-up first: this runs for every status of every message.
+    session.execute(
+        _statement(session, "upsert_report"),
+        {
+            "portal_id": message.portal_id,
+            "message_pk": message.id,
+            "code": message.code,
+            "message_id": message.message_id,
+            "status": message.status,
+            "version": 1,
+            "attempts": 0,
+            "created_at": utcnow(),
+        },
+    )
+
+
+#: statements of the hot paths, built once per dialect: building one and computing its cache
+#: key costs more than running it
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _statement(session: Session, name: str) -> Any:
+    """The statement ``name`` (``insert_message``, ``upsert_report``) for the session's
+    database: ``INSERT … ON CONFLICT`` is spelt per dialect (SQLite and PostgreSQL agree)."""
+    dialect = session.get_bind().dialect.name
+    statement = _STATEMENTS.get((dialect, name))
+    if statement is None:
+        insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        if name == "insert_message":
+            messages = Message.__table__
+            statement = (
+                insert_for(messages)
+                .on_conflict_do_nothing(
+                    index_elements=[messages.c.portal_id, messages.c.message_id]
+                )
+                .returning(messages.c.id)
             )
-        )
-    else:
-        entry.status = message.status
-        entry.version += 1
-        entry.attempts = 0
-        entry.last_error = None
+        else:
+            outbox = OutboxEntry.__table__
+            upsert = insert_for(outbox)
+            statement = upsert.on_conflict_do_update(
+                index_elements=[outbox.c.message_pk],
+                set_={
+                    "status": upsert.excluded.status,
+                    "version": outbox.c.version + 1,
+                    "attempts": 0,
+                    "last_error": None,
+                },
+            )
+        _STATEMENTS[(dialect, name)] = statement
+    return statement
+
+
+_INSERT_STATUS_EVENT = insert(StatusEvent.__table__)
+
+
+def insert_message(
+    session: Session,
+    *,
+    portal_id: int,
+    code: str,
+    message_id: str,
+    to_raw: str,
+    to: str | None,
+    body: str,
+    module_id: str | None,
+    context: dict[str, Any],
+    source: str = "handler",
+    now: dt.datetime | None = None,
+) -> int | None:
+    """Store a new message, queued and due at once, with the first entry of its history.
+
+    The path of every HANDLER call, so it is two ``INSERT`` statements and no ORM objects: the
+    message's skips a ``(portal, message_id)`` that is stored already (``ON CONFLICT DO
+    NOTHING``), which tells a repeated or concurrent call apart without a look-up first.
+
+    :returns: the new message's id, or None when the portal's ``message_id`` is stored already.
+    """
+    now = now or utcnow()
+    message_pk = session.execute(
+        _statement(session, "insert_message"),
+        {
+            "portal_id": portal_id,
+            "code": code,
+            "message_id": message_id,
+            "to_raw": to_raw,
+            "to": to,
+            "body": body,
+            "module_id": module_id,
+            "context": context,
+            "status": QUEUED,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    ).scalar()
+    if message_pk is None:
+        return None
+    session.execute(
+        _INSERT_STATUS_EVENT,
+        {
+            "message_pk": message_pk,
+            "status": QUEUED,
+            "raw_status": None,
+            "source": source,
+            "applied": True,
+            "detail": None,
+            "created_at": now,
+        },
+    )
+    return message_pk
 
 
 def new_message(

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from .bitrix24.errors import (
@@ -75,6 +76,8 @@ BUCKET_RESERVE = 0.1
 LOCKED_RETRY = 1.0
 #: a permanent answer to the batch request itself (the app lost access…) pauses at least this
 PERMANENT_PAUSE = 60.0
+#: seconds a flusher keeps trying to give its lease back while the database is unreachable
+RELEASE_PERSISTENCE = 10.0
 
 
 @dataclass
@@ -285,25 +288,40 @@ def _acquire(service: Service, portal_id: int, owner: str, ttl: float) -> bool |
 
 
 def _release(service: Service, portal_id: int, owner: str) -> int:
-    """Give the lease back (if still ours); returns the entries left in the outbox."""
-    try:
-        with service.db.session() as session:
-            state = session.get(PortalPacing, portal_id)
-            if state is not None and state.lease_owner == owner:
-                state.lease_owner = None
-                state.lease_until = None
-            return int(
-                session.scalar(
-                    select(func.count()).select_from(OutboxEntry).where(
-                        OutboxEntry.portal_id == portal_id
+    """Give the lease back (if still ours); returns the entries left in the outbox.
+
+    While the database cannot be reached this is tried again for up to ``RELEASE_PERSISTENCE``
+    seconds: a lease left behind by a live process holds every other flusher of the portal off
+    until it expires (``timeout + LEASE_MARGIN``), however short the outage was.
+    """
+    deadline = time.monotonic() + RELEASE_PERSISTENCE
+    delay = 0.1
+    while True:
+        try:
+            with service.db.session() as session:
+                state = session.get(PortalPacing, portal_id)
+                if state is not None and state.lease_owner == owner:
+                    state.lease_owner = None
+                    state.lease_until = None
+                return int(
+                    session.scalar(
+                        select(func.count()).select_from(OutboxEntry).where(
+                            OutboxEntry.portal_id == portal_id
+                        )
                     )
+                    or 0
                 )
-                or 0
-            )
-    except Exception:
-        # The lease expires by itself; the flush's outcome is already committed.
-        log.exception("portal %s: could not release the flush lease", portal_id)
-        return 0
+        except OperationalError:
+            if time.monotonic() + delay <= deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            log.exception("portal %s: could not release the flush lease", portal_id)
+            return 0
+        except Exception:
+            # The lease expires by itself; the flush's outcome is already committed.
+            log.exception("portal %s: could not release the flush lease", portal_id)
+            return 0
 
 
 # -- one round: decide, then send ---------------------------------------------------------------

@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from .models import Message, OutboxEntry, Portal, PortalState, ProviderRegistration, utcnow
@@ -24,11 +24,14 @@ def tokens_match(stored: str | None, given: str | None) -> bool:
     return hmac.compare_digest(stored.encode(), given.encode())
 
 
+#: built once: every HANDLER call looks its portal up
+_BY_MEMBER_ID = select(Portal).where(Portal.member_id == bindparam("member_id"))
+_BY_MEMBER_ID_LOCKED = _BY_MEMBER_ID.with_for_update()
+
+
 def find_portal(session: Session, member_id: str, *, lock: bool = False) -> Portal | None:
-    query = select(Portal).where(Portal.member_id == member_id)
-    if lock:
-        query = query.with_for_update()
-    return session.scalar(query)
+    query = _BY_MEMBER_ID_LOCKED if lock else _BY_MEMBER_ID
+    return session.scalar(query, {"member_id": member_id})
 
 
 def _expires_at(expires: str | None, expires_in: str | None) -> dt.datetime | None:

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ __all__ = [
     "SyncReport",
     "desired_providers",
     "handler_key",
+    "handler_key_generation",
+    "handler_secret_keys",
     "handler_url",
     "sync_all",
     "sync_portal",
@@ -62,11 +65,44 @@ def handler_key(secret_key: str, member_id: str, code: str) -> str:
     return digest.hexdigest()[:HANDLER_KEY_LENGTH]
 
 
-def verify_handler_key(secret_key: str, member_id: str, code: str, key: str | None) -> bool:
-    """Whether ``key`` is the HANDLER key of this portal and CODE (constant-time comparison)."""
+def handler_secret_keys(settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys HANDLER URLs are checked against: ``secret_key`` first, then the
+    ``previous_secret_keys`` of a rotation in progress (see docs/operations.md)."""
+    return (settings["secret_key"], *settings.get("previous_secret_keys", ()))
+
+
+def handler_key_generation(
+    secret_keys: str | Sequence[str], member_id: str, code: str, key: str | None
+) -> int | None:
+    """Which of ``secret_keys`` issued ``key`` for this portal and CODE: 0 for the current one,
+    1… for previous ones, None for none. Every candidate is compared, in constant time each."""
     if not key:
-        return False
-    return hmac.compare_digest(handler_key(secret_key, member_id, code), str(key))
+        return None
+    candidates = (secret_keys,) if isinstance(secret_keys, str) else tuple(secret_keys)
+    found = None
+    for index, secret_key in enumerate(candidates):
+        if hmac.compare_digest(handler_key(secret_key, member_id, code), str(key)):
+            found = index if found is None else found
+    return found
+
+
+def verify_handler_key(
+    secret_keys: str | Sequence[str], member_id: str, code: str, key: str | None
+) -> bool:
+    """Whether ``key`` is the HANDLER key of this portal and CODE under the current secret key
+    or one of the previous ones (``secret_keys``: one key, or current first then previous).
+
+    A key issued under a previous secret key is accepted and logged: that portal's HANDLER URL
+    is still the old one until ``b24sms providers sync`` updates it.
+    """
+    generation = handler_key_generation(secret_keys, member_id, code, key)
+    if generation is not None and generation > 0:
+        log.info(
+            "HANDLER call of portal %s (code %s) used a key of a previous secret_key; "
+            "run `b24sms providers sync` before dropping it from previous_secret_keys",
+            member_id, code,
+        )
+    return generation is not None
 
 
 def handler_url(service: _ServiceLike, member_id: str, code: str) -> str:

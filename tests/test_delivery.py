@@ -240,8 +240,8 @@ def test_success_records_external_id_statuses_and_outbox(svc, portal_id, recorde
     assert message.external_id == f"ext-{pk}"
     assert message.sending_since is None and message.next_attempt_at is None
     assert history(svc, pk) == [("sent", "gateway", True), ("delivered", "gateway", True)]
-    # coalesced: one outbox row with the newest status
-    assert outbox(svc) == [(pk, "delivered", 2)]
+    # coalesced: one outbox row with the newest status, written once for the whole send
+    assert outbox(svc) == [(pk, "delivered", 1)]
     assert recorder.changes == [(pk, "queued", "sent", "gateway"),
                                 (pk, "sent", "delivered", "gateway")]
     sent = gateway(svc).calls[0]

@@ -27,15 +27,19 @@ JSONAnswer = tuple[int, Any]
 class RestError(Exception):
     """A Bitrix24 error answer: ``{"error": code, "error_description": description}``."""
 
-    def __init__(self, code: str, description: str, status: int = 400) -> None:
+    def __init__(
+        self, code: str, description: str, status: int = 400, extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{code}: {description}")
         self.code = code
         self.description = description
         self.status = status
+        #: more members of the answer, e.g. a ``time`` block
+        self.extra = dict(extra or {})
 
-    def body(self) -> dict[str, str]:
+    def body(self) -> dict[str, Any]:
         """The JSON body Bitrix24 answers with."""
-        return {"error": self.code, "error_description": self.description}
+        return {"error": self.code, "error_description": self.description, **self.extra}
 
 
 @dataclass

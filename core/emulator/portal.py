@@ -114,9 +114,15 @@ class _Injection:
     remaining: int
     methods: frozenset[str] | None
     description: str
+    reset_in: float | None = None
 
     def answer(self) -> RestError:
-        return RestError(self.error, self.description, self.status)
+        if self.reset_in is None:
+            return RestError(self.error, self.description, self.status)
+        now = time.time()
+        block = time_block(now, now)
+        block["operating_reset_at"] = now + self.reset_in
+        return RestError(self.error, self.description, self.status, extra={"time": block})
 
 
 class EmulatedPortal:
@@ -266,6 +272,7 @@ class EmulatedPortal:
         count: int = 1,
         methods: Iterable[str] | str | None = None,
         description: str | None = None,
+        reset_in: float | None = None,
     ) -> None:
         """Make the next ``count`` REST calls answer ``{"error": error}`` with HTTP ``status``.
 
@@ -275,6 +282,9 @@ class EmulatedPortal:
             (a batch as a whole); with it, commands inside a batch match too, and their error
             lands in ``result_error``.
         :param description: ``error_description``; a Bitrix24-like default otherwise.
+        :param reset_in: add a ``time`` block whose ``operating_reset_at`` is this many seconds
+            away (for ``OPERATION_TIME_LIMIT``, whose budget Bitrix24 resets in 10-minute
+            windows: tests want a shorter one).
         """
         if isinstance(methods, str):
             methods = [methods]
@@ -282,7 +292,7 @@ class EmulatedPortal:
         with self._lock:
             self._injections.append(_Injection(
                 error, status, count, chosen,
-                description or _DESCRIPTIONS.get(error, error),
+                description or _DESCRIPTIONS.get(error, error), reset_in,
             ))
 
     def _take_injection_locked(self, method: str, top_level: bool) -> _Injection | None:

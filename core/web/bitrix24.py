@@ -11,7 +11,6 @@ import phonenumbers
 from flask import Blueprint, current_app, jsonify, render_template_string, request
 from marshmallow import Schema, ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from ..bitrix24.payloads import (
     EventSchema,
@@ -24,8 +23,8 @@ from ..config import first_error
 from ..errors import ApiError
 from ..events import MessageInfo, notify
 from ..logs import mask_number
-from ..messages import new_message, record_status
-from ..models import Message, Portal, PortalState
+from ..messages import insert_message, record_status
+from ..models import Message, Portal, PortalState, utcnow
 from ..portals import (
     find_portal,
     install_from_event,
@@ -34,12 +33,15 @@ from ..portals import (
     uninstall,
     update_from_event,
 )
-from ..registration import sync_portal, verify_handler_key
+from ..registration import handler_secret_keys, sync_portal, verify_handler_key
 from ..service import Service
-from ..statuses import FAILED
+from ..statuses import FAILED, QUEUED
 
 bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
 log = logging.getLogger(__name__)
+#: built once: a schema instance costs more to build than a HANDLER call's load (loading keeps
+#: no state on it, so threads share it)
+HANDLER_SCHEMA = HandlerSchema()
 
 INSTALL_FINISH_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
@@ -193,13 +195,14 @@ def handler(code: str):
     provider = svc.providers.get(code)
     if provider is None or not provider["enabled"]:
         raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
-    data = load(HandlerSchema(), read_payload())
+    data = load(HANDLER_SCHEMA, read_payload())
     if data["code"] != code:
         raise ApiError(400, "invalid_field", "code: does not match the provider in the URL")
     auth = data.get("auth") or {}
     member_id = request.args.get("member_id") or auth.get("member_id")
     key = request.args.get("key", "")
-    if not member_id or not verify_handler_key(svc.settings["secret_key"], member_id, code, key):
+    secret_keys = handler_secret_keys(svc.settings)
+    if not member_id or not verify_handler_key(secret_keys, member_id, code, key):
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
@@ -262,14 +265,9 @@ def accept_message(
             portal.application_token, auth["application_token"]
         ):
             raise ApiError(401, "unauthorized", "application_token mismatch")
-        duplicate = session.scalar(
-            select(Message.id).where(
-                Message.portal_id == portal.id, Message.message_id == data["message_id"]
-            )
-        )
-        if duplicate is not None:
-            return Accepted("duplicate", duplicate)
-        message = new_message(
+        now = utcnow()
+        message_pk = insert_message(
+            session,
             portal_id=portal.id,
             code=code,
             message_id=data["message_id"],
@@ -278,23 +276,33 @@ def accept_message(
             body=data["message_body"],
             module_id=data.get("module_id"),
             context=_message_context(data),
+            now=now,
         )
-        session.add(message)
-        try:
-            session.flush()
-        except IntegrityError:
-            # The same message_id raced in through another request: that one stored it.
-            session.rollback()
-            return Accepted("duplicate")
-        message.portal = portal
-        record_status(session, message, message.status, source="handler", report=False)
+        if message_pk is None:
+            # Stored before, or by a concurrent call that raced us to it.
+            duplicate = session.scalar(
+                select(Message.id).where(
+                    Message.portal_id == portal.id, Message.message_id == data["message_id"]
+                )
+            )
+            return Accepted("duplicate", duplicate)
         if to is None:
+            message = session.get(Message, message_pk)
+            assert message is not None
+            message.portal = portal
             message.last_error = "the recipient is not a valid phone number"
             failed_change = record_status(
                 session, message, FAILED, source="handler", detail=message.last_error,
                 report=report,
             )
-        info = MessageInfo.from_row(message)
+            info = MessageInfo.from_row(message)
+        else:
+            info = MessageInfo(
+                id=message_pk, message_id=data["message_id"], code=code,
+                member_id=portal.member_id, domain=portal.domain, to=to,
+                body=data["message_body"], module_id=data.get("module_id"), status=QUEUED,
+                external_id=None, attempts=0, last_error=None, created_at=now,
+            )
         portal_id = portal.id
     log.info(
         "message %s for %s stored (code %s, portal %s)",

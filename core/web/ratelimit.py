@@ -1,0 +1,260 @@
+"""Rate limits on the public routes, so one noisy client cannot starve the others.
+
+Who is counted (``[rate_limit]`` in the config; the reasoning is in docs/operations.md):
+
+- **A HANDLER call with a valid key** counts against its *portal* (``member_id`` from the
+  URL, trusted only because the key proves it): ``portal_rate`` / ``portal_burst``, set far
+  above anything Bitrix24 sends — it never retries a refused call, so every refusal here is a
+  lost message. Such calls never count against the sending IP: Bitrix24 calls every portal's
+  handler from the same few servers, and one portal must not use up another's allowance.
+- **Everything else** — install, events, gateway callbacks, the app page, HANDLER calls without
+  a valid key, unknown URLs — counts against the *client IP*: every request against
+  ``ip_rate`` / ``ip_burst``, and every answer 4xx (other than 429) against a much smaller
+  failure budget, ``failure_rate`` / ``failure_burst``. An address whose failure budget is
+  spent is refused until it refills, so guessing keys, forging signatures or fuzzing costs a
+  client far more than working traffic does.
+
+``/healthz``, ``/metrics`` and static files are not limited, nor are the ``exempt`` networks.
+A refusal is ``429 {"error": "rate_limited", "message": …}`` with ``Retry-After`` (seconds),
+decided before the body is read.
+
+The client IP is the TCP peer unless ``trusted_proxies`` says otherwise: a number N means N
+proxies of ours append to ``X-Forwarded-For`` (the client is the N-th address from the right);
+a list of addresses or networks means: skip those, from the right, while the peer is one of
+them. Anything else in ``X-Forwarded-For`` is the client's to write, so it is not believed.
+IPv6 clients are counted per /64, the block one subscriber usually gets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, current_app, g, request
+
+from ..errors import error_response
+from ..ratelimit import Buckets, Limit, make_buckets
+from ..registration import handler_key_generation, handler_secret_keys
+
+if TYPE_CHECKING:
+    from ..service import Service
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: blueprints and endpoints never limited: monitoring must see an overloaded service
+EXEMPT_BLUEPRINTS = frozenset({"health", "metrics"})
+EXEMPT_ENDPOINTS = frozenset({"static"})
+HANDLER_ENDPOINT = "bitrix24.handler"
+#: seconds between two log lines about one refused key
+LOG_EVERY = 60.0
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """``["10.0.0.0/8", "::1"]`` → networks (a bare address is a /32 or /128)."""
+    return tuple(ipaddress.ip_network(str(v), strict=False) for v in values)
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(address: Any, networks: Sequence[Network]) -> bool:
+    return address is not None and any(address in network for network in networks)
+
+
+def client_ip(
+    remote_addr: str | None, forwarded_for: Sequence[str], trusted_proxies: int | Sequence[Network]
+) -> str:
+    """The client's address as ``trusted_proxies`` allows us to know it (module docstring).
+
+    :param remote_addr: the TCP peer.
+    :param forwarded_for: every ``X-Forwarded-For`` header, in order.
+    :param trusted_proxies: a count of our proxies, or their networks.
+    :returns: the address as text; the peer's when the header cannot be believed or parsed.
+    """
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    peer = remote_addr or ""
+    if isinstance(trusted_proxies, int):
+        if trusted_proxies <= 0 or len(hops) < trusted_proxies:
+            return peer
+        candidate = hops[-trusted_proxies]
+        return candidate if _address(candidate) is not None else peer
+    if not _within(_address(peer), trusted_proxies):
+        return peer
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            return peer
+        if not _within(address, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def ip_key(ip: str) -> str:
+    """What one client is counted as: the IPv4 address, the IPv6 /64, or the text itself."""
+    address = _address(ip)
+    if address is None:
+        return ip or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A refusal: which budget is spent and how long until it is not."""
+
+    scope: str
+    key: str
+    wait: float
+    reason: str
+
+
+class RateLimiter:
+    """The limits of one app and the buckets they live in."""
+
+    def __init__(self, settings: Mapping[str, Any], buckets: Buckets) -> None:
+        self.buckets = buckets
+        self.portal = Limit(settings["portal_rate"], settings["portal_burst"])
+        self.ip = Limit(settings["ip_rate"], settings["ip_burst"])
+        self.failures = Limit(settings["failure_rate"], settings["failure_burst"])
+        proxies = settings.get("trusted_proxies", 0)
+        self.trusted_proxies: int | tuple[Network, ...] = (
+            proxies if isinstance(proxies, int) else parse_networks(proxies)
+        )
+        self.exempt = parse_networks(settings.get("exempt", ()))
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+        self._log_lock = threading.Lock()
+
+    def check_portal(self, member_id: str) -> Decision | None:
+        """A HANDLER call of ``member_id`` with a valid key: one token of the portal's bucket."""
+        wait = self.buckets.take(f"portal:{member_id}", self.portal)
+        if wait:
+            return Decision("portal", member_id, wait, "too many HANDLER calls for this portal")
+        return None
+
+    def check_ip(self, key: str) -> Decision | None:
+        """Any other request: refused while the failure budget or the request budget is spent."""
+        wait = self.buckets.peek(f"fail:{key}", self.failures)
+        if wait:
+            return Decision("ip", key, wait, "too many failed requests from this address")
+        wait = self.buckets.take(f"ip:{key}", self.ip)
+        if wait:
+            return Decision("ip", key, wait, "too many requests from this address")
+        return None
+
+    def count_failure(self, key: str) -> None:
+        """An answer 4xx to ``key``: spend one token of its failure budget."""
+        self.buckets.charge(f"fail:{key}", self.failures)
+
+    def note_refusal(self, decision: Decision, path: str) -> None:
+        """Log a refusal, at most once a minute per key, with how many were refused meanwhile."""
+        now = time.monotonic()
+        marker = (decision.scope, decision.key)
+        with self._log_lock:
+            last, refused = self._logged.get(marker, (-math.inf, 0))
+            refused += 1
+            if now - last < LOG_EVERY:
+                self._logged[marker] = (last, refused)
+                return
+            self._logged[marker] = (now, 0)
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+        if decision.scope == "portal":
+            # Bitrix24 does not retry: this is a message lost, which an operator must hear of.
+            log.warning(
+                "rate limit: refused %d HANDLER call(s) of portal %s (429); Bitrix24 does not "
+                "retry them, so those messages are lost; raise rate_limit.portal_rate / "
+                "portal_burst if this is genuine traffic",
+                refused, decision.key,
+            )
+        else:
+            log.warning(
+                "rate limit: refused %d request(s) from %s (429, %s), latest %s",
+                refused, decision.key, decision.reason, path,
+            )
+
+
+def _limiter() -> RateLimiter | None:
+    return current_app.extensions.get("b24sms.rate_limit")
+
+
+def _too_many(decision: Decision) -> Response:
+    seconds = max(1, math.ceil(decision.wait))
+    response = error_response(
+        429, "rate_limited", f"{decision.reason}; retry after {seconds} s"
+    )
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
+def before_request() -> Response | None:
+    """Refuse the request with 429 when its budget is spent (runs before the body is read)."""
+    limiter = _limiter()
+    if limiter is None or request.blueprint in EXEMPT_BLUEPRINTS:
+        return None
+    if request.endpoint in EXEMPT_ENDPOINTS:
+        return None
+    ip = client_ip(
+        request.remote_addr, request.headers.getlist("X-Forwarded-For"), limiter.trusted_proxies
+    )
+    if _within(_address(ip), limiter.exempt):
+        return None
+    if request.endpoint == HANDLER_ENDPOINT:
+        member_id = request.args.get("member_id", "")
+        code = (request.view_args or {}).get("code", "")
+        settings = current_app.extensions["b24sms"].settings
+        if member_id and handler_key_generation(
+            handler_secret_keys(settings), member_id, code, request.args.get("key")
+        ) is not None:
+            decision = limiter.check_portal(member_id)
+            if decision is not None:
+                limiter.note_refusal(decision, request.path)
+                return _too_many(decision)
+            return None
+    key = ip_key(ip)
+    g.b24sms_rate_limit_ip = key
+    decision = limiter.check_ip(key)
+    if decision is not None:
+        limiter.note_refusal(decision, request.path)
+        return _too_many(decision)
+    return None
+
+
+def after_request(response: Response) -> Response:
+    """Spend the client's failure budget on a 4xx answer (429 excepted: it is ours)."""
+    key = g.pop("b24sms_rate_limit_ip", None)
+    limiter = _limiter()
+    status = response.status_code
+    if key is not None and limiter is not None and 400 <= status < 500 and status != 429:
+        limiter.count_failure(key)
+    return response
+
+
+def init_app(app: Flask, service: Service) -> None:
+    """Install the limits of ``[rate_limit]`` on ``app`` (nothing when ``enabled = false``)."""
+    from ..config import RateLimitSchema
+
+    settings = service.config.get("rate_limit") or RateLimitSchema().load({})
+    if not settings["enabled"]:
+        return
+    buckets = make_buckets(settings, service.settings["queue_url"])
+    app.extensions["b24sms.rate_limit"] = RateLimiter(settings, buckets)
+    app.before_request(before_request)
+    app.after_request(after_request)
