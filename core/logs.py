@@ -39,9 +39,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(settings: Mapping[str, Any]) -> None:
-    """Install one handler on the ``b24sms`` logger (idempotent: tests build many apps)."""
-    logger = logging.getLogger("b24sms")
-    logger.setLevel(settings.get("log_level", "INFO"))
+    """Install one handler on the root logger (idempotent: tests build many apps).
+
+    On the root, so the lines of waitress, gunicorn and huey come out in the same format (and as
+    JSON when asked) — and so ``waitress.serve`` does not add a second handler of its own
+    (it calls ``logging.basicConfig()`` when the root has none) that would print every line twice.
+    """
+    logging.getLogger("b24sms").setLevel(settings.get("log_level", "INFO"))
+    logger = logging.getLogger()
     for handler in list(logger.handlers):
         if getattr(handler, "_b24sms", False):
             logger.removeHandler(handler)
