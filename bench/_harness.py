@@ -1,0 +1,612 @@
+"""What the benchmark scripts share: configs, server and worker processes, the portal emulator,
+HANDLER bodies, the load generator, PostgreSQL / Redis scratch space, and result tables.
+
+Every process the scripts start is a real one (``b24sms serve``, gunicorn, ``b24sms worker``,
+the load generator), started by its own pid and stopped by it; every file lives in a temporary
+directory; a PostgreSQL database or Redis keys made for a run are removed after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SECRET_KEY = "bench-secret-key-0123456789abcdef"
+CLIENT_ID = "local.bench000000000.00000000"
+CLIENT_SECRET = "bench-client-secret-XYZ"
+CODE = "b24sms_log"
+PG_ADMIN_URL = os.environ.get("B24SMS_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("B24SMS_BENCH_REDIS", "redis://127.0.0.1:6379")
+
+
+# -- small things -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine() -> str:
+    """One line about where the figures were measured."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}, load average {load:.2f} at start"
+    )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A TOML config file from ``{section: {key: value}}``."""
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in table.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def service_config(
+    workdir: Path,
+    port: int,
+    emulator: Any,
+    *,
+    database_url: str | None = None,
+    queue_url: str | None = None,
+    **service: Any,
+) -> Path:
+    """The production defaults (``config/default.toml``'s shape: SQLite database and queue, one
+    log-only provider) pointed at ``workdir`` and the emulator's OAuth server."""
+    sections: dict[str, dict[str, Any]] = {
+        "service": {
+            "public_url": f"http://127.0.0.1:{port}",
+            "secret_key": SECRET_KEY,
+            "database_url": database_url or f"sqlite:///{workdir}/b24sms.sqlite3",
+            "queue_url": queue_url or f"sqlite:///{workdir}/b24sms-queue.sqlite3",
+            **service,
+        },
+        "bitrix24": {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "oauth_url": emulator.oauth_url,
+        },
+        f"providers.{CODE}": {"plugin": "log", "name": "Log only (b24sms)"},
+    }
+    if _knows_rate_limits():
+        # The per-IP limit would refuse the bare endpoints' flood from one loopback client
+        # within a second; raised (not switched off) so every request still pays for the check.
+        # The per-portal HANDLER limit (200/s, burst 20,000) stays as it is in production.
+        sections["rate_limit"] = {"ip_rate": 1e9, "ip_burst": 1_000_000_000}
+    return write_config(workdir / "b24sms.toml", sections)
+
+
+def _knows_rate_limits() -> bool:
+    from b24sms.config import ConfigSchema
+
+    return "rate_limit" in ConfigSchema().fields
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found.extend(int(p) for p in fh.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Proc:
+    """A process of the service started by a benchmark; stopped by its own pid."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.popen = subprocess.Popen(
+                list(argv), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        self.pid = self.popen.pid
+
+    def pids(self) -> list[int]:
+        """This process and its children (gunicorn's workers)."""
+        return [self.pid, *_children(self.pid)]
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident set (VmHWM) of the process, in MiB; for gunicorn, master + workers."""
+        return sum(_status_kb(pid, "VmHWM") for pid in self.pids()) / 1024.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far of the process and its live children."""
+        return sum(_cpu_seconds(pid) for pid in self.pids())
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers at all (any status), or fail with the process's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not answer {url} in {timeout}s:\n{proc.tail()}")
+
+
+def start_serve(config: Path, port: int, workdir: Path, *extra: str) -> Proc:
+    """``b24sms serve`` (waitress + embedded consumer) with the bare routes added."""
+    proc = Proc(
+        "serve",
+        [sys.executable, str(BENCH / "bare.py"), "--config", str(config), "serve",
+         "--host", "127.0.0.1", "--port", str(port), *extra],
+        workdir / "serve.log",
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc
+
+
+def start_gunicorn(config: Path, port: int, workdir: Path, workers: int) -> Proc:
+    """``gunicorn -w N wsgi:app`` as in the README, with the bare routes added."""
+    proc = Proc(
+        "gunicorn",
+        [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+         "--log-level", "warning", "bare:gunicorn_app()"],
+        workdir / "gunicorn.log",
+        env={"B24SMS_CONFIG": str(config), "PYTHONPATH": os.pathsep.join(
+            [p for p in (os.environ.get("PYTHONPATH"), str(BENCH), str(ROOT)) if p]
+        )},
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc
+
+
+def start_worker(config: Path, workdir: Path, index: int, threads: int | None = None) -> Proc:
+    """``b24sms worker [-w N]``."""
+    argv = [sys.executable, "-c", "from b24sms.cli import main; main()",
+            "--config", str(config), "worker"]
+    if threads:
+        argv += ["-w", str(threads)]
+    return Proc(f"worker-{index}", argv, workdir / f"worker-{index}.log")
+
+
+def stop_all(procs: Sequence[Proc]) -> None:
+    threads = [threading.Thread(target=p.stop) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# -- the portal emulator ------------------------------------------------------------------------
+
+
+class KnownMessages(dict):
+    """``portal.messages`` for a benchmark: every message_id starting with ``prefix`` is known,
+    as if Bitrix24 had recorded it before calling the HANDLER (the load generator's bodies are
+    made in another process, so the emulator cannot record them as ``send_sms`` does)."""
+
+    def __init__(self, prefix: str, code: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.code = code
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if isinstance(key, str) and key.startswith(self.prefix) and key not in self:
+            self[key] = {"code": self.code, "statuses": []}
+        return super().get(key, default)
+
+
+@contextlib.contextmanager
+def emulator(**kwargs: Any) -> Iterator[Any]:
+    """The bundled portal emulator (2 requests/s, burst 50 per portal unless told otherwise)."""
+    from b24sms.emulator import Emulator
+
+    with Emulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **kwargs) as emu:
+        yield emu
+
+
+def add_installed_portal(emu: Any, app_url: str, prefix: str) -> Any:
+    """A portal with the app installed from ``app_url`` (ONAPPINSTALL, provider registered)."""
+    portal = emu.add_portal()
+    portal.messages = KnownMessages(prefix, CODE)
+    response = portal.install(app_url)
+    if response.status_code != 200 or CODE not in portal.senders:
+        raise RuntimeError(
+            f"install failed: HTTP {response.status_code} {response.text[:300]}; "
+            f"senders {list(portal.senders)}"
+        )
+    return portal
+
+
+def handler_target(portal: Any, to: str = "+14155550123") -> dict[str, str]:
+    """The HANDLER call Bitrix24 makes for one CRM message, as ``{"path", "body"}``; the body's
+    ``@ID@`` is where the load generator puts a unique number (the ``message_id``)."""
+    url = urlsplit(portal.senders[CODE]["HANDLER"])
+    fields = [
+        ("type", "SMS"),
+        ("code", CODE),
+        ("message_id", f"{portal.messages.prefix}@ID@"),
+        ("message_to", to),
+        ("message_body", "Your order 12345 has shipped and arrives on Tuesday."),
+        ("ts", str(int(time.time()))),
+        ("module_id", "crm"),
+        ("bindings[0][OWNER_TYPE_ID]", "3"),
+        ("bindings[0][OWNER_ID]", "42"),
+        ("properties[phone_number]", to),
+        ("properties[message_text]", "Your order 12345 has shipped and arrives on Tuesday."),
+        ("auth[access_token]", portal.access_token),
+        ("auth[expires]", str(int(portal.access_expires_at))),
+        ("auth[expires_in]", "3600"),
+        ("auth[scope]", "messageservice,crm"),
+        ("auth[domain]", portal.domain),
+        ("auth[server_endpoint]", portal.emulator.server_endpoint),
+        ("auth[status]", "L"),
+        ("auth[client_endpoint]", portal.client_endpoint),
+        ("auth[member_id]", portal.member_id),
+        ("auth[user_id]", "1"),
+        ("auth[application_token]", portal.application_token),
+    ]
+    # urlencode would escape the @ of @ID@; the placeholder goes in afterwards.
+    body = urlencode(fields).replace("%40ID%40", "@ID@")
+    return {"path": f"{url.path}?{url.query}", "body": body}
+
+
+def final_count(portal: Any) -> tuple[int, float]:
+    """(messages whose last reported status is final, time of the newest such report)."""
+    finals = {"delivered", "undelivered", "failed"}
+    count, last = 0, 0.0
+    with portal._lock:
+        for record in list(dict.values(portal.messages)):
+            statuses = record.get("statuses")
+            if statuses and statuses[-1]["status"] in finals:
+                count += 1
+                last = max(last, statuses[-1]["at"])
+    return count, last
+
+
+# -- the load generator -------------------------------------------------------------------------
+
+
+def run_loadgen(
+    port: int,
+    targets: list[dict[str, str]],
+    workdir: Path,
+    *,
+    concurrency: int = 32,
+    warmup: float = 0.0,
+    duration: float | None = None,
+    requests_total: int | None = None,
+    id_prefix: str = "",
+) -> dict[str, Any]:
+    """Run ``bench/loadgen.py`` in its own process; returns its JSON figures."""
+    targets_file = workdir / f"targets-{secrets.token_hex(4)}.json"
+    targets_file.write_text(json.dumps(targets))
+    argv = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port),
+            "--targets-file", str(targets_file), "--concurrency", str(concurrency),
+            "--warmup", str(warmup), "--id-prefix", id_prefix]
+    if duration is not None:
+        argv += ["--duration", str(duration)]
+    if requests_total is not None:
+        argv += ["--requests", str(requests_total)]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
+
+
+@contextlib.contextmanager
+def canned_server() -> Iterator[int]:
+    """A server answering a fixed 200 at once (the generator's own ceiling is measured on it)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH / "loadgen.py"), "--canned-server", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- PostgreSQL and Redis scratch space ---------------------------------------------------------
+
+
+def unavailable_services() -> str | None:
+    """Why PostgreSQL or Redis cannot be used for a run, or None when both answer."""
+    try:
+        import psycopg
+        import redis
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install -e '.[bench]')"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        return f"PostgreSQL at {PG_ADMIN_URL} does not answer ({type(exc).__name__})"
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"Redis at {REDIS_URL} does not answer ({type(exc).__name__})"
+    finally:
+        client.close()
+    return None
+
+
+@contextlib.contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new database ``b24sms_bench_<random>`` on the PostgreSQL server, dropped afterwards;
+    yields its SQLAlchemy URL, schema upgraded."""
+    import psycopg
+
+    name = f"b24sms_bench_{secrets.token_hex(4)}"
+    admin = PG_ADMIN_URL
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    url = f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        from b24sms import migrate
+        from b24sms.db import Database
+
+        db = Database(url)
+        try:
+            migrate.upgrade(db)
+        finally:
+            db.dispose()
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def scratch_redis() -> Iterator[str]:
+    """A queue URL on an empty Redis database (14 down to 8: the tests use 15); the queue's
+    keys are removed afterwards."""
+    import redis
+
+    chosen = None
+    for index in range(14, 7, -1):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{index}")
+        try:
+            if client.dbsize() == 0:
+                chosen = index
+                break
+        finally:
+            client.close()
+    if chosen is None:
+        raise RuntimeError("no empty Redis database among 8-14")
+    url = f"{REDIS_URL}/{chosen}"
+    try:
+        yield url
+    finally:
+        from b24sms.queue import make_huey
+
+        make_huey(url).storage.flush_all()
+
+
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix=f"b24sms-{prefix}-")
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into docs/benchmarks.md)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    text_rows = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text_rows)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for raw, row in zip(rows, text_rows):
+        lines.append("| " + " | ".join(
+            v.rjust(w) if isinstance(r, int | float) else v.ljust(w)
+            for r, v, w in zip(raw, row, widths)
+        ) + " |")
+    return "\n".join(lines)
+
+
+# -- watching the database ----------------------------------------------------------------------
+
+
+class DbProbe:
+    """Read-only counts of messages, for timing the gateway side of a run.
+
+    SQLite is opened read-only through the plain driver (the service's own engine starts every
+    transaction with ``BEGIN IMMEDIATE``, which would compete with the service for the lock).
+    """
+
+    FINAL = ("delivered", "undelivered", "failed")
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+        if database_url.startswith("sqlite:///"):
+            import sqlite3
+
+            path = database_url[len("sqlite:///"):]
+            self._conn: Any = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        else:
+            import psycopg
+
+            dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+            self._conn = psycopg.connect(dsn, autocommit=True)
+
+    def counts(self) -> tuple[int, int]:
+        """(messages stored, messages final)."""
+        placeholders = ", ".join(f"'{s}'" for s in self.FINAL)
+        row = self._conn.execute(
+            "SELECT count(*), coalesce(sum(CASE WHEN status IN "
+            f"({placeholders}) THEN 1 ELSE 0 END), 0) FROM messages"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# -- one delivery run ---------------------------------------------------------------------------
+
+
+def deliver(
+    app_port: int,
+    portals: Sequence[Any],
+    messages: int,
+    workdir: Path,
+    probe: DbProbe,
+    *,
+    concurrency: int = 32,
+    timeout: float = 150.0,
+    id_prefix: str = "",
+) -> dict[str, Any]:
+    """Send ``messages`` HANDLER calls (round-robin over ``portals``) and wait until every one
+    has its final status at its portal. Times are seconds from the first HANDLER call."""
+    before = {p.member_id: (p.stats_snapshot(), len(p.request_log)) for p in portals}
+    targets = [handler_target(p) for p in portals]
+    result: dict[str, Any] = {}
+    t0 = time.time()
+
+    def load() -> None:
+        result["ingest"] = run_loadgen(
+            app_port, targets, workdir, concurrency=concurrency, requests_total=messages,
+            id_prefix=id_prefix,
+        )
+        result["ingest_done"] = time.time() - t0
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    gateway_done: float | None = None
+    deadline = t0 + timeout
+    finals = 0
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if gateway_done is None:
+            try:
+                final = probe.counts()[1]
+            except Exception:  # noqa: BLE001 - a busy database: ask again next round
+                final = 0
+            if final >= messages:
+                gateway_done = time.time() - t0
+        finals = sum(final_count(p)[0] for p in portals)
+        if finals >= messages and not loader.is_alive():
+            break
+    loader.join()
+    last_final = max(final_count(p)[1] for p in portals)
+    batches: list[int] = []
+    stats: dict[str, int] = {"requests": 0, "batches": 0, "status_updates": 0,
+                             "rejected_rate_limit": 0}
+    for p in portals:
+        snap, log_len = before[p.member_id]
+        now = p.stats_snapshot()
+        for key in stats:
+            stats[key] += now[key] - snap[key]
+        with p._lock:
+            entries = p.request_log[log_len:]
+        batches.extend(n for _, method, n, status in entries if method == "batch" and status == 200)
+    return {
+        "messages": messages,
+        "portals": len(portals),
+        "final_at_portal": finals,
+        "complete": finals >= messages,
+        "ingest": result.get("ingest", {}),
+        "ingest_seconds": result.get("ingest_done"),
+        "gateway_seconds": gateway_done,
+        "total_seconds": (last_final - t0) if finals else None,
+        "batch_sizes": batches,
+        **stats,
+    }
