@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Mapping
+from typing import Any
 
 from .hookspecs import hookimpl
 
@@ -15,7 +16,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["create_app", "hookimpl", "__version__"]
+__all__ = ["__version__", "create_app", "hookimpl"]
 
 
 def create_app(

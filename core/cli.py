@@ -261,6 +261,6 @@ def main() -> None:
 
     try:
         make_plugin_manager().hook.b24sms_register_commands(cli=cli)
-    except Exception as exc:  # a broken plugin must not take the CLI down with it
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
         click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
     cli()

@@ -7,7 +7,8 @@ in ``docs/plugins.md`` (a test keeps the two in step).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 

@@ -35,6 +35,8 @@ from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any, ClassVar
 
 import phonenumbers
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
 from b24sms import hookimpl
 from b24sms.gateway import (
     Gateway,
@@ -45,7 +47,6 @@ from b24sms.gateway import (
     SendResult,
 )
 from b24sms.statuses import SENT
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 ADDRESS_PLACEHOLDERS = ("digits", "e164", "national")

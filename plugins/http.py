@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 import requests
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
 from b24sms import __version__, hookimpl
 from b24sms.gateway import (
     CallbackInvalid,
@@ -53,7 +55,6 @@ from b24sms.gateway import (
     StatusReport,
 )
 from b24sms.statuses import SENT, STATUSES
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 #: the placeholders a ``body`` string may use
 PLACEHOLDERS = ("to", "body", "message_id", "id", "code", "callback_url")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from b24sms.logs import mask_number
+from marshmallow import Schema, fields, validate
+
 from b24sms import hookimpl
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult, StatusReport
+from b24sms.logs import mask_number
 from b24sms.statuses import DELIVERED, FAILED, SENT, UNDELIVERED
-from marshmallow import Schema, fields, validate
 
 OUTCOMES = (DELIVERED, SENT, UNDELIVERED, FAILED)
 

@@ -28,6 +28,13 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import requests
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
 from b24sms import hookimpl
 from b24sms.gateway import (
     CallbackInvalid,
@@ -43,12 +50,6 @@ from b24sms.gateway import (
     StatusReport,
 )
 from b24sms.statuses import DELIVERED, FAILED, QUEUED, SENT, UNDELIVERED
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
-from twilio.base.exceptions import TwilioException, TwilioRestException
-from twilio.http.http_client import TwilioHttpClient
-from twilio.http.response import Response
-from twilio.request_validator import RequestValidator
-from twilio.rest import Client
 
 TWILIO_STATUSES: dict[str, str] = {
     "accepted": QUEUED,

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 import requests
+
 from b24sms.bitrix24.client import Bitrix24Client, php_urlencode
 from b24sms.bitrix24.errors import (
     Bitrix24Error,

@@ -21,7 +21,8 @@ def b24sms(*args: str, config: Path | None = None, cwd: Path | None = None,
         env["B24SMS_CONFIG"] = str(config)
     return subprocess.run(
         [sys.executable, "-c", "from b24sms.cli import main; main()", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or REPO,
+        check=False, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=cwd or REPO,
     )
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from b24sms import hookspecs
 from b24sms.plugins import gateway_types, make_plugin_manager
 

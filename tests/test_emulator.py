@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 import requests
+
 from b24sms.emulator import (
     EmulatedPortal,
     Emulator,

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from marshmallow import Schema
+
 from b24sms.gateway import (
     CallbackRejected,
     CallbackRequest,
@@ -26,7 +28,6 @@ from b24sms.gateway import (
 )
 from b24sms.plugins import build_gateways, gateway_types, make_plugin_manager
 from b24sms.statuses import STATUSES
-from marshmallow import Schema
 
 TYPES = gateway_types(make_plugin_manager())
 PUBLIC_URL = "https://sms.example.com"

@@ -10,14 +10,14 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+
 from b24sms.bitrix24.client import Bitrix24Client
 from b24sms.delivery import sweep
 from b24sms.messages import record_status
 from b24sms.models import Message, OutboxEntry, Portal, PortalPacing, PortalState, utcnow
 from b24sms.outbox import flush_portal, outbox_backlog
 from b24sms.queue import FLUSH_MARKER_GRACE
-from sqlalchemy import select
-
 from tests.test_delivery import add_message, add_portal, build_service, load, outbox
 
 

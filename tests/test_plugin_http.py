@@ -7,6 +7,9 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from b24sms.gateway import (
     CallbackInvalid,
     CallbackRejected,
@@ -16,8 +19,6 @@ from b24sms.gateway import (
     RetryableGatewayError,
 )
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
-from hypothesis import given
-from hypothesis import strategies as st
 
 from .fakes.http_gateway import CallbackSink, FakeSmsApi, post_callback, sign
 

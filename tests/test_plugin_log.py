@@ -6,6 +6,7 @@ import importlib
 import logging
 
 import pytest
+
 from b24sms.gateway import CallbackRejected, CallbackRequest, OutgoingMessage
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
 

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import pluggy
 import pytest
+from marshmallow import Schema, fields
+
 from b24sms import hookimpl, hookspecs
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult
 from b24sms.plugins import (
@@ -22,7 +24,6 @@ from b24sms.plugins import (
     gateway_types,
     make_plugin_manager,
 )
-from marshmallow import Schema, fields
 
 BUILT_INS = {"log", "http", "twilio", "email"}
 

@@ -8,6 +8,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import select
+
 from b24sms.bitrix24.errors import RateLimited
 from b24sms.config import validate_config
 from b24sms.db import Database
@@ -22,7 +24,6 @@ from b24sms.registration import (
     sync_portal,
     verify_handler_key,
 )
-from sqlalchemy import select
 
 from .conftest import SECRET_KEY, base_config
 

@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from b24sms.delivery import apply_reports
 from b24sms.gateway import SendResult, StatusReport
 from b24sms.models import Message, PortalState
 from b24sms.statuses import FINAL_STATUSES, STATUSES, moves_forward
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from tests.test_delivery import (
     CODE,
     Recorder,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from sqlalchemy import select
+
 from b24sms import hookimpl
 from b24sms.config import load_config
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult, StatusReport
@@ -24,8 +26,6 @@ from b24sms.models import Message
 from b24sms.outbox import outbox_backlog
 from b24sms.plugins import make_plugin_manager
 from b24sms.service import Service
-from sqlalchemy import select
-
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 from tests.test_delivery import add_message, add_portal, create_schema, load
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -67,7 +67,7 @@ def _next_index(node: dict[str, Any]) -> int:
 class _Text(fields.String):
     """A string field that refuses tables where a single value belongs."""
 
-    default_error_messages = {"invalid": "must be a single text value"}
+    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "must be a single text value"}
 
 
 class AuthSchema(Schema):

@@ -82,7 +82,7 @@ def _sync_after_commit(portal_id: int) -> dict[str, Any]:
     """Register the portal's providers; a failure is recorded and retried by `providers sync`."""
     try:
         report = sync_portal(service(), portal_id)
-    except Exception as exc:  # the install itself is stored; registration can be repeated
+    except Exception as exc:  # noqa: BLE001 - the install is stored; registration can be repeated
         log.warning("provider registration for portal %s failed: %s", portal_id, exc)
         return {"registered": False, "error": type(exc).__name__}
     return {"registered": report.ok, "failed": len(report.failed) or (0 if report.ok else 1)}
@@ -116,9 +116,12 @@ def install():
 
     with svc.db.session() as session:
         existing = find_portal(session, member_id)
-        if existing is not None and existing.state == PortalState.ACTIVE:
-            if not _reinstall_allowed(existing, app_token, access):
-                raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
+        if (
+            existing is not None
+            and existing.state == PortalState.ACTIVE
+            and not _reinstall_allowed(existing, app_token, access)
+        ):
+            raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
         if ui:
             portal, created = install_from_form(session, form)
         else:
@@ -331,7 +334,7 @@ def accept_message(
 def _enqueue(enqueue: Any, object_id: int) -> None:
     try:
         enqueue(object_id)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
         # Stored is what matters: the sweep finds work whose trigger was lost.
         log.warning("queue unavailable; %s(%s) is left to the sweep: %s",
                     getattr(enqueue, "__name__", "enqueue"), object_id, type(exc).__name__)

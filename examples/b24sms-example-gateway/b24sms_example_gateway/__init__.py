@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import requests
+from marshmallow import Schema, fields, validate
+
 from b24sms import hookimpl
 from b24sms.gateway import (
     CallbackInvalid,
@@ -45,7 +47,6 @@ from b24sms.gateway import (
     SendResult,
     StatusReport,
 )
-from marshmallow import Schema, fields, validate
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,8 @@ import json
 import time
 
 import pytest
+from b24sms_example_gateway.testing import FakeCarrier, signature_header
+
 from b24sms.gateway import (
     CallbackRejected,
     CallbackRequest,
@@ -17,7 +19,6 @@ from b24sms.gateway import (
     RetryableGatewayError,
 )
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
-from b24sms_example_gateway.testing import FakeCarrier, signature_header
 
 SECRET = "test-webhook-secret"
 
