@@ -195,33 +195,3 @@ def insert_message(
     )
     return message_pk
 
-
-def new_message(
-    *,
-    portal_id: int,
-    code: str,
-    message_id: str,
-    to_raw: str,
-    to: str | None,
-    body: str,
-    module_id: str | None,
-    context: dict[str, Any],
-    now: dt.datetime | None = None,
-) -> Message:
-    """A new message row, queued and due for its first attempt."""
-    now = now or utcnow()
-    return Message(
-        portal_id=portal_id,
-        code=code,
-        message_id=message_id,
-        to_raw=to_raw,
-        to=to,
-        body=body,
-        module_id=module_id,
-        context=context,
-        status=QUEUED,
-        attempts=0,
-        next_attempt_at=now,
-        created_at=now,
-        updated_at=now,
-    )

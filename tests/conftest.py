@@ -100,3 +100,31 @@ def live_app(tmp_path, emulator) -> Iterator[Callable[..., LiveServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the test module, dropped after it (skips with the reason
+    when PostgreSQL is not running)."""
+    from tests.deployment import postgres_database
+
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis queue URL with a queue name of the module's own (skips when Redis is absent)."""
+    from tests.deployment import redis_queue_url
+
+    with redis_queue_url() as url:
+        yield url
+
+
+@pytest.fixture
+def gateway() -> Iterator[Any]:
+    """The fake SMS API the ``http`` gateway sends to; it counts what it accepted."""
+    from tests.fakes.http_gateway import FakeSmsApi
+
+    with FakeSmsApi() as api:
+        yield api

@@ -30,7 +30,6 @@ from b24sms.gateway import (
     SendResult,
     StatusReport,
 )
-from b24sms.messages import new_message
 from b24sms.migrate import upgrade
 from b24sms.models import (
     Message,
@@ -176,9 +175,13 @@ def add_message(
     if emulated is not None:
         emulated.messages[message_id] = {"code": code, "to": to, "body": "hi", "statuses": []}
     with svc.db.session() as session:
-        message = new_message(
+        # A bare queued row, without the HANDLER's first history entry, so the tests see
+        # exactly the statuses delivery records.
+        now = utcnow()
+        message = Message(
             portal_id=portal_id, code=code, message_id=message_id, to_raw=to or "garbage",
-            to=to, body="secret body text", module_id="crm", context={},
+            to=to, body="secret body text", module_id="crm", context={}, status="queued",
+            attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
         )
         session.add(message)
         session.flush()

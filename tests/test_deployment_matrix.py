@@ -20,7 +20,6 @@ servers are not running; each module gets its own PostgreSQL database and Redis 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +31,13 @@ from tests.deployment import (
     Figures,
     count_outcome,
     http_gateway_options,
-    postgres_database,
     record_figures,
-    redis_queue_url,
     send_burst,
     stores,
 )
 from tests.fakes.http_gateway import FakeSmsApi
 
 BURST = 200
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """This module's PostgreSQL database (skips when PostgreSQL is not running)."""
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """This module's Redis queue URL (skips when Redis is not running)."""
-    with redis_queue_url() as url:
-        yield url
-
-
-@pytest.fixture
-def gateway() -> Iterator[FakeSmsApi]:
-    """The fake SMS API the ``http`` gateway sends to; it counts what it accepted."""
-    with FakeSmsApi() as api:
-        yield api
 
 
 @pytest.mark.parametrize("layout", ["serve", "sqlite", "postgresql", "redis"])

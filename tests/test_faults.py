@@ -18,7 +18,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,9 +34,7 @@ from tests.deployment import (
     TcpProxy,
     count_outcome,
     http_gateway_options,
-    postgres_database,
     record_figures,
-    redis_queue_url,
     send_burst,
     stores,
     wait_for,
@@ -47,27 +44,6 @@ from tests.fakes.http_gateway import FakeSmsApi
 STATUS_UPDATE = "messageservice.message.status.update"
 #: what the service logs when it answers 503 because the database cannot be reached
 REFUSAL_LINE = "database unavailable"
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """This module's PostgreSQL database (skips when PostgreSQL is not running)."""
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """This module's Redis queue URL (skips when Redis is not running)."""
-    with redis_queue_url() as url:
-        yield url
-
-
-@pytest.fixture
-def gateway() -> Iterator[FakeSmsApi]:
-    """The fake SMS API the ``http`` gateway sends to; it counts what it accepted."""
-    with FakeSmsApi() as api:
-        yield api
 
 
 def deploy(

@@ -23,14 +23,6 @@ from sqlalchemy import MetaData, Table, func, select, types
 from b24sms import migrate
 from b24sms.db import Database
 from b24sms.models import Base
-from tests.deployment import postgres_database
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """This module's PostgreSQL database (skips when PostgreSQL is not running)."""
-    with postgres_database() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
