@@ -44,10 +44,11 @@ SERVERS = ("serve", "serve-web", "gunicorn")
 
 
 @contextlib.contextmanager
-def running(kind: str, workdir: Path, emu: Any, gunicorn_workers: int) -> Iterator[h.Proc]:
+def running(kind: str, workdir: Path, emu: Any, gunicorn_workers: int,
+            threads: int | None = None) -> Iterator[h.Proc]:
     port = h.free_port()
     if kind in ("serve", "serve-web"):
-        config = h.service_config(workdir, port, emu)
+        config = h.service_config(workdir, port, emu, **({"threads": threads} if threads else {}))
         extra = ("--no-consumer",) if kind == "serve-web" else ()
         proc = h.start_serve(config, port, workdir, *extra)
         proc.port = port  # type: ignore[attr-defined]
@@ -71,7 +72,7 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with h.scratch_dir(f"ingest-{kind}") as tmp, h.emulator() as emu:
         workdir = Path(tmp)
-        with running(kind, workdir, emu, args.gunicorn_workers) as proc:
+        with running(kind, workdir, emu, args.gunicorn_workers, args.threads) as proc:
             port = proc.port  # type: ignore[attr-defined]
             portal = h.add_installed_portal(emu, f"http://127.0.0.1:{port}", prefix)
             handler = h.handler_target(portal)
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--gunicorn-workers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="waitress threads of serve (default: the config's default)")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
     unknown = set(kinds) - set(SERVERS)

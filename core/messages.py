@@ -104,20 +104,20 @@ _STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
 def _statement(session: Session, name: str) -> Any:
-    """The statement ``name`` (``insert_message``, ``upsert_report``) for the session's
+    """The statement ``name`` (``insert_messages``, ``upsert_report``) for the session's
     database: ``INSERT … ON CONFLICT`` is spelt per dialect (SQLite and PostgreSQL agree)."""
     dialect = session.get_bind().dialect.name
     statement = _STATEMENTS.get((dialect, name))
     if statement is None:
         insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        if name == "insert_message":
+        if name == "insert_messages":
             messages = Message.__table__
             statement = (
                 insert_for(messages)
                 .on_conflict_do_nothing(
                     index_elements=[messages.c.portal_id, messages.c.message_id]
                 )
-                .returning(messages.c.id)
+                .returning(messages.c.id, messages.c.portal_id, messages.c.message_id)
             )
         else:
             outbox = OutboxEntry.__table__
@@ -138,8 +138,7 @@ def _statement(session: Session, name: str) -> Any:
 _INSERT_STATUS_EVENT = insert(StatusEvent.__table__)
 
 
-def insert_message(
-    session: Session,
+def message_row(
     *,
     portal_id: int,
     code: str,
@@ -149,49 +148,65 @@ def insert_message(
     body: str,
     module_id: str | None,
     context: dict[str, Any],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The row of a new message: queued, due at once."""
+    return {
+        "portal_id": portal_id,
+        "code": code,
+        "message_id": message_id,
+        "to_raw": to_raw,
+        "to": to,
+        "body": body,
+        "module_id": module_id,
+        "context": context,
+        "status": QUEUED,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def insert_message_rows(
+    session: Session,
+    rows: list[dict[str, Any]],
+    *,
     source: str = "handler",
     now: dt.datetime | None = None,
-) -> int | None:
-    """Store a new message, queued and due at once, with the first entry of its history.
+) -> dict[tuple[int, str], int]:
+    """Store new messages (rows of :func:`message_row`), each with the first entry of its
+    history, in as few statements as the database allows.
 
-    The path of every HANDLER call, so it is two ``INSERT`` statements and no ORM objects: the
-    message's skips a ``(portal, message_id)`` that is stored already (``ON CONFLICT DO
-    NOTHING``), which tells a repeated or concurrent call apart without a look-up first.
+    The path of every HANDLER call, so no ORM objects: one multi-row ``INSERT … ON CONFLICT DO
+    NOTHING … RETURNING`` skips every ``(portal, message_id)`` that is stored already (or
+    comes twice in ``rows``), which tells a repeated or concurrent call apart without a look-up
+    first; one more ``INSERT`` writes the history of those stored.
 
-    :returns: the new message's id, or None when the portal's ``message_id`` is stored already.
+    :returns: ``{(portal_id, message_id): id}`` of the messages stored now; a row that is
+        missing was stored before.
     """
     now = now or utcnow()
-    message_pk = session.execute(
-        _statement(session, "insert_message"),
-        {
-            "portal_id": portal_id,
-            "code": code,
-            "message_id": message_id,
-            "to_raw": to_raw,
-            "to": to,
-            "body": body,
-            "module_id": module_id,
-            "context": context,
-            "status": QUEUED,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
-    ).scalar()
-    if message_pk is None:
-        return None
-    session.execute(
-        _INSERT_STATUS_EVENT,
-        {
-            "message_pk": message_pk,
-            "status": QUEUED,
-            "raw_status": None,
-            "source": source,
-            "applied": True,
-            "detail": None,
-            "created_at": now,
-        },
-    )
-    return message_pk
-
+    if not rows:
+        return {}
+    # On the session's connection: the same transaction, without the ORM's execute machinery.
+    conn = session.connection()
+    result = conn.execute(_statement(session, "insert_messages"), rows)
+    stored = {(row.portal_id, row.message_id): row.id for row in result}
+    if stored:
+        conn.execute(
+            _INSERT_STATUS_EVENT,
+            [
+                {
+                    "message_pk": message_pk,
+                    "status": QUEUED,
+                    "raw_status": None,
+                    "source": source,
+                    "applied": True,
+                    "detail": None,
+                    "created_at": now,
+                }
+                for message_pk in stored.values()
+            ],
+        )
+    return stored

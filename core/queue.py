@@ -210,6 +210,20 @@ class Queue:
 
             deliver(service, message_pk)
 
+        @huey.task(name="send_messages", priority=PRIORITY_SEND)
+        def send_messages(message_pks: list[int]) -> None:
+            from .delivery import deliver
+
+            # The messages one HANDLER batch stored: one task for them all. A message whose
+            # attempt raises is left to the sweep, as a lone send_message would be, and does
+            # not hold up the others.
+            for message_pk in message_pks:
+                try:
+                    deliver(service, message_pk)
+                except Exception:
+                    log.exception("message %s: the send attempt failed; the sweep retries it",
+                                  message_pk)
+
         @huey.task(name="flush_outbox", priority=PRIORITY_FLUSH)
         def flush_outbox(portal_id: int) -> None:
             from .outbox import flush_portal
@@ -236,6 +250,7 @@ class Queue:
             poll_due(service)
 
         self.send_message: TaskWrapper = send_message
+        self.send_messages: TaskWrapper = send_messages
         self.flush_outbox: TaskWrapper = flush_outbox
         self.sweep_task: TaskWrapper = sweep_task
 
@@ -244,6 +259,13 @@ class Queue:
     def enqueue_send(self, message_pk: int, delay: float | None = None) -> None:
         """Ask a worker to deliver a message now, or after ``delay`` seconds."""
         self._submit(self.send_message, (message_pk,), delay)
+
+    def enqueue_sends(self, message_pks: list[int]) -> None:
+        """Ask a worker to deliver new messages now: one task for all of them."""
+        if len(message_pks) == 1:
+            self.enqueue_send(message_pks[0])
+        elif message_pks:
+            self._submit(self.send_messages, (list(message_pks),), None)
 
     def enqueue_flush(
         self, portal_id: int, delay: float | None = None, *, coalesce: bool = True

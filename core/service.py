@@ -51,6 +51,10 @@ class Service:
         from .queue import Queue
 
         self.queue = Queue(self.settings["queue_url"], self)
+        from .ingest import Ingest
+
+        #: the way in for messages: concurrent HANDLER calls share a transaction
+        self.ingest = Ingest(self)
 
     @classmethod
     def from_file(cls, path: str | None = None, **kwargs: Any) -> Service:

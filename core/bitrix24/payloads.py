@@ -34,6 +34,12 @@ def parse_bracketed(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """
     result: dict[str, Any] = {}
     for raw_key, value in pairs:
+        if "[" not in raw_key and "]" not in raw_key and raw_key:
+            # A plain key (half of a HANDLER call's): no parsing to do.
+            if isinstance(result.get(raw_key), dict):
+                raise PayloadError(raw_key, f"{raw_key!r} is both a value and a table")
+            result[raw_key] = value
+            continue
         match = _KEY_RE.match(raw_key)
         if not match:
             raise PayloadError(raw_key, f"malformed key {raw_key!r}")
@@ -90,6 +96,17 @@ class AuthSchema(Schema):
     application_token = _Text(validate=validate.Length(min=1, max=255))
 
 
+class HandlerAuthSchema(Schema):
+    """``auth[…]`` of a HANDLER call: only what the call is checked against (the portal and
+    its application_token); the tokens beside them are not ours to keep, so not read."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    member_id = _Text(validate=validate.Length(min=1, max=64))
+    application_token = _Text(validate=validate.Length(min=1, max=255))
+
+
 class HandlerSchema(Schema):
     """The HANDLER call: one message for one provider CODE."""
 
@@ -107,8 +124,8 @@ class HandlerSchema(Schema):
     workflow_id = _Text(load_default=None)
     document_id = fields.Raw(load_default=None)
     document_type = fields.Raw(load_default=None)
-    properties = fields.Dict(load_default=None)
-    auth = fields.Nested(AuthSchema, load_default=None)
+    # properties[…] repeats message_to and message_body: not read.
+    auth = fields.Nested(HandlerAuthSchema, load_default=None)
 
     @validates_schema
     def check_bindings(self, data: dict[str, Any], **kwargs: Any) -> None:

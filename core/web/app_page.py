@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from ..bitrix24.verify import probe_token
 from ..errors import ApiError
+from ..ingest import accept_message
 from ..logs import mask_number
 from ..messages import TEST_MESSAGE_PREFIX
 from ..models import Message, Portal, PortalState, ProviderRegistration, StatusEvent, utcnow
@@ -44,7 +45,6 @@ from ..portals import find_portal
 from ..registration import desired_providers
 from ..service import Service
 from ..statuses import FINAL_STATUSES, STATUSES
-from .bitrix24 import accept_message
 
 bp = Blueprint("app_page", __name__)
 

@@ -1,0 +1,426 @@
+"""Taking messages in: every HANDLER call's message is committed before the call is answered.
+
+Bitrix24 never retries a HANDLER call, so a message is stored durably before we say 200. One
+transaction per call would make the commit (and the queue write after it) the cost of every
+call; instead calls that arrive together share one, the way databases commit their logs
+("group commit"): the first caller to find no commit running becomes the *leader* and stores
+every message waiting at that moment in one transaction — portals looked up in one query,
+messages in one multi-row ``INSERT``, one trigger on the queue for the batch — while the others
+wait for it. Whoever arrives during that commit goes into the next batch, led by the first of
+them. A lone call is a batch of one and waits for nobody; under load the batches grow by
+themselves, and the database and queue are asked once per batch instead of once per message.
+
+Each caller gets its own answer: ``accepted``, ``duplicate``, or its own error (an unknown
+portal is a 401 for that call only). When a batch cannot be stored, each of its messages is
+tried again alone before anyone is told it failed, so one message the database refuses never
+fails the calls it happened to share a transaction with; a database that is down fails the
+batch at once (each call answers 503 and nothing is stored).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import phonenumbers
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+from .events import MessageInfo, notify
+from .messages import (
+    StatusChange,
+    insert_message_rows,
+    message_row,
+    record_status,
+)
+from .models import Message, Portal, PortalState, utcnow
+from .portals import tokens_match
+from .statuses import FAILED, QUEUED
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+#: messages one transaction stores at most; the rest wait for the next one
+MAX_BATCH = 100
+
+T = TypeVar("T")
+
+
+# -- group commit -------------------------------------------------------------------------------
+
+
+class _Slot(Generic[T]):
+    """One caller's place in the line: its item, then its outcome."""
+
+    __slots__ = ("_event", "done", "error", "item", "promoted")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = False
+        self.error: BaseException | None = None
+        self.promoted = False
+        self._event = threading.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
+
+
+class GroupCommit(Generic[T]):
+    """Runs ``run_batch`` over items submitted from many threads, many items per call.
+
+    ``run_batch(items)`` is called by one of the submitting threads (the leader) and records
+    each item's outcome on the item itself; an exception it raises is every item's error.
+    ``submit`` returns when the item's batch has run, and raises that error if there was one.
+    """
+
+    def __init__(self, run_batch: Callable[[Sequence[T]], None], max_batch: int = MAX_BATCH):
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._pending: list[_Slot[T]] = []
+        self._leading = False
+        self._leader = threading.local()
+
+    def submit(self, item: T) -> None:
+        if getattr(self._leader, "active", False):
+            # Called from inside a batch (an inline queue running a task that stores a
+            # message): waiting for ourselves would never end, so this one goes alone.
+            self._run_batch([item])
+            return
+        slot = _Slot(item)
+        with self._lock:
+            self._pending.append(slot)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            slot.wait()
+            if not slot.promoted:
+                self._raise_for(slot)
+                return
+        self._lead(slot)
+        self._raise_for(slot)
+
+    @staticmethod
+    def _raise_for(slot: _Slot[T]) -> None:
+        if slot.error is not None:
+            raise slot.error
+
+    def _lead(self, own: _Slot[T]) -> None:
+        """Run batches until our own item's has run, then hand the lead to the next waiter."""
+        try:
+            while not own.done:
+                with self._lock:
+                    batch = self._pending[: self._max_batch]
+                    del self._pending[: self._max_batch]
+                self._run(batch)
+        finally:
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.promoted = True
+                    successor.wake()
+                else:
+                    self._leading = False
+
+    def _run(self, batch: list[_Slot[T]]) -> None:
+        self._leader.active = True
+        try:
+            self._run_batch([slot.item for slot in batch])
+        except BaseException as exc:
+            for slot in batch:
+                slot.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._leader.active = False
+            for slot in batch:
+                slot.done = True
+                slot.wake()
+
+
+# -- taking a message in ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What :func:`accept_message` did: ``accepted`` (stored, handed to delivery) or
+    ``duplicate`` (this portal's message_id is stored already; ``id`` None when it raced in
+    through a concurrent request)."""
+
+    result: str
+    id: int | None = None
+    status: str | None = None
+
+    def answer(self) -> dict[str, Any]:
+        """The HANDLER's JSON answer."""
+        body: dict[str, Any] = {"result": self.result}
+        if self.id is not None:
+            body["id"] = self.id
+        if self.status is not None:
+            body["status"] = self.status
+        return body
+
+
+@dataclass(eq=False)
+class Submission:
+    """One message on its way in, and what became of it."""
+
+    member_id: str
+    code: str
+    data: Mapping[str, Any]
+    auth: Mapping[str, Any]
+    report: bool
+    to: str | None
+    outcome: Accepted | None = None
+    error: BaseException | None = None
+    # Filled while the batch is stored; reset when it is tried again alone.
+    portal_id: int | None = None
+    info: MessageInfo | None = None
+    failed: StatusChange | None = field(default=None, repr=False)
+
+    def reset(self) -> None:
+        self.outcome = self.error = self.info = self.failed = None
+        self.portal_id = None
+
+
+def normalise_number(raw: str, region: str) -> str | None:
+    """E.164 for a number as typed in the CRM, or None when it is not a possible number."""
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def accept_message(
+    svc: Service,
+    member_id: str,
+    code: str,
+    data: Mapping[str, Any],
+    *,
+    auth: Mapping[str, Any] | None = None,
+    report: bool = True,
+) -> Accepted:
+    """Store a message of portal ``member_id`` for provider ``code`` and hand it to delivery.
+
+    The one path of every message: the HANDLER's, and the app page's test messages. The
+    message is committed before this returns (Bitrix24 never retries a HANDLER call), then
+    queued for sending, and ``b24sms_message_stored`` is called.
+
+    :param data: the HANDLER fields as :class:`HandlerSchema` loads them (``message_id``,
+        ``message_to``, ``message_body``, ``module_id``, context fields).
+    :param auth: the call's ``auth[…]``; when it holds ``application_token``, that must be the
+        portal's.
+    :param report: whether a failure decided here (an unusable number) goes to the portal's
+        outbox; False for messages Bitrix24 does not know (app-page tests).
+    :raises ApiError: 401 when the portal is not installed or the application_token differs.
+    """
+    submission = Submission(
+        member_id=member_id,
+        code=code,
+        data=data,
+        auth=auth or {},
+        report=report,
+        to=normalise_number(data["message_to"], svc.settings["default_region"]),
+    )
+    svc.ingest.submit(submission)
+    if submission.error is not None:
+        raise submission.error
+    assert submission.outcome is not None
+    return submission.outcome
+
+
+class Ingest:
+    """The service's way in for messages: a :class:`GroupCommit` over :func:`store_batch`."""
+
+    def __init__(self, service: Service, max_batch: int = MAX_BATCH) -> None:
+        self.service = service
+        self._group = GroupCommit(self._run, max_batch)
+
+    def submit(self, submission: Submission) -> None:
+        self._group.submit(submission)
+
+    def _run(self, batch: Sequence[Submission]) -> None:
+        store_batch(self.service, batch)
+
+
+def _context(data: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("bindings", "workflow_id", "document_id", "document_type", "ts")
+    return {k: data[k] for k in keys if data.get(k) is not None}
+
+
+#: built once: every batch looks its portals up
+#: (Core, not ORM, selects: a tenth of the overhead per execution)
+_portals = Portal.__table__.c
+_PORTALS = select(
+    _portals.id, _portals.member_id, _portals.domain, _portals.state, _portals.application_token
+).where(_portals.member_id.in_(bindparam("member_ids", expanding=True)))
+_messages = Message.__table__.c
+_EXISTING = select(_messages.id).where(
+    _messages.portal_id == bindparam("portal_id"), _messages.message_id == bindparam("message_id")
+)
+
+
+def store_batch(svc: Service, batch: Sequence[Submission]) -> None:
+    """Store a batch of messages in one transaction, then tell hooks and queue about them.
+
+    Outcomes go on the submissions. When the transaction fails for a reason other than an
+    unreachable or locked database, each message is stored again alone.
+    """
+    try:
+        _store(svc, batch)
+    except DBAPIError as exc:
+        if len(batch) == 1 or _unavailable(exc):
+            raise
+        log.warning("a batch of %d messages could not be stored (%s); storing each alone",
+                    len(batch), type(exc.orig).__name__)
+        for submission in batch:
+            submission.reset()
+            try:
+                _store(svc, [submission])
+            except Exception as alone:  # noqa: BLE001 - this caller's error, not the others'
+                submission.reset()
+                submission.error = alone
+    _after_commit(svc, batch)
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    """An error that storing message by message would only repeat, slower."""
+    return bool(exc.connection_invalidated) or type(exc).__name__ == "OperationalError"
+
+
+def _store(svc: Service, batch: Sequence[Submission]) -> None:
+    now = utcnow()
+    with svc.db.session() as session:
+        portals = {
+            row.member_id: row
+            for row in session.connection().execute(
+                _PORTALS, {"member_ids": sorted({s.member_id for s in batch})}
+            )
+        }
+        storing: list[Submission] = []
+        for submission in batch:
+            portal = portals.get(submission.member_id)
+            if portal is None or portal.state == PortalState.UNINSTALLED:
+                submission.error = ApiError(401, "unauthorized", "portal not installed")
+                continue
+            auth = submission.auth
+            if "application_token" in auth and not tokens_match(
+                portal.application_token, auth["application_token"]
+            ):
+                submission.error = ApiError(401, "unauthorized", "application_token mismatch")
+                continue
+            submission.portal_id = portal.id
+            storing.append(submission)
+        if not storing:
+            return
+        rows = [
+            message_row(
+                portal_id=s.portal_id,
+                code=s.code,
+                message_id=s.data["message_id"],
+                to_raw=s.data["message_to"],
+                to=s.to,
+                body=s.data["message_body"],
+                module_id=s.data.get("module_id"),
+                context=_context(s.data),
+                now=now,
+            )
+            for s in storing
+        ]
+        stored = insert_message_rows(session, rows, now=now)
+        for submission in storing:
+            portal = portals[submission.member_id]
+            key = (submission.portal_id, submission.data["message_id"])
+            message_pk = stored.pop(key, None)
+            if message_pk is None:
+                # Stored before, by a call that raced us to it, or twice in this batch.
+                submission.outcome = Accepted(
+                    "duplicate",
+                    session.scalar(
+                        _EXISTING,
+                        {"portal_id": submission.portal_id, "message_id": key[1]},
+                    ),
+                )
+                continue
+            data = submission.data
+            if submission.to is None:
+                _fail_unusable_number(session, submission, message_pk)
+            else:
+                submission.info = MessageInfo(
+                    id=message_pk, message_id=data["message_id"], code=submission.code,
+                    member_id=portal.member_id, domain=portal.domain, to=submission.to,
+                    body=data["message_body"], module_id=data.get("module_id"), status=QUEUED,
+                    external_id=None, attempts=0, last_error=None, created_at=now,
+                )
+            submission.outcome = Accepted("accepted", message_pk, submission.info.status)
+
+
+def _fail_unusable_number(session: Session, submission: Submission, message_pk: int) -> None:
+    message = session.get(Message, message_pk)
+    assert message is not None
+    message.last_error = "the recipient is not a valid phone number"
+    submission.failed = record_status(
+        session, message, FAILED, source="handler", detail=message.last_error,
+        report=submission.report,
+    )
+    submission.info = MessageInfo.from_row(message)
+
+
+def _after_commit(svc: Service, batch: Sequence[Submission]) -> None:
+    """Log and announce what was stored, then queue it: one send task for the batch."""
+    to_send: list[int] = []
+    to_flush: set[int] = set()
+    for submission in batch:
+        info = submission.info
+        if info is None or submission.error is not None:
+            continue
+        # The status log (b24sms.status) writes the line that says it was stored.
+        notify(svc.pm, "b24sms_message_stored", message=info)
+        change = submission.failed
+        if change is not None:
+            # Failed before any send: observers (status log, metrics) hear it like any other.
+            notify(svc.pm, "b24sms_status_changed", message=info, previous=change.previous,
+                   status=change.status, raw_status=change.raw_status, source=change.source)
+            if submission.report:
+                to_flush.add(change.portal_id)
+        else:
+            to_send.append(info.id)
+    if to_send:
+        enqueue_quietly(svc.queue.enqueue_sends, to_send)
+    for portal_id in sorted(to_flush):
+        enqueue_quietly(svc.queue.enqueue_flush, portal_id)
+
+
+def enqueue_quietly(enqueue: Callable[[Any], Any], argument: Any) -> None:
+    """Call ``enqueue(argument)``; a queue that is down is logged: the sweep takes over."""
+    try:
+        enqueue(argument)
+    except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
+        # Stored is what matters: the sweep finds work whose trigger was lost.
+        log.warning("queue unavailable; %s(%s) is left to the sweep: %s",
+                    getattr(enqueue, "__name__", "enqueue"), argument, type(exc).__name__)
+
+
+__all__ = [
+    "Accepted",
+    "GroupCommit",
+    "Ingest",
+    "Submission",
+    "accept_message",
+    "enqueue_quietly",
+    "normalise_number",
+    "store_batch",
+]
