@@ -226,12 +226,18 @@ def start_serve(config: Path, port: int, workdir: Path, *extra: str) -> Proc:
     return proc
 
 
-def start_gunicorn(config: Path, port: int, workdir: Path, workers: int) -> Proc:
-    """``gunicorn -w N wsgi:app`` as in the README, with the bare routes added."""
+#: the README's deployment: gunicorn's threaded workers, so HANDLER calls can share commits
+GUNICORN_WORKERS = 2
+GUNICORN_THREADS = 16
+
+
+def start_gunicorn(config: Path, port: int, workdir: Path, workers: int,
+                   threads: int = GUNICORN_THREADS) -> Proc:
+    """``gunicorn -w N --threads T wsgi:app`` as in the README, with the bare routes added."""
     proc = Proc(
         "gunicorn",
-        [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
-         "--log-level", "warning", "bare:gunicorn_app()"],
+        [sys.executable, "-m", "gunicorn", "-w", str(workers), "--threads", str(threads),
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "bare:gunicorn_app()"],
         workdir / "gunicorn.log",
         env={"B24SMS_CONFIG": str(config), "PYTHONPATH": os.pathsep.join(
             [p for p in (os.environ.get("PYTHONPATH"), str(BENCH), str(ROOT)) if p]

@@ -4,6 +4,8 @@
   same before/after-request hooks; everything the HANDLER costs beyond it is ours.
 - ``POST /bench/wsgi``: answered by a WSGI wrapper before Flask sees the request — what the
   server itself can do;
+- ``POST /bench/parse``: the bare route plus reading and checking the HANDLER's form, as the
+  HANDLER does it, and nothing else (no key, no database, no queue);
 - ``POST /bench/store``: the bare route plus the least that "store, enqueue, then answer"
   costs: one ``INSERT`` and commit through the service's own database session, and one write
   to the service's queue store. Nothing is validated, looked up, logged or hooked — what the
@@ -40,6 +42,16 @@ def add_bare_routes(app: Any) -> Any:
         with service.db.session() as session:
             session.execute(table.insert(), {"body": "x" * 64})
         service.queue.huey.storage.put_data("bench-store", b"x")
+        return app.response_class(BARE_BODY, mimetype="application/json")
+
+    from b24sms.bitrix24.payloads import load_handler_call
+    from b24sms.web.bitrix24 import read_payload
+
+    @app.post("/bench/parse")
+    def bench_parse() -> Any:
+        # What every HANDLER call costs before it touches the database: read the form, check it.
+        if load_handler_call(read_payload()) is None:
+            return app.response_class(b'{"error":"invalid"}', status=400)
         return app.response_class(BARE_BODY, mimetype="application/json")
 
     inner = app.wsgi_app

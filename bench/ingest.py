@@ -8,7 +8,9 @@ to two endpoints that only answer 200:
 - ``/bench/wsgi``: answered before Flask (the server's own ceiling);
 - ``/bench/bare``: a Flask route on the service's app (the ceiling for anything in Flask);
 
-and, for scale, ``/bench/store``: the bare route plus one ``INSERT`` + commit through the
+and, for scale, ``/bench/parse``: the bare route plus reading and checking the HANDLER's form
+as the HANDLER does (no database), and ``/bench/store``: the bare route plus one ``INSERT`` +
+commit through the
 service's database session and one write to its queue store — the least any "store durably,
 enqueue, answer" endpoint costs on this stack (see ``bare.py``).
 
@@ -45,7 +47,8 @@ SERVERS = ("serve", "serve-web", "gunicorn")
 
 @contextlib.contextmanager
 def running(kind: str, workdir: Path, emu: Any, gunicorn_workers: int,
-            threads: int | None = None) -> Iterator[h.Proc]:
+            threads: int | None = None, gunicorn_threads: int = h.GUNICORN_THREADS,
+            ) -> Iterator[h.Proc]:
     port = h.free_port()
     if kind in ("serve", "serve-web"):
         config = h.service_config(workdir, port, emu, **({"threads": threads} if threads else {}))
@@ -59,7 +62,7 @@ def running(kind: str, workdir: Path, emu: Any, gunicorn_workers: int,
         return
     with h.scratch_postgres() as db_url, h.scratch_redis() as queue_url:
         config = h.service_config(workdir, port, emu, database_url=db_url, queue_url=queue_url)
-        proc = h.start_gunicorn(config, port, workdir, gunicorn_workers)
+        proc = h.start_gunicorn(config, port, workdir, gunicorn_workers, gunicorn_threads)
         proc.port = port  # type: ignore[attr-defined]
         try:
             yield proc
@@ -72,12 +75,14 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with h.scratch_dir(f"ingest-{kind}") as tmp, h.emulator() as emu:
         workdir = Path(tmp)
-        with running(kind, workdir, emu, args.gunicorn_workers, args.threads) as proc:
+        with running(kind, workdir, emu, args.gunicorn_workers, args.threads,
+                     args.gunicorn_threads) as proc:
             port = proc.port  # type: ignore[attr-defined]
             portal = h.add_installed_portal(emu, f"http://127.0.0.1:{port}", prefix)
             handler = h.handler_target(portal)
             # The same body everywhere: only the path differs.
             for name, path in (("bare WSGI", "/bench/wsgi"), ("bare route", "/bench/bare"),
+                               ("read form", "/bench/parse"),
                                ("store + enqueue", "/bench/store"),
                                ("HANDLER", handler["path"])):
                 cpu_before = proc.cpu_seconds()
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--gunicorn-workers", type=int, default=4)
+    parser.add_argument("--gunicorn-workers", type=int, default=h.GUNICORN_WORKERS)
+    parser.add_argument("--gunicorn-threads", type=int, default=h.GUNICORN_THREADS)
     parser.add_argument("--threads", type=int, default=None,
                         help="waitress threads of serve (default: the config's default)")
     args = parser.parse_args(argv)

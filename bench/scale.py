@@ -53,7 +53,7 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         procs: list[h.Proc] = []
         probe = h.DbProbe(db_url)
         try:
-            web = h.start_gunicorn(config, port, workdir, args.web_workers)
+            web = h.start_gunicorn(config, port, workdir, args.web_workers, args.web_threads)
             procs.append(web)
             worker_procs = [h.start_worker(config, workdir, i, args.threads)
                             for i in range(workers)]
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--portals", type=int, default=1)
     parser.add_argument("--workers", default="1,2", help="worker process counts to run")
-    parser.add_argument("--web-workers", type=int, default=4, help="gunicorn -w")
+    parser.add_argument("--web-workers", type=int, default=h.GUNICORN_WORKERS, help="gunicorn -w")
+    parser.add_argument("--web-threads", type=int, default=h.GUNICORN_THREADS,
+                        help="gunicorn --threads")
     parser.add_argument("--threads", type=int, default=None,
                         help="b24sms worker -w (default: the config's workers)")
     parser.add_argument("--queue", choices=("redis", "postgresql"), default="redis")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"# scale: {args.messages:,} messages over {args.portals} portal(s) (2 requests/s, "
-          f"burst 50 each); PostgreSQL, {args.queue} queue, gunicorn -w {args.web_workers}, "
+          f"burst 50 each); PostgreSQL, {args.queue} queue, gunicorn -w {args.web_workers} "
+          f"--threads {args.web_threads}, "
           f"b24sms worker × {', '.join(map(str, counts))}")
     print(h.machine())
     results = [run(n, args) for n in counts]

@@ -98,7 +98,7 @@ class ServiceSchema(Schema):
     sweep_interval = fields.Float(load_default=60.0, validate=validate.Range(min=1))
     max_body_bytes = fields.Integer(load_default=256 * 1024, validate=validate.Range(min=1024))
     workers = fields.Integer(load_default=2, validate=validate.Range(min=1, max=64))
-    threads = fields.Integer(load_default=8, validate=validate.Range(min=1, max=256))
+    threads = fields.Integer(load_default=32, validate=validate.Range(min=1, max=256))
     log_format = fields.String(load_default="text", validate=validate.OneOf(["text", "json"]))
     log_level = fields.String(
         load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -471,7 +471,8 @@ class Deployment:
         """
         if self.web == "gunicorn":
             argv = [
-                *_console_script("gunicorn"), "-w", str(self.web_workers),
+                # Threaded workers, as the README deploys them: HANDLER calls share commits.
+                *_console_script("gunicorn"), "-w", str(self.web_workers), "--threads", "4",
                 "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5",
                 # Which worker served what; the path only (a HANDLER's query holds its key).
                 "--access-logfile", "-", "--access-logformat", "access pid=%(p)s %(m)s %(U)s %(s)s",
