@@ -2,6 +2,7 @@
 
     python bench/hotspots.py ingest      # HANDLER calls only (serve --no-consumer), 32 clients
     python bench/hotspots.py delivery    # the embedded consumer sending and flushing 3,000 messages
+    python bench/hotspots.py gunicorn    # HANDLER calls on the README's web tier (PostgreSQL, Redis)
 
 Needs ``py-spy`` (``pip install -e ".[bench]"``) and the right to attach to a child process
 (root, or ``kernel.yama.ptrace_scope = 0``). By default only the thread holding the GIL is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import secrets
 import shutil
@@ -81,7 +83,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("ingest", "delivery"))
+    parser.add_argument("mode", choices=("ingest", "delivery", "gunicorn"))
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "b24sms-profile"))
@@ -96,17 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"pr{secrets.token_hex(3)}-"
-    with h.scratch_dir("profile") as tmp, h.emulator() as emu:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(h.scratch_dir("profile"))
+        emu = stack.enter_context(h.emulator())
         workdir = Path(tmp)
         port = h.free_port()
-        config = h.service_config(workdir, port, emu)
-        extra = ("--no-consumer",) if args.mode == "ingest" else ()
-        serve = h.start_serve(config, port, workdir, *extra)
+        if args.mode == "gunicorn":
+            if reason := h.unavailable_services():
+                parser.error(f"gunicorn: {reason}")
+            config = h.service_config(
+                workdir, port, emu, database_url=stack.enter_context(h.scratch_postgres()),
+                queue_url=stack.enter_context(h.scratch_redis()),
+            )
+            serve = h.start_gunicorn(config, port, workdir, h.GUNICORN_WORKERS)
+        else:
+            config = h.service_config(workdir, port, emu)
+            extra = ("--no-consumer",) if args.mode == "ingest" else ()
+            serve = h.start_serve(config, port, workdir, *extra)
         try:
             portal = h.add_installed_portal(emu, f"http://127.0.0.1:{port}", prefix)
             target = h.handler_target(portal)
             raw = out / f"{args.mode}.txt"
-            if args.mode == "ingest":
+            if args.mode in ("ingest", "gunicorn"):
                 load = threading.Thread(target=h.run_loadgen, args=(port, [target], workdir),
                                         kwargs={"warmup": 1.0, "duration": args.seconds + 2})
                 load.start()
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 [pyspy, "record", "-p", str(serve.pid), "-d", str(int(seconds)), "-r",
                  str(args.rate), "-f", "raw", "-o", str(raw), "--nonblocking",
-                 *([] if args.all_threads else ["--gil"])],
+                 *([] if args.all_threads else ["--gil"]),
+                 *(["--subprocesses"] if args.mode == "gunicorn" else [])],
                 check=True, capture_output=True,
             )
             if load is not None:
@@ -128,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             serve.stop()
     kind = "busy threads" if args.all_threads else "the thread holding the GIL"
-    print(f"# profile of `b24sms serve` during {args.mode} ({kind}): {raw}")
+    server = "gunicorn's workers" if args.mode == "gunicorn" else "`b24sms serve`"
+    print(f"# profile of {server} during {args.mode} ({kind}): {raw}")
     print(summarise(raw, args.top))
     return 0
 

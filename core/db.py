@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import resolve_sqlite_path
@@ -61,6 +61,19 @@ class Database:
         try:
             with self._sessions() as session, session.begin():
                 yield session
+        finally:
+            if locked:
+                lock.release()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core connection in a transaction, committed when the block ends: for the hot
+        paths that need no ORM (a :class:`Session` can still be bound to it: ``Session(conn)``)."""
+        lock = self._write_lock
+        locked = lock is not None and lock.acquire(timeout=SQLITE_BUSY_TIMEOUT)
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         finally:
             if locked:
                 lock.release()

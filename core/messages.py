@@ -8,11 +8,13 @@ status forward, and puts the new status in the portal's outbox (one row per mess
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from .models import Message, OutboxEntry, StatusEvent, utcnow
@@ -104,22 +106,13 @@ _STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
 def _statement(session: Session, name: str) -> Any:
-    """The statement ``name`` (``insert_messages``, ``upsert_report``) for the session's
+    """The statement ``name`` (``upsert_report``) for the session's
     database: ``INSERT … ON CONFLICT`` is spelt per dialect (SQLite and PostgreSQL agree)."""
     dialect = session.get_bind().dialect.name
     statement = _STATEMENTS.get((dialect, name))
     if statement is None:
         insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        if name == "insert_messages":
-            messages = Message.__table__
-            statement = (
-                insert_for(messages)
-                .on_conflict_do_nothing(
-                    index_elements=[messages.c.portal_id, messages.c.message_id]
-                )
-                .returning(messages.c.id, messages.c.portal_id, messages.c.message_id)
-            )
-        else:
+        if name == "upsert_report":
             outbox = OutboxEntry.__table__
             upsert = insert_for(outbox)
             statement = upsert.on_conflict_do_update(
@@ -133,9 +126,6 @@ def _statement(session: Session, name: str) -> Any:
             )
         _STATEMENTS[(dialect, name)] = statement
     return statement
-
-
-_INSERT_STATUS_EVENT = insert(StatusEvent.__table__)
 
 
 def message_row(
@@ -169,44 +159,101 @@ def message_row(
 
 
 def insert_message_rows(
-    session: Session,
+    conn: Connection,
     rows: list[dict[str, Any]],
     *,
     source: str = "handler",
     now: dt.datetime | None = None,
 ) -> dict[tuple[int, str], int]:
     """Store new messages (rows of :func:`message_row`), each with the first entry of its
-    history, in as few statements as the database allows.
+    history, in one statement on PostgreSQL and two on SQLite, however many there are.
 
-    The path of every HANDLER call, so no ORM objects: one multi-row ``INSERT … ON CONFLICT DO
-    NOTHING … RETURNING`` skips every ``(portal, message_id)`` that is stored already (or
-    comes twice in ``rows``), which tells a repeated or concurrent call apart without a look-up
-    first; one more ``INSERT`` writes the history of those stored.
+    The path of every HANDLER call. The rows go to the database as one JSON array, which the
+    statement reads as a table (``json_to_recordset`` / ``json_each``): the SQL text is the same
+    for every batch (the driver parses and prepares it once, rather than a statement with a
+    placeholder per value per row), and the work per row stays in the database. ``ON CONFLICT
+    DO NOTHING`` skips every ``(portal, message_id)`` that is stored already or comes twice in
+    ``rows``, which tells a repeated or concurrent call apart without a look-up first.
 
     :returns: ``{(portal_id, message_id): id}`` of the messages stored now; a row that is
         missing was stored before.
     """
-    now = now or utcnow()
     if not rows:
         return {}
-    # On the session's connection: the same transaction, without the ORM's execute machinery.
-    conn = session.connection()
-    result = conn.execute(_statement(session, "insert_messages"), rows)
-    stored = {(row.portal_id, row.message_id): row.id for row in result}
-    if stored:
-        conn.execute(
-            _INSERT_STATUS_EVENT,
-            [
-                {
-                    "message_pk": message_pk,
-                    "status": QUEUED,
-                    "raw_status": None,
-                    "source": source,
-                    "applied": True,
-                    "detail": None,
-                    "created_at": now,
-                }
-                for message_pk in stored.values()
-            ],
-        )
+    now = now or utcnow()
+    bulk = _bulk_statements(conn.dialect)
+    batch = json.dumps(rows, default=bulk.datetime_text, separators=(",", ":"))
+    params = {"rows": batch, "status": QUEUED, "source": source,
+              "created_at": bulk.datetime_text(now)}
+    stored = {(row.portal_id, row.message_id): row.id
+              for row in conn.execute(bulk.insert_messages, params)}
+    if stored and bulk.insert_history is not None:
+        params["ids"] = json.dumps(list(stored.values()))
+        conn.execute(bulk.insert_history, params)
     return stored
+
+
+@dataclass(frozen=True)
+class _Bulk:
+    insert_messages: Any
+    #: None where ``insert_messages`` writes the history too (PostgreSQL)
+    insert_history: Any
+    datetime_text: Any
+
+
+_BULK: dict[str, _Bulk] = {}
+
+
+def _bulk_statements(dialect: Any) -> _Bulk:
+    """The two statements of :func:`insert_message_rows` for ``dialect``, built once from the
+    tables' columns (so a column added to the model cannot be left out silently)."""
+    bulk = _BULK.get(dialect.name)
+    if bulk is not None:
+        return bulk
+    messages, events = Message.__table__, StatusEvent.__table__
+    columns = [c for c in messages.columns if c.name in _MESSAGE_ROW_COLUMNS]
+    quote = dialect.identifier_preparer.quote
+    names = ", ".join(quote(c.name) for c in columns)
+    history = ("message_pk, status, raw_status, source, applied, detail, created_at")
+    if dialect.name == "postgresql":
+        record = ", ".join(f"{quote(c.name)} {c.type.compile(dialect=dialect)}" for c in columns)
+        insert_messages = text(
+            f"WITH new AS (INSERT INTO messages ({names}) "
+            f"SELECT {names} FROM json_to_recordset(CAST(:rows AS json)) AS r({record}) "
+            "ON CONFLICT (portal_id, message_id) DO NOTHING "
+            "RETURNING id, portal_id, message_id, created_at), "
+            f"history AS (INSERT INTO status_events ({history}) "
+            "SELECT id, :status, NULL, :source, true, NULL, created_at FROM new) "
+            "SELECT id, portal_id, message_id FROM new"
+        )
+        bulk = _Bulk(insert_messages, None, _datetime_text)
+    else:
+        values = ", ".join(f"json_extract(value, '$.{c.name}')" for c in columns)
+        # (WHERE true: SQLite's grammar needs it between a SELECT and an upsert clause.)
+        insert_messages = text(
+            f"INSERT INTO messages ({names}) SELECT {values} FROM json_each(:rows) WHERE true "
+            "ON CONFLICT (portal_id, message_id) DO NOTHING "
+            "RETURNING id, portal_id, message_id"
+        )
+        insert_history = text(
+            f"INSERT INTO status_events ({history}) "
+            "SELECT value, :status, NULL, :source, 1, NULL, :created_at FROM json_each(:ids)"
+        )
+        # Dates as the DateTime type stores them on this database, so rows read back alike.
+        store = events.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        bulk = _Bulk(insert_messages, insert_history, store or _datetime_text)
+    _BULK[dialect.name] = bulk
+    return bulk
+
+
+def _datetime_text(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+#: the columns :func:`message_row` fills
+_MESSAGE_ROW_COLUMNS = frozenset(message_row(
+    portal_id=0, code="", message_id="", to_raw="", to=None, body="", module_id=None,
+    context={}, now=dt.datetime(2000, 1, 1),
+))

@@ -57,6 +57,9 @@ class Limit:
 class Buckets(Protocol):
     """Where bucket state lives. Every method returns seconds to wait (0.0: done)."""
 
+    #: whether other processes see the same buckets (a shared store is worth leasing from)
+    shared: bool
+
     def take(self, key: str, limit: Limit, cost: float = 1.0) -> float:
         """Take ``cost`` tokens if the bucket holds them; otherwise take nothing."""
 
@@ -86,6 +89,9 @@ def _step(
 
 class MemoryBuckets:
     """Buckets in this process's memory (thread-safe); see the module docstring."""
+
+    #: whether other processes see the same buckets
+    shared = False
 
     def __init__(self, max_keys: int = MAX_KEYS, clock: Any = time.monotonic) -> None:
         self.max_keys = max_keys
@@ -148,6 +154,8 @@ class RedisBuckets:
 
     :param namespace: keeps the buckets of deployments sharing one Redis apart.
     """
+
+    shared = True
 
     def __init__(self, url: str, *, namespace: str = "", timeout: float = 0.5) -> None:
         import redis

@@ -304,6 +304,59 @@ def test_redis_arithmetic_matches_memory():
         buckets.clear()
 
 
+def _evalsha_calls(client) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_processes_lease_portal_tokens_from_redis_and_the_limit_still_holds():
+    """Two limiters on one Redis (two web processes): a HANDLER burst costs a Redis round trip
+    per lease, not per call, and the portal's budget is still what it says."""
+    from b24sms.config import RateLimitSchema
+    from b24sms.web.ratelimit import RateLimiter
+
+    url = redis_url()
+    settings = RateLimitSchema().load({"portal_rate": 0.01, "portal_burst": 2000})
+    first, second = (RateLimiter(settings, RedisBuckets(url)) for _ in range(2))
+    assert first.lease_size == second.lease_size == 20
+    member_id = f"lease-{uuid.uuid4().hex}"
+    try:
+        before = _evalsha_calls(first.buckets.client)
+        assert all(first.check_portal(member_id) is None for _ in range(100))
+        assert _evalsha_calls(first.buckets.client) - before <= 6  # 5 leases, not 100 calls
+        allowed = 100
+        refused_in_a_row = 0
+        while refused_in_a_row < 50 and allowed < 3000:
+            for limiter in (first, second):
+                if limiter.check_portal(member_id) is None:
+                    allowed += 1
+                    refused_in_a_row = 0
+                else:
+                    refused_in_a_row += 1
+        # Tokens a process leased but had no call for are lost to the other: one lease each.
+        assert 2000 - 2 * 20 <= allowed <= 2000 + 1
+        decision = second.check_portal(member_id)
+        assert decision is not None and decision.scope == "portal"
+    finally:
+        first.buckets.clear()
+
+
+def test_small_portal_budgets_are_counted_call_by_call_in_redis():
+    from b24sms.config import RateLimitSchema
+    from b24sms.web.ratelimit import RateLimiter
+
+    settings = RateLimitSchema().load({"portal_rate": 0.01, "portal_burst": 5})
+    first, second = (RateLimiter(settings, RedisBuckets(redis_url())) for _ in range(2))
+    assert first.lease_size == 1
+    member_id = f"small-{uuid.uuid4().hex}"
+    try:
+        outcomes = [(first if i % 2 else second).check_portal(member_id) for i in range(6)]
+        assert [o is None for o in outcomes] == [True] * 5 + [False]
+    finally:
+        first.buckets.clear()
+    assert MemoryBuckets.shared is False and RateLimiter(settings, MemoryBuckets()).lease_size == 1
+
+
 def test_an_unreachable_redis_falls_back_to_this_process(caplog, monkeypatch):
     caplog.set_level(logging.WARNING, logger="b24sms.ratelimit")
     buckets = RedisBuckets(f"redis://127.0.0.1:{socket_port()}/0", timeout=0.2)

@@ -53,6 +53,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 EXEMPT_BLUEPRINTS = frozenset({"health", "metrics"})
 EXEMPT_ENDPOINTS = frozenset({"static"})
 HANDLER_ENDPOINT = "bitrix24.handler"
+#: portal tokens one process leases from shared buckets at most, and for how long (seconds)
+MAX_LEASE = 20
+LEASE_SECONDS = 1.0
 #: seconds between two log lines about one refused key
 LOG_EVERY = 60.0
 
@@ -139,15 +142,48 @@ class RateLimiter:
             proxies if isinstance(proxies, int) else parse_networks(proxies)
         )
         self.exempt = parse_networks(settings.get("exempt", ()))
+        #: portal tokens taken from shared buckets at a time (1: none leased; see check_portal)
+        self.lease_size = (
+            max(1, min(MAX_LEASE, int(self.portal.burst // 100))) if buckets.shared else 1
+        )
+        self._leases: dict[str, tuple[float, float]] = {}
+        self._lease_lock = threading.Lock()
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._log_lock = threading.Lock()
 
     def check_portal(self, member_id: str) -> Decision | None:
-        """A HANDLER call of ``member_id`` with a valid key: one token of the portal's bucket."""
-        wait = self.buckets.take(f"portal:{member_id}", self.portal)
+        """A HANDLER call of ``member_id`` with a valid key: one token of the portal's bucket.
+
+        With buckets shared through Redis, a process takes a few tokens at a time (a lease,
+        kept for at most :data:`LEASE_SECONDS`) and spends them without asking again, so a
+        burst costs one Redis round trip per :attr:`lease_size` calls instead of one per call.
+        A lease is at most a hundredth of the burst, so the limit stays what it says; small
+        budgets (tests, strict setups) lease nothing and count every call in Redis.
+        """
+        if self.lease_size > 1 and self._spend_lease(member_id):
+            return None
+        key = f"portal:{member_id}"
+        if self.lease_size > 1 and not self.buckets.take(key, self.portal, self.lease_size):
+            with self._lease_lock:
+                self._leases[member_id] = (self.lease_size - 1.0,
+                                           time.monotonic() + LEASE_SECONDS)
+            return None
+        wait = self.buckets.take(key, self.portal)
         if wait:
             return Decision("portal", member_id, wait, "too many HANDLER calls for this portal")
         return None
+
+    def _spend_lease(self, member_id: str) -> bool:
+        with self._lease_lock:
+            lease = self._leases.get(member_id)
+            if lease is None:
+                return False
+            tokens, until = lease
+            if tokens < 1 or time.monotonic() >= until:
+                del self._leases[member_id]
+                return False
+            self._leases[member_id] = (tokens - 1, until)
+            return True
 
     def check_ip(self, key: str) -> Decision | None:
         """Any other request: refused while the failure budget or the request budget is spent."""
