@@ -30,6 +30,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from . import metrics
 from .errors import ApiError
 from .events import MessageInfo, notify
 from .messages import (
@@ -253,6 +254,7 @@ class Ingest:
         self._group.submit(submission)
 
     def _run(self, batch: Sequence[Submission]) -> None:
+        metrics.INGEST_BATCH.observe(len(batch))
         store_batch(self.service, batch)
 
 

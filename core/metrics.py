@@ -75,6 +75,12 @@ HANDLER_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+INGEST_BATCH = Histogram(
+    "b24sms_ingest_batch_size",
+    "HANDLER messages stored per transaction (calls that arrived together share one).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 100),
+    registry=REGISTRY,
+)
 GATEWAY_SECONDS = Histogram(
     "b24sms_gateway_send_duration_seconds",
     "Time a gateway's send() took, per attempt.",

@@ -160,6 +160,9 @@ def test_counters_match_the_messages_sent(live_app, emulator):
     handler = "b24sms_handler_duration_seconds_count"
     assert delta(before, after, handler, code="smslog", status="200") == 4
     assert delta(before, after, handler, code="second", status="200") == 2
+    # Every message went through a HANDLER transaction (one at a time here: batches of one).
+    assert delta(before, after, "b24sms_ingest_batch_size_sum") == 6
+    assert delta(before, after, "b24sms_ingest_batch_size_count") == 6
     changes = "b24sms_status_changes_total"
     assert delta(before, after, changes, code="smslog", status="delivered", source="gateway") == 3
     assert delta(before, after, changes, code="smslog", status="failed", source="handler") == 1

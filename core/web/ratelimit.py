@@ -160,30 +160,33 @@ class RateLimiter:
         A lease is at most a hundredth of the burst, so the limit stays what it says; small
         budgets (tests, strict setups) lease nothing and count every call in Redis.
         """
-        if self.lease_size > 1 and self._spend_lease(member_id):
-            return None
         key = f"portal:{member_id}"
-        if self.lease_size > 1 and not self.buckets.take(key, self.portal, self.lease_size):
+        if self.lease_size > 1:
+            # One lease at a time per process: threads that find it spent wait for the one
+            # fetching a new lease (one round trip), rather than each fetching one of its own.
             with self._lease_lock:
-                self._leases[member_id] = (self.lease_size - 1.0,
-                                           time.monotonic() + LEASE_SECONDS)
-            return None
+                if self._spend_lease(member_id):
+                    return None
+                if not self.buckets.take(key, self.portal, self.lease_size):
+                    self._leases[member_id] = (self.lease_size - 1.0,
+                                               time.monotonic() + LEASE_SECONDS)
+                    return None
         wait = self.buckets.take(key, self.portal)
         if wait:
             return Decision("portal", member_id, wait, "too many HANDLER calls for this portal")
         return None
 
     def _spend_lease(self, member_id: str) -> bool:
-        with self._lease_lock:
-            lease = self._leases.get(member_id)
-            if lease is None:
-                return False
-            tokens, until = lease
-            if tokens < 1 or time.monotonic() >= until:
-                del self._leases[member_id]
-                return False
-            self._leases[member_id] = (tokens - 1, until)
-            return True
+        """Spend a token of this process's lease for the portal (caller holds the lock)."""
+        lease = self._leases.get(member_id)
+        if lease is None:
+            return False
+        tokens, until = lease
+        if tokens < 1 or time.monotonic() >= until:
+            del self._leases[member_id]
+            return False
+        self._leases[member_id] = (tokens - 1, until)
+        return True
 
     def check_ip(self, key: str) -> Decision | None:
         """Any other request: refused while the failure budget or the request budget is spent."""
