@@ -45,6 +45,8 @@ QUEUE_NAME = "b24sms"
 
 #: a status change waits this long before its flush runs, so one flush serves a whole burst
 FLUSH_DEBOUNCE = 0.5
+#: messages one send_messages task sends itself; a larger batch is handed on in chunks
+SEND_CHUNK = 4
 #: a "flush pending" marker whose task should have started this long ago is considered lost
 FLUSH_MARKER_GRACE = 60.0
 #: huey priorities (higher first): reporting must not wait behind thousands of queued sends
@@ -214,10 +216,21 @@ class Queue:
         def send_messages(message_pks: list[int]) -> None:
             from .delivery import deliver
 
-            # The messages one HANDLER batch stored: one task for them all. A message whose
-            # attempt raises is left to the sweep, as a lone send_message would be, and does
-            # not hold up the others.
-            for message_pk in message_pks:
+            # The messages one HANDLER batch stored: one task for them all, written by the web
+            # process in one queue write. Sent one after another they would wait for each
+            # other's gateway calls (a slow gateway, a large batch), so the worker hands all
+            # but the first SEND_CHUNK on to other workers' threads, in chunks, first.
+            here, rest = list(message_pks[:SEND_CHUNK]), message_pks[SEND_CHUNK:]
+            for start in range(0, len(rest), SEND_CHUNK):
+                chunk = list(rest[start : start + SEND_CHUNK])
+                try:
+                    self._submit(send_messages, (chunk,), None)
+                except Exception:
+                    log.exception("could not hand on messages %s; sending them here", chunk)
+                    here.extend(chunk)
+            # A message whose attempt raises is left to the sweep, as a lone send_message
+            # would be, and does not hold up the others.
+            for message_pk in here:
                 try:
                     deliver(service, message_pk)
                 except Exception:

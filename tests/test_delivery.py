@@ -508,3 +508,33 @@ def test_embedded_consumer_delivers_on_every_store(tmp_path, store):
             handle.stop()
         svc.queue.huey.flush()
         svc.close()
+
+
+def test_a_large_send_batch_is_handed_on_in_chunks_for_other_threads(tmp_path):
+    """A HANDLER batch is one send_messages task; the worker that takes it sends SEND_CHUNK
+    itself and hands the rest on, so a slow gateway's sends run on many threads at once."""
+    from b24sms.queue import SEND_CHUNK
+
+    svc = build_service(tmp_path, service={"queue_url": f"sqlite:///{tmp_path}/queue.sqlite3"})
+    try:
+        portal_id = add_portal(svc, state=PortalState.UNINSTALLED)
+        pks = [add_message(svc, portal_id) for _ in range(2 * SEND_CHUNK + 2)]
+        huey = svc.queue.huey
+
+        def sends_pending() -> list[list[int]]:
+            return [task.args[0] for task in huey.pending() if task.name == "send_messages"]
+
+        svc.queue.enqueue_sends(pks)
+        assert sends_pending() == [pks]  # what the web process wrote: one task
+
+        huey.execute(huey.dequeue())
+        sent_here = [pk for pk in pks if load(svc, pk).status == "delivered"]
+        assert sent_here == pks[:SEND_CHUNK]
+        # The rest wait as two tasks, for any thread of any worker.
+        assert sends_pending() == [pks[SEND_CHUNK : 2 * SEND_CHUNK], pks[2 * SEND_CHUNK :]]
+        while (task := huey.dequeue()) is not None:
+            huey.execute(task)
+        assert [load(svc, pk).status for pk in pks] == ["delivered"] * len(pks)
+    finally:
+        svc.queue.huey.flush()
+        svc.close()
