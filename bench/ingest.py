@@ -20,13 +20,13 @@ the bottleneck.
 
 Servers (``--servers``, default all three):
 
-- ``serve``: ``b24sms serve`` as it runs by default: waitress (8 threads), SQLite database and
+- ``serve``: ``b24sms serve`` as it runs by default: waitress (32 threads), SQLite database and
   queue, the embedded queue consumer sending what comes in (log-only gateway);
 - ``serve-web``: the same with ``--no-consumer`` (only the web side: verify, store, enqueue);
-- ``gunicorn``: the README's deployment: ``gunicorn -w 4 wsgi:app``, PostgreSQL database,
+- ``gunicorn``: the README's deployment: ``gunicorn -w 2 --threads 16 wsgi:app``, PostgreSQL database,
   Redis queue (no worker running: the web tier alone).
 
-    python bench/ingest.py                       # about 2.5 minutes
+    python bench/ingest.py                       # about 3.5 minutes
     python bench/ingest.py --servers serve --duration 5
 """
 

@@ -1,7 +1,7 @@
 """Scale: the end-to-end run on the README's deployment, with 1 and then 2 worker processes.
 
 PostgreSQL database (a scratch ``b24sms_bench_<random>`` database, dropped afterwards), a Redis
-queue (or ``--queue postgresql``), ``gunicorn -w 4 wsgi:app`` storing and enqueueing, and
+queue (or ``--queue postgresql``), ``gunicorn -w 2 --threads 16 wsgi:app`` storing and enqueueing, and
 ``b24sms worker`` processes (2 threads each, the default) sending through the log-only gateway
 and flushing statuses to the emulated portal (2 requests/s, burst 50).
 
