@@ -35,6 +35,7 @@ from huey.consumer import Consumer, Scheduler
 from huey.storage import SqliteStorage
 
 from .config import resolve_sqlite_path
+from .redaction import redact_query
 
 if TYPE_CHECKING:
     from .service import Service
@@ -455,7 +456,8 @@ class Queue:
         scheme, _, rest = self.url.partition("://")
         if "@" in rest:
             rest = rest.split("@", 1)[1]
-        return f"{scheme}://{rest}"
+        # libpq also takes ?password=…
+        return redact_query(f"{scheme}://{rest}")
 
     def run_periodic_now(self) -> None:
         """Run the sweep once, here (tests and the CLI)."""

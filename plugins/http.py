@@ -240,6 +240,8 @@ class HttpGateway(Gateway):
     def _collect_secrets(options: Mapping[str, Any]) -> list[str]:
         """Strings that must not appear in an error message, longest first."""
         found = list(options["headers"].values())
+        # "Bearer abc…": an answer may repeat the credential without its scheme.
+        found.extend(v.split(" ", 1)[1] for v in options["headers"].values() if " " in v)
         if options["callback_secret"]:
             found.append(options["callback_secret"])
         parts = urlsplit(options["url"])
@@ -354,7 +356,8 @@ class HttpGateway(Gateway):
 
     def _raise_for(self, response: requests.Response) -> None:
         status_code = response.status_code
-        snippet = self._redact(" ".join(response.text[:200].split()))
+        # Redacted before it is cut: a secret across the cut would keep its first part.
+        snippet = self._redact(" ".join(response.text.split()))[:200]
         text = f"{self.target} answered HTTP {status_code}" + (f": {snippet}" if snippet else "")
         if status_code == 429 or status_code >= 500:
             raise RetryableGatewayError(

@@ -458,11 +458,22 @@ def test_queue_url_selects_the_store(tmp_path):
 
 
 def test_ping_raises_when_the_store_is_down(tmp_path):
+    import redis
+
     svc = build_service(tmp_path, service={"queue_url": "redis://127.0.0.1:1/0"})
     try:
-        with pytest.raises(Exception):  # noqa: B017 - whatever the client raises
+        with pytest.raises(redis.exceptions.ConnectionError):
             svc.queue.ping()
         assert svc.queue.describe() == "redis://127.0.0.1:1/0"
+    finally:
+        svc.close()
+
+
+def test_the_queue_is_described_without_credentials(tmp_path):
+    url = "redis://:pw-in-userinfo@127.0.0.1:1/0?password=pw-in-query"
+    svc = build_service(tmp_path, service={"queue_url": url})
+    try:
+        assert svc.queue.describe() == "redis://127.0.0.1:1/0?password=***"
     finally:
         svc.close()
 

@@ -153,13 +153,14 @@ class ExampleCarrierGateway(Gateway):
                 raise PermanentGatewayError("the answer is not JSON") from None
         raise self._error(response)
 
-    @staticmethod
-    def _error(response: requests.Response) -> GatewayError:
+    def _error(self, response: requests.Response) -> GatewayError:
         try:
             error = response.json()["error"]
             code, text = str(error["code"]), str(error.get("message", ""))
         except (ValueError, KeyError, TypeError):
             code, text = str(response.status_code), response.reason or ""
+        # The carrier's own words may repeat what we sent it, the API key included.
+        text = text.replace(self.options["api_key"], "***")
         message = f"Example Carrier answered HTTP {response.status_code}: {text}"
         if response.status_code == 429 or response.status_code >= 500:
             retry_after = response.headers.get("Retry-After")
