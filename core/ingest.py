@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import phonenumbers
 from sqlalchemy import bindparam, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from . import metrics
@@ -246,9 +246,9 @@ def accept_message(
 class Ingest:
     """The service's way in for messages: a :class:`GroupCommit` over :func:`store_batch`."""
 
-    def __init__(self, service: Service, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
-        self._group = GroupCommit(self._run, max_batch)
+        self._group = GroupCommit(self._run)
 
     def submit(self, submission: Submission) -> None:
         self._group.submit(submission)
@@ -266,11 +266,11 @@ def _context(data: Mapping[str, Any]) -> dict[str, Any]:
 #: built once: every batch looks its portals up
 #: (Core, not ORM, selects: a tenth of the overhead per execution)
 _portals = Portal.__table__.c
-_PORTAL = select(
+_PORTAL_COLUMNS = select(
     _portals.id, _portals.member_id, _portals.domain, _portals.state, _portals.application_token
 )
-_PORTALS = _PORTAL.where(_portals.member_id.in_(bindparam("member_ids", expanding=True)))
-_PORTAL = _PORTAL.where(_portals.member_id == bindparam("member_id"))
+_PORTAL = _PORTAL_COLUMNS.where(_portals.member_id == bindparam("member_id"))
+_PORTALS = _PORTAL_COLUMNS.where(_portals.member_id.in_(bindparam("member_ids", expanding=True)))
 _messages = Message.__table__.c
 _EXISTING = select(_messages.id).where(
     _messages.portal_id == bindparam("portal_id"), _messages.message_id == bindparam("message_id")
@@ -302,7 +302,7 @@ def store_batch(svc: Service, batch: Sequence[Submission]) -> None:
 
 def _unavailable(exc: DBAPIError) -> bool:
     """An error that storing message by message would only repeat, slower."""
-    return bool(exc.connection_invalidated) or type(exc).__name__ == "OperationalError"
+    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
 
 
 def _store(svc: Service, batch: Sequence[Submission]) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "handler_key_generation",
     "handler_secret_keys",
     "handler_url",
+    "key_accepted",
     "sync_all",
     "sync_portal",
     "verify_handler_key",
@@ -95,7 +96,12 @@ def verify_handler_key(
     A key issued under a previous secret key is accepted and logged: that portal's HANDLER URL
     is still the old one until ``b24sms providers sync`` updates it.
     """
-    generation = handler_key_generation(secret_keys, member_id, code, key)
+    return key_accepted(handler_key_generation(secret_keys, member_id, code, key), member_id, code)
+
+
+def key_accepted(generation: int | None, member_id: str, code: str) -> bool:
+    """Whether a key of this :func:`handler_key_generation` is accepted; one of a previous
+    secret key is, and logged (see :func:`verify_handler_key`)."""
     if generation is not None and generation > 0:
         log.info(
             "HANDLER call of portal %s (code %s) used a key of a previous secret_key; "

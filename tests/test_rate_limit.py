@@ -152,6 +152,25 @@ def test_storage_follows_the_queue(tmp_path):
 # -- over a socket --------------------------------------------------------------------------------
 
 
+def test_the_handler_key_is_checked_once_per_call(live_app, emulator, monkeypatch):
+    """The rate limit and the HANDLER both need the key's verdict: one HMAC pass serves both."""
+    import b24sms.web.ratelimit as web_ratelimit
+
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    checks = []
+    real = web_ratelimit.handler_key_generation
+
+    def counted(*args, **kwargs):
+        checks.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(web_ratelimit, "handler_key_generation", counted)
+    assert portal.send_sms("smslog", "+14155550100", "hi")[1].status_code == 200
+    assert checks == [(portal.member_id, "smslog")]
+
+
 def test_a_noisy_portal_is_refused_while_another_portal_goes_on(live_app, emulator, caplog):
     server = live_app(providers=LOG, rate_limit={"portal_rate": 0.01, "portal_burst": 3})
     noisy, quiet = emulator.add_portal(), emulator.add_portal()

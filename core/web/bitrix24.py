@@ -31,8 +31,9 @@ from ..portals import (
     uninstall,
     update_from_event,
 )
-from ..registration import handler_secret_keys, sync_portal, verify_handler_key
+from ..registration import key_accepted, sync_portal
 from ..service import Service
+from .ratelimit import request_key_generation
 
 bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
 log = logging.getLogger(__name__)
@@ -195,9 +196,10 @@ def handler(code: str):
         raise ApiError(400, "invalid_field", "code: does not match the provider in the URL")
     auth = data.get("auth") or {}
     member_id = request.args.get("member_id") or auth.get("member_id")
-    key = request.args.get("key", "")
-    secret_keys = handler_secret_keys(svc.settings)
-    if not member_id or not verify_handler_key(secret_keys, member_id, code, key):
+    key = request.args.get("key")  # as the rate limit asked, so its answer is reused
+    if not member_id or not key_accepted(
+        request_key_generation(svc.settings, member_id, code, key), member_id, code
+    ):
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
