@@ -456,12 +456,8 @@ def _request_failed(
                         domain, portal.paused_until)
             return pause
         if isinstance(exc, TokensRevoked | PortalBlocked) or exc.action in ("reinstall", "stop"):
-            # The client marks the portal itself; make sure, in case it could not.
-            if portal.state == PortalState.ACTIVE:
-                portal.state = (
-                    PortalState.BLOCKED if exc.action == "stop" else PortalState.NEEDS_REINSTALL
-                )
-                portal.last_error = str(exc)
+            # The client (or the token refresh) marked the portal already — unless a re-install
+            # stored fresh tokens meanwhile, which a second mark here would undo.
             report.stopped = "inactive"
             log.warning("portal %s (%s): %s; its outbox waits for a re-install", portal_id,
                         domain, exc)

@@ -34,14 +34,19 @@ def find_portal(session: Session, member_id: str, *, lock: bool = False) -> Port
     return session.scalar(query, {"member_id": member_id})
 
 
-def _expires_at(expires: str | None, expires_in: str | None) -> dt.datetime | None:
+def token_expiry(expires: Any, expires_in: Any) -> dt.datetime | None:
+    """When an access token Bitrix24 handed over expires: from ``expires`` (a Unix time), else
+    ``expires_in`` (seconds from now); None when neither is a usable number."""
     try:
         if expires:
-            return dt.datetime.fromtimestamp(int(expires), dt.UTC).replace(tzinfo=None)
+            return dt.datetime.fromtimestamp(float(expires), dt.UTC).replace(tzinfo=None)
+    except (TypeError, ValueError, OverflowError, OSError):
+        pass
+    try:
         if expires_in:
-            return utcnow() + dt.timedelta(seconds=int(expires_in))
-    except (ValueError, OverflowError, OSError):
-        return None
+            return utcnow() + dt.timedelta(seconds=float(expires_in))
+    except (TypeError, ValueError, OverflowError):
+        pass
     return None
 
 
@@ -96,7 +101,7 @@ def install_from_event(
         access_token=auth["access_token"],
         refresh_token=auth["refresh_token"],
         application_token=auth["application_token"],
-        expires_at=_expires_at(auth.get("expires"), auth.get("expires_in")),
+        expires_at=token_expiry(auth.get("expires"), auth.get("expires_in")),
         scope=auth.get("scope"),
         language=_text(data.get("LANGUAGE_ID")),
     )
@@ -114,7 +119,7 @@ def install_from_form(session: Session, form: Mapping[str, Any]) -> tuple[Portal
         access_token=form["AUTH_ID"],
         refresh_token=form["REFRESH_ID"],
         application_token=form["APPLICATION_TOKEN"],
-        expires_at=_expires_at(None, form.get("AUTH_EXPIRES")),
+        expires_at=token_expiry(None, form.get("AUTH_EXPIRES")),
         scope=form.get("APPLICATION_SCOPE"),
         language=form.get("LANG"),
     )
@@ -124,7 +129,7 @@ def update_from_event(session: Session, portal: Portal, auth: Mapping[str, Any])
     """ONAPPUPDATE: fresh tokens may come with it; the portal stays ours."""
     if auth.get("access_token"):
         portal.access_token = auth["access_token"]
-        portal.token_expires_at = _expires_at(auth.get("expires"), auth.get("expires_in"))
+        portal.token_expires_at = token_expiry(auth.get("expires"), auth.get("expires_in"))
     if auth.get("refresh_token"):
         portal.refresh_token = auth["refresh_token"]
     if auth.get("client_endpoint"):

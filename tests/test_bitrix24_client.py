@@ -476,3 +476,21 @@ def test_php_urlencode_nests_like_php():
         "F": "0",
     }
     assert php_urlencode({}) == ""
+
+
+def test_token_expiry_of_odd_answers_never_raises():
+    """An OAuth answer is stored after the refresh token is spent: a bad expiry must not fail it."""
+    import datetime as dt
+
+    from b24sms.bitrix24.oauth import _expires_at
+    from b24sms.models import utcnow
+    from b24sms.portals import token_expiry
+
+    assert token_expiry("1742895600", None) == dt.datetime(2025, 3, 25, 9, 40)
+    assert token_expiry(None, "60") > utcnow()
+    for expires, expires_in in (("1e400", None), ("soon", "later"), (None, None), ({}, "inf")):
+        assert token_expiry(expires, expires_in) is None
+    # falls back to expires_in, then to an hour
+    assert token_expiry("nan-ish", "120") > utcnow() + dt.timedelta(seconds=100)
+    hour = _expires_at({"expires": "1e400"}) - utcnow()
+    assert dt.timedelta(minutes=59) < hour <= dt.timedelta(hours=1)

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from .. import metrics
 from ..db import Database
 from ..models import Portal, PortalState, utcnow
+from ..portals import token_expiry
 from .errors import (
     Bitrix24Error,
     PermanentError,
@@ -168,12 +169,7 @@ def _store(portal: Portal, answer: dict[str, Any]) -> None:
 
 
 def _expires_at(answer: dict[str, Any]) -> dt.datetime:
-    try:
-        return dt.datetime.fromtimestamp(float(answer["expires"]), dt.UTC).replace(tzinfo=None)
-    except (KeyError, TypeError, ValueError):
-        pass
-    try:
-        seconds = float(answer.get("expires_in") or 3600)
-    except (TypeError, ValueError):
-        seconds = 3600.0
-    return utcnow() + dt.timedelta(seconds=seconds)
+    # An answer without a usable expiry: Bitrix24's tokens live an hour.
+    return token_expiry(answer.get("expires"), answer.get("expires_in")) or (
+        utcnow() + dt.timedelta(seconds=3600)
+    )
