@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +38,18 @@ def base_config(tmp_path, public_url: str = "http://127.0.0.1:9", **sections: An
         else:
             config[key] = copy.deepcopy(value)
     return config
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; TimeoutError
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError("condition not met")
 
 
 class _Dispatcher:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.fakes.http_gateway import FakeSmsApi, post_callback
 from tests.fakes.smtp_server import LoopbackController, Recorder
 from tests.fakes.twilio_api import FakeTwilio
@@ -55,15 +56,6 @@ def five_providers(twilio: FakeTwilio, api: FakeSmsApi, smtp_port: int) -> dict:
         },
     }
 
-
-def wait_until(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
 
 
 def test_five_codes_on_two_portals(live_app, emulator, smtp):

@@ -184,5 +184,7 @@ def test_nothing_listens_where_the_examples_point():
     """The examples rely on 127.0.0.1:9 being closed; say so plainly if it is not."""
     with socket.socket() as sock:
         sock.settimeout(1)
-        if sock.connect_ex(("127.0.0.1", 9)) == 0:
-            pytest.skip("something listens on 127.0.0.1:9; sends may not fail fast")
+        assert sock.connect_ex(("127.0.0.1", 9)) != 0, (
+            "something listens on 127.0.0.1:9, where the example options point: sends there "
+            "would not fail fast"
+        )

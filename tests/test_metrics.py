@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import requests
@@ -32,6 +30,7 @@ from b24sms.gateway import PermanentGatewayError, RetryableGatewayError
 from b24sms.messages import enqueue_report
 from b24sms.models import Message, Portal, utcnow
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY, base_config
+from tests.deployment import free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "scrape-token-0123456789abcdef"
@@ -286,32 +285,14 @@ def test_database_counts_can_be_left_to_one_instance(live_app):
 # -- several processes ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _toml_config(path: Path, values: dict[str, dict[str, Any]]) -> None:
-    lines: list[str] = []
-    for table, entries in values.items():
-        lines.append(f"[{table}]")
-        for key, item in entries.items():
-            if isinstance(item, bool):
-                lines.append(f"{key} = {'true' if item else 'false'}")
-            else:
-                lines.append(f'{key} = "{item}"')
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture
 def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
     """The app under gunicorn with two worker processes and PROMETHEUS_MULTIPROC_DIR."""
     pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e '.[test]')")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "b24sms.toml"
-    _toml_config(config, {
+    write_config(config, {
         "service": {"public_url": url, "secret_key": SECRET_KEY,
                     "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
                     "queue_url": "memory://"},

@@ -16,21 +16,13 @@ import requests
 from sqlalchemy import select
 
 from b24sms.models import Message, Portal, PortalState
+from tests.conftest import wait_until
 from tests.fakes.http_gateway import FakeSmsApi, post_callback, sign
 from tests.fakes.twilio_api import FakeTwilio, send_status_callback, sign_callback
 
 SECRET_A = "replay-callback-secret-of-a-0123"
 SECRET_B = "replay-callback-secret-of-b-0123"
 
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
 
 
 def history(server, message_id: str) -> list[tuple[str, str, bool]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,7 +29,7 @@ from b24sms.emulator.portal import EmulatedPortal
 from b24sms.models import Portal, PortalState
 from b24sms.redaction import QueryRedactingFilter, install_log_filters, redact_query
 from b24sms.registration import handler_key, sync_all
-from tests.conftest import CLIENT_SECRET, SECRET_KEY, base_config
+from tests.conftest import CLIENT_SECRET, SECRET_KEY, base_config, wait_until
 from tests.fakes.http_gateway import FakeSmsApi, post_callback
 from tests.fakes.smtp_server import LoopbackController, Recorder
 from tests.fakes.twilio_api import FakeTwilio, send_status_callback
@@ -175,15 +174,6 @@ def providers(twilio: FakeTwilio, api: FakeSmsApi, smtp_port: int) -> dict:
 def handler_key_of(portal, code: str) -> str:
     return parse_qs(urlsplit(portal.senders[code]["HANDLER"]).query)["key"][0]
 
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
 
 
 def test_no_secret_in_any_log_line_or_answer(

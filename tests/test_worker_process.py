@@ -6,7 +6,6 @@ The worker runs in a subprocess (``Queue.run_consumer``) built from a config fil
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import select
@@ -27,6 +26,7 @@ from b24sms.outbox import outbox_backlog
 from b24sms.plugins import make_plugin_manager
 from b24sms.service import Service
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
+from tests.deployment import write_config
 from tests.test_delivery import add_message, add_portal, create_schema, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,24 +73,6 @@ logging.basicConfig(level=logging.INFO,
 from tests.test_worker_process import build
 build(sys.argv[1]).queue.run_consumer(workers=4)
 """
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string for what we write here
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines: list[str] = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in table.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 class Workers:
