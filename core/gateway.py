@@ -17,12 +17,15 @@ logs and ignores rather than guessing.
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
-from marshmallow import Schema
+from marshmallow import Schema, ValidationError
 
 from .statuses import STATUSES
 
@@ -213,3 +216,31 @@ class Gateway:
 
     def close(self) -> None:
         """Release connections and clients. Called when the service stops."""
+
+
+# -- helpers for gateway plugins ------------------------------------------------------------------
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` header as seconds: a number, or an HTTP date in the future."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+def check_http_url(value: str) -> None:
+    """A marshmallow validator for an option that must be an http(s) URL."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError("must be an http:// or https:// URL")

@@ -87,7 +87,23 @@ def _step(
     return tokens, 0.0 if tokens >= 1 else (1 - tokens) / limit.rate
 
 
-class MemoryBuckets:
+class _Operations:
+    """The three operations of :class:`Buckets`, over a store's ``_apply``."""
+
+    def _apply(self, key: str, limit: Limit, cost: float, mode: str) -> float:
+        raise NotImplementedError
+
+    def take(self, key: str, limit: Limit, cost: float = 1.0) -> float:
+        return self._apply(key, limit, cost, "take")
+
+    def peek(self, key: str, limit: Limit) -> float:
+        return self._apply(key, limit, 0.0, "peek")
+
+    def charge(self, key: str, limit: Limit, cost: float = 1.0) -> float:
+        return self._apply(key, limit, cost, "charge")
+
+
+class MemoryBuckets(_Operations):
     """Buckets in this process's memory (thread-safe); see the module docstring."""
 
     #: whether other processes see the same buckets
@@ -109,15 +125,6 @@ class MemoryBuckets:
             while len(self._state) > self.max_keys:
                 self._state.popitem(last=False)
             return wait
-
-    def take(self, key: str, limit: Limit, cost: float = 1.0) -> float:
-        return self._apply(key, limit, cost, "take")
-
-    def peek(self, key: str, limit: Limit) -> float:
-        return self._apply(key, limit, 0.0, "peek")
-
-    def charge(self, key: str, limit: Limit, cost: float = 1.0) -> float:
-        return self._apply(key, limit, cost, "charge")
 
     def clear(self) -> None:
         with self._lock:
@@ -149,7 +156,7 @@ return tostring(wait)
 """
 
 
-class RedisBuckets:
+class RedisBuckets(_Operations):
     """Buckets shared through Redis by every process and machine; see the module docstring.
 
     :param namespace: keeps the buckets of deployments sharing one Redis apart.
@@ -189,15 +196,6 @@ class RedisBuckets:
                         type(exc).__name__,
                     )
         return self.fallback._apply(key, limit, cost, mode)
-
-    def take(self, key: str, limit: Limit, cost: float = 1.0) -> float:
-        return self._apply(key, limit, cost, "take")
-
-    def peek(self, key: str, limit: Limit) -> float:
-        return self._apply(key, limit, 0.0, "peek")
-
-    def charge(self, key: str, limit: Limit, cost: float = 1.0) -> float:
-        return self._apply(key, limit, cost, "charge")
 
     def clear(self) -> None:
         self.fallback.clear()

@@ -29,8 +29,6 @@ anyone mark messages delivered.
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import hashlib
 import hmac
 import re
@@ -53,6 +51,8 @@ from b24sms.gateway import (
     RetryableGatewayError,
     SendResult,
     StatusReport,
+    check_http_url,
+    retry_after_seconds,
 )
 from b24sms.statuses import SENT, STATUSES
 
@@ -121,30 +121,6 @@ def dig(data: Any, path: str) -> Any:
     return data
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: a number, or an HTTP date in the future."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
-def _check_url(value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError("must be an http:// or https:// URL")
-
-
 def _check_body(value: Any, path: str = "body", *, nested_ok: bool = True) -> None:
     """Every string's placeholders are known; only JSON bodies may nest."""
     if isinstance(value, str):
@@ -172,7 +148,7 @@ def _check_body(value: Any, path: str = "body", *, nested_ok: bool = True) -> No
 class HttpOptions(Schema):
     """Options of the ``http`` gateway."""
 
-    url = fields.String(required=True, validate=_check_url)
+    url = fields.String(required=True, validate=check_http_url)
     method = fields.String(
         load_default="POST", validate=validate.OneOf(("POST", "PUT", "PATCH", "GET"))
     )

@@ -25,7 +25,6 @@ import re
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import requests
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -48,6 +47,8 @@ from b24sms.gateway import (
     RetryableGatewayError,
     SendResult,
     StatusReport,
+    check_http_url,
+    retry_after_seconds,
 )
 from b24sms.statuses import DELIVERED, FAILED, QUEUED, SENT, UNDELIVERED
 
@@ -69,12 +70,6 @@ RETRYABLE_CODES = frozenset({20429, 20500, 20503, 30001})
 _LIBRARY_PREFIX = re.compile(r"^Unable to \w+ (record|page)s?: ")
 
 
-def _check_url(value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError("must be an http:// or https:// URL")
-
-
 class TwilioOptions(Schema):
     """Options of the ``twilio`` gateway."""
 
@@ -93,7 +88,7 @@ class TwilioOptions(Schema):
         ),
     )
     status_callback = fields.Boolean(load_default=True)
-    api_base_url = fields.String(load_default=None, validate=_check_url)
+    api_base_url = fields.String(load_default=None, validate=check_http_url)
     timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
 
     @validates_schema
@@ -118,13 +113,6 @@ class _HttpClient(TwilioHttpClient):
     def last_header(self, name: str) -> str | None:
         headers = getattr(self._last, "headers", {}) or {}
         return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
 
 
 class TwilioGateway(Gateway):
@@ -205,7 +193,7 @@ class TwilioGateway(Gateway):
                 return RetryableGatewayError(
                     message,
                     code=code_text,
-                    retry_after=_retry_after(self._http.last_header("Retry-After")),
+                    retry_after=retry_after_seconds(self._http.last_header("Retry-After")),
                 )
             return PermanentGatewayError(message, code=code_text)
         if isinstance(exc, (requests.Timeout,)):

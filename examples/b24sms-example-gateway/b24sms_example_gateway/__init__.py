@@ -46,6 +46,7 @@ from b24sms.gateway import (
     RetryableGatewayError,
     SendResult,
     StatusReport,
+    retry_after_seconds,
 )
 
 __version__ = "0.1.0"
@@ -163,11 +164,10 @@ class ExampleCarrierGateway(Gateway):
         text = text.replace(self.options["api_key"], "***")
         message = f"Example Carrier answered HTTP {response.status_code}: {text}"
         if response.status_code == 429 or response.status_code >= 500:
-            retry_after = response.headers.get("Retry-After")
             return RetryableGatewayError(
                 message,
                 code=code,
-                retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
             )
         # 401 (bad key), 422 (bad number)…: trying again gives the same answer
         return PermanentGatewayError(message, code=code)
