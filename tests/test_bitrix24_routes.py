@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import requests
 from sqlalchemy import func, select
 
@@ -89,6 +91,34 @@ def test_forged_reinstall_of_a_known_portal_is_refused(live_app, emulator):
     after = portal_row(server, portal.member_id)
     assert (after.domain, after.access_token, after.application_token) == (
         before.domain, before.access_token, before.application_token)
+
+
+def test_a_reinstall_checked_at_a_slow_portal_holds_no_other_call(live_app, emulator):
+    """The re-install's proof (a call to the portal) runs outside any transaction: on SQLite a
+    transaction would hold every writer, HANDLER calls included, for as long as it takes."""
+    import threading
+
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    portal.rest_delays["app.info"] = 1.5  # what the re-install's proof asks
+    finished: list[str] = []
+
+    def forged_reinstall():
+        forged = {"event": "ONAPPINSTALL", "auth[member_id]": portal.member_id,
+                  "auth[domain]": portal.domain, "auth[access_token]": "forged-access",
+                  "auth[refresh_token]": "forged-refresh",
+                  "auth[application_token]": "forged-app-token"}
+        answer = requests.post(f"{server.url}/bitrix24/install", data=forged, timeout=10)
+        finished.append(f"install {answer.status_code}")
+
+    thread = threading.Thread(target=forged_reinstall)
+    thread.start()
+    time.sleep(0.3)  # the install is asking the portal now
+    _, response = portal.send_sms("smslog", "+14155550100", "hi")
+    finished.append(f"handler {response.status_code}")
+    thread.join(10)
+    assert finished == ["handler 200", "install 401"]
 
 
 def test_update_registers_the_providers_again(live_app, emulator):

@@ -189,6 +189,8 @@ class EmulatedPortal:
         self._access: dict[str, float] = {}
         self._refresh: set[str] = set()
         self._injections: list[_Injection] = []
+        #: seconds a REST method waits before it is answered, by method (tests set it any time)
+        self.rest_delays: dict[str, float] = {}
         self._bucket = 0.0
         self._bucket_at = time.monotonic()
         self._owner_ids = itertools.count(1)
@@ -326,6 +328,9 @@ class EmulatedPortal:
             return 404, _method_not_found().body()
         method = request.path[len("/rest/"):].strip("/").lower()
         method = method.removesuffix(".json")
+        delay = self.rest_delays.get(method, 0.0)
+        if delay > 0:
+            time.sleep(delay)  # a slow method
         started = time.time()
         status, payload, commands = self._answer_rest(method, request, started)
         with self._lock:

@@ -107,27 +107,41 @@ def _reinstall_allowed(portal: Portal, application_token: str | None, access_tok
 @bp.post("/install")
 def install():
     """ONAPPINSTALL (form with ``event``) or the UI install form (``AUTH_ID`` …)."""
+    return _install(read_payload())
+
+
+def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
+    """Install from a read body (``event``: already loaded by ``/events``)."""
     svc = service()
-    payload = read_payload()
-    ui = "event" not in payload
+    ui = event is None and "event" not in payload
     if ui:
         form = load(InstallFormSchema(), {**request.args.to_dict(), **payload})
         member_id, app_token, access = form["member_id"], form["APPLICATION_TOKEN"], form["AUTH_ID"]
     else:
-        event = load(EventSchema(), payload)
+        event = event or load(EventSchema(), payload)
         if event["event"].upper() != "ONAPPINSTALL":
             raise ApiError(400, "unsupported_event", f"event: {event['event']} is not ONAPPINSTALL")
         auth = _require_install_auth(event["auth"])
         member_id, app_token, access = auth["member_id"], auth["application_token"], auth["access_token"]
 
+    # A re-install of an active portal must prove itself first, outside any transaction: the
+    # proof may be a call to the portal, and a SQLite transaction would hold every writer.
     with svc.db.session() as session:
         existing = find_portal(session, member_id)
+        verified = existing.application_token if existing is not None else None
+        active = existing is not None and existing.state == PortalState.ACTIVE
+    if active and not _reinstall_allowed(existing, app_token, access):
+        raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
+    with svc.db.session() as session:
+        current = find_portal(session, member_id, lock=True)
         if (
-            existing is not None
-            and existing.state == PortalState.ACTIVE
-            and not _reinstall_allowed(existing, app_token, access)
+            current is not None
+            and current.state == PortalState.ACTIVE
+            and current.application_token != verified
+            and not tokens_match(current.application_token, app_token)
         ):
-            raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
+            # Installed or re-installed by another call while we checked: check again.
+            raise ApiError(409, "conflict", "the portal changed during the install; send again")
         if ui:
             portal, created = install_from_form(session, form)
         else:
@@ -154,11 +168,12 @@ def _require_install_auth(auth: Mapping[str, Any]) -> Mapping[str, Any]:
 def events():
     """ONAPPUPDATE re-registers providers; ONAPPUNINSTALL stops (and with CLEAN erases)."""
     svc = service()
-    event = load(EventSchema(), read_payload())
+    payload = read_payload()
+    event = load(EventSchema(), payload)
     name = event["event"].upper()
     auth = event["auth"]
     if name == "ONAPPINSTALL":
-        return install()
+        return _install(payload, event)
     if name not in ("ONAPPUPDATE", "ONAPPUNINSTALL"):
         raise ApiError(400, "unsupported_event", f"event: {event['event']} is not handled")
     member_id = auth.get("member_id")
