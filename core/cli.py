@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -10,7 +9,8 @@ import click
 
 from . import __version__
 
-log = logging.getLogger("b24sms.cli")
+#: the plugin manager main() loaded (None: the service loads its own)
+_plugin_manager: Any = None
 
 
 class Context:
@@ -31,7 +31,8 @@ class Context:
             try:
                 config = load_config(self.config_path)
                 logs.configure(config["service"])
-                self._service = Service(config)
+                # The plugins main() loaded for their commands serve the service too.
+                self._service = Service(config, plugin_manager=_plugin_manager)
             except (ConfigError, PluginError) as exc:
                 raise click.ClickException(str(exc)) from None
         return self._service
@@ -259,8 +260,11 @@ def main() -> None:
     """Console-script entry point."""
     from .plugins import make_plugin_manager
 
+    global _plugin_manager
     try:
-        make_plugin_manager().hook.b24sms_register_commands(cli=cli)
+        _plugin_manager = make_plugin_manager()
+        _plugin_manager.hook.b24sms_register_commands(cli=cli)
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+        _plugin_manager = None
         click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
     cli()

@@ -78,10 +78,6 @@ class Database:
             if locked:
                 lock.release()
 
-    def new_session(self) -> Session:
-        """A plain session whose transactions the caller manages."""
-        return self._sessions()
-
     def ping(self) -> None:
         """Raise when the database cannot be reached."""
         with self.engine.connect() as conn:

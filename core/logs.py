@@ -98,8 +98,8 @@ class StatusLog:
     ``previous``, ``status``, ``source``, ``attempts``. Never the body, the number or a token.
     """
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.log = logger or logging.getLogger(STATUS_LOGGER)
+    def __init__(self) -> None:
+        self.log = logging.getLogger(STATUS_LOGGER)
 
     @staticmethod
     def _fields(message: MessageInfo) -> dict[str, Any]:

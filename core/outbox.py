@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_UPDATE = "messageservice.message.status.update"
-NOT_FOUND = "ERROR_MESSAGE_NOT_FOUND"
 #: commands per batch request (Bitrix24's limit)
 BATCH_SIZE = 50
 #: a partial batch waits until no new entry has arrived for this long…
@@ -117,7 +116,6 @@ class _Entry:
     code: str
     message_id: str
     status: str
-    attempts: int
 
 
 @dataclass
@@ -388,7 +386,7 @@ def _plan(service: Service, portal_id: int, owner: str, pacing: _Pacing, hold: b
             select(OutboxEntry).where(due).order_by(OutboxEntry.id).limit(BATCH_SIZE)
         ).all()
         entries = [
-            _Entry(r.id, r.version, r.code, r.message_id, r.status, r.attempts) for r in rows
+            _Entry(r.id, r.version, r.code, r.message_id, r.status) for r in rows
         ]
         return _Step("send", entries=entries, domain=portal.domain)
 
@@ -428,7 +426,7 @@ def _request_failed(
     exc: Bitrix24Error,
     pacing: _Pacing,
     report: FlushReport,
-) -> float | None:
+) -> None:
     """The batch request as a whole failed: pause or stop the portal; the entries all wait."""
     now = utcnow()
     report.errors[exc.code] = report.errors.get(exc.code, 0) + 1
@@ -437,7 +435,7 @@ def _request_failed(
         state = session.get(PortalPacing, portal_id)
         if portal is None or state is None:
             report.stopped = "gone"
-            return None
+            return
         if isinstance(exc, RateLimited):
             # Someone else shares the portal's bucket (other apps on our IP): believe it full.
             state.bucket_level = pacing.capacity
@@ -447,21 +445,21 @@ def _request_failed(
             report.stopped = "rate_limited"
             log.warning("portal %s (%s): QUERY_LIMIT_EXCEEDED; pausing %.1fs", portal_id, domain,
                         pause)
-            return pause
+            return
         if isinstance(exc, OperationTimeLimit):
             portal.paused_until = max(exc.reset_at, now + _seconds(0.1))
             pause = (portal.paused_until - now).total_seconds()
             report.stopped = "operation_time_limit"
             log.warning("portal %s (%s): OPERATION_TIME_LIMIT; paused until %s", portal_id,
                         domain, portal.paused_until)
-            return pause
+            return
         if isinstance(exc, TokensRevoked | PortalBlocked) or exc.action in ("reinstall", "stop"):
             # The client (or the token refresh) marked the portal already — unless a re-install
             # stored fresh tokens meanwhile, which a second mark here would undo.
             report.stopped = "inactive"
             log.warning("portal %s (%s): %s; its outbox waits for a re-install", portal_id,
                         domain, exc)
-            return None
+            return
         state.failures = (state.failures or 0) + 1
         pause = retry_delay(state.failures, max(pacing.retry_base, 0.1), pacing.retry_cap)
         if exc.action == "give_up":
@@ -477,7 +475,6 @@ def _request_failed(
                         domain, exc, pause)
         portal.paused_until = now + _seconds(pause)
         portal.last_error = str(exc)
-        return pause
 
 
 def _record_answer(

@@ -25,7 +25,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -459,7 +458,3 @@ class Queue:
         # libpq also takes ?password=…
         return redact_query(f"{scheme}://{rest}")
 
-    def run_periodic_now(self) -> None:
-        """Run the sweep once, here (tests and the CLI)."""
-        fn: Callable[[], None] = self.sweep_task.func
-        fn()

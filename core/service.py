@@ -12,7 +12,6 @@ from typing import Any
 
 import pluggy
 
-from .config import load_config
 from .db import Database
 from .gateway import Gateway
 from .plugins import GatewayType, build_gateways, gateway_types, make_plugin_manager
@@ -56,16 +55,9 @@ class Service:
         #: the way in for messages: concurrent HANDLER calls share a transaction
         self.ingest = Ingest(self)
 
-    @classmethod
-    def from_file(cls, path: str | None = None, **kwargs: Any) -> Service:
-        return cls(load_config(path), **kwargs)
-
     @property
     def public_url(self) -> str:
         return self.settings["public_url"]
-
-    def enabled_providers(self) -> dict[str, dict[str, Any]]:
-        return {code: p for code, p in self.providers.items() if p["enabled"]}
 
     def close(self) -> None:
         for gateway in self.gateways.values():

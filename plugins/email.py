@@ -25,6 +25,7 @@ is not something SMTP can tell, so the message stays ``sent``.
 
 from __future__ import annotations
 
+import functools
 import smtplib
 import socket
 import ssl
@@ -176,18 +177,21 @@ class EmailGateway(Gateway):
         mail.set_content(message.body, cte=None if message.body.isascii() else "quoted-printable")
         return mail
 
+    @functools.cached_property
+    def _tls(self) -> ssl.SSLContext:
+        # Built once: a default context loads the system's certificate store.
+        return ssl.create_default_context()
+
     def _connect(self) -> smtplib.SMTP:
         host, port, timeout = self.options["smtp_host"], self.port, self.options["timeout"]
         security = self.options["security"]
         if security == "ssl":
-            return smtplib.SMTP_SSL(
-                host, port, timeout=timeout, context=ssl.create_default_context()
-            )
+            return smtplib.SMTP_SSL(host, port, timeout=timeout, context=self._tls)
         smtp = smtplib.SMTP(host, port, timeout=timeout)
         try:
             if security == "starttls":
                 smtp.ehlo()
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=self._tls)
                 smtp.ehlo()
         except BaseException:
             smtp.close()
