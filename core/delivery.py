@@ -365,7 +365,8 @@ def _record_failure(
     changes: list[tuple[StatusChange, MessageInfo]] = []
     delay: float | None = None
     with service.db.session() as session:
-        message = session.get(Message, message_pk, with_for_update=True)
+        # With its portal, as the send loaded it: the snapshots below read the portal's domain.
+        message = _locked_with_portal(session, message_pk)
         if message is None:
             return DeliveryOutcome(message_pk, "skipped", "deleted while sending")
         portal_id, code, attempts = message.portal_id, message.code, message.attempts
@@ -387,7 +388,7 @@ def _record_failure(
             )
             if change is not None:
                 changes.append((change, _info(message)))
-        info = _info(message)
+        info = changes[0][1] if changes else _info(message)
     if will_retry:
         log.warning(
             "message %s (%s, %s): attempt %d failed: %s; retry in %.1fs",
@@ -434,9 +435,7 @@ def apply_reports(
         if not report.external_id:
             log.warning("report from %s without an external id; ignored", code)
             continue
-        status = report.status
-        if status is None and gateway is not None:
-            status = gateway.map_status(str(report.raw_status))
+        status = _map(gateway, report) if gateway is not None else report.status
         if status is None:
             log.warning(
                 "report from %s about %s: unknown status %r; ignored",

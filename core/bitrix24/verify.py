@@ -16,10 +16,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
-from .. import __version__
+from .. import metrics
+from .client import shared_session, user_agent
+from .oauth import CONNECT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +115,14 @@ def probe_token(
 
 
 def _ask(client_endpoint: str, access_token: str, settings: Mapping[str, Any]) -> bool:
-    from .. import metrics
-
     method = "app.info"
     started = time.perf_counter()
     try:
-        response = requests.post(
+        response = shared_session().post(
             client_endpoint.rstrip("/") + "/" + method,
             json={"auth": access_token},
-            headers={"User-Agent": settings.get("user_agent") or f"b24sms/{__version__}"},
-            timeout=(5, float(settings.get("timeout", 30))),
+            headers={"User-Agent": user_agent(settings)},
+            timeout=(CONNECT_TIMEOUT, float(settings.get("timeout", 30))),
         )
         body = response.json()
     except (requests.RequestException, ValueError) as exc:
@@ -148,6 +149,4 @@ def _ask(client_endpoint: str, access_token: str, settings: Mapping[str, Any]) -
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).netloc
