@@ -52,8 +52,10 @@ def expand_variables(value: Any, environ: Mapping[str, str], path: str, filename
     return value
 
 
-def _raise(message: str) -> bool:
-    raise ValidationError(message)
+def _empty_or_16_characters(value: str) -> None:
+    """A key or token: empty (generated, or switched off), or at least 16 characters."""
+    if value and len(value) < 16:
+        raise ValidationError("must be at least 16 characters")
 
 
 def _url(schemes: tuple[str, ...]):
@@ -71,15 +73,12 @@ class ServiceSchema(Schema):
 
     public_url = fields.String(required=True, validate=_url(("http", "https")))
     #: empty: generated once and kept in instance/secret_key (single-machine use)
-    secret_key = fields.String(
-        required=True,
-        validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters"),
-    )
+    secret_key = fields.String(required=True, validate=_empty_or_16_characters)
     #: keys replaced by a rotation, still accepted on HANDLER URLs until `providers sync` ran
     #: everywhere (docs/operations.md); empty strings are dropped, so `${OLD_KEY:-}` works
     previous_secret_keys = fields.List(
         fields.String(
-            validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters")
+            validate=_empty_or_16_characters
         ),
         load_default=list,
     )
@@ -130,7 +129,7 @@ class MetricsSchema(Schema):
     #: the bearer token scrapers must send; empty: no token (only on a private network)
     token = fields.String(
         load_default="",
-        validate=lambda v: v == "" or len(v) >= 16 or _raise("must be at least 16 characters"),
+        validate=_empty_or_16_characters,
     )
     #: counts computed from the shared database at scrape time (see b24sms.metrics)
     database = fields.Boolean(load_default=True)

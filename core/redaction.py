@@ -20,8 +20,10 @@ import logging
 import re
 from typing import Any
 
+#: a name (query parameter, option, field) whose value is a secret
+SECRET_NAME = re.compile(r"key|token|secret|pass|auth|sign|credential", re.IGNORECASE)
 #: a query parameter whose value is withheld, by its name
-_SECRET_PARAM = r"[^=&\s\"'#?]*(?:key|token|secret|pass|auth|sign|credential)[^=&\s\"'#?]*"
+_SECRET_PARAM = rf"[^=&\s\"'#?]*(?:{SECRET_NAME.pattern})[^=&\s\"'#?]*"
 _QUERY_SECRET_RE = re.compile(rf"([?&;]{_SECRET_PARAM}=)[^&\s\"'#]*", re.IGNORECASE)
 #: the loggers that write request lines with their query strings
 REQUEST_LINE_LOGGERS = ("werkzeug", "urllib3.connectionpool", "gunicorn.access")

@@ -38,6 +38,7 @@ __all__ = [
     "sync_all",
     "sync_portal",
     "verify_handler_key",
+    "wanted_codes",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,23 @@ def handler_url(service: _ServiceLike, member_id: str, code: str) -> str:
     return f"{service.public_url}/bitrix24/handler/{code}?member_id={member_id}&key={key}"
 
 
+def wanted_codes(service: _ServiceLike, member_id: str) -> list[str]:
+    """The CODEs the config wants on the portal ``member_id``: enabled, and either for all
+    portals or listing this one."""
+    return [
+        code
+        for code, provider in service.providers.items()
+        if provider.get("enabled", True)
+        and (provider.get("portals") is None or member_id in provider["portals"])
+    ]
+
+
 def desired_providers(service: _ServiceLike, member_id: str) -> dict[str, dict[str, Any]]:
     """CODE → the ``messageservice.sender.add`` parameters of every provider the config wants on
-    the portal ``member_id`` (enabled, and either for all portals or listing this one)."""
+    the portal ``member_id`` (:func:`wanted_codes`)."""
     wanted: dict[str, dict[str, Any]] = {}
-    for code, provider in service.providers.items():
-        if not provider.get("enabled", True):
-            continue
-        portals = provider.get("portals")
-        if portals is not None and member_id not in portals:
-            continue
+    for code in wanted_codes(service, member_id):
+        provider = service.providers[code]
         wanted[code] = {
             "CODE": code,
             "TYPE": "SMS",
@@ -228,12 +236,13 @@ def sync_portal(
     report = SyncReport(domain=domain, member_id=member_id)
     client = client or Bitrix24Client(db, portal_id, service.config["bitrix24"])
     wanted = desired_providers(service, member_id)
+    fingerprints = {code: fingerprint(params) for code, params in wanted.items()}
     outcomes: dict[str, _Outcome] = {}
     try:
         present = _codes(client.call("messageservice.sender.list"))
         plan: list[tuple[str, str, str, dict[str, Any]]] = []  # (op, code, method, params)
         for code, params in wanted.items():
-            fp = fingerprint(params)
+            fp = fingerprints[code]
             if code not in present:
                 plan.append(("add", code, "messageservice.sender.add", params))
             elif code not in records or records[code][1] != fp:
@@ -251,7 +260,7 @@ def sync_portal(
 
         readd: list[str] = []
         for op, code, error in _run(client, plan):
-            fp = fingerprint(wanted[code]) if code in wanted else None
+            fp = fingerprints.get(code)
             if op == "delete":
                 if error is None or error.code == _NOT_FOUND:
                     report.deleted.append(code)
@@ -286,7 +295,7 @@ def sync_portal(
                 if error is None or error.code == _ALREADY_INSTALLED:
                     report.updated.append(code)
                     outcomes[code] = _Outcome(RegistrationState.REGISTERED,
-                                              _known(fingerprint(wanted[code]), error))
+                                              _known(fingerprints[code], error))
                 else:
                     _fail(report, outcomes, code, error)
     except Bitrix24Error as exc:

@@ -54,13 +54,13 @@ from b24sms.gateway import (
     check_http_url,
     retry_after_seconds,
 )
+from b24sms.redaction import SECRET_NAME
 from b24sms.statuses import SENT, STATUSES
 
 #: the placeholders a ``body`` string may use
 PLACEHOLDERS = ("to", "body", "message_id", "id", "code", "callback_url")
 _PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 #: body keys whose literal values are kept out of error messages
-_SECRET_KEY_RE = re.compile(r"key|token|secret|pass|auth|sign|credential", re.IGNORECASE)
 
 
 def template_fields(template: str) -> list[str]:
@@ -232,7 +232,7 @@ class HttpGateway(Gateway):
             elif isinstance(value, list):
                 for v in value:
                     walk(v, key)
-            elif isinstance(value, str) and _SECRET_KEY_RE.search(key):
+            elif isinstance(value, str) and SECRET_NAME.search(key):
                 found.append(value)
 
         walk(options["body"])

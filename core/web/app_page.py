@@ -42,7 +42,7 @@ from ..logs import mask_number
 from ..messages import TEST_MESSAGE_PREFIX
 from ..models import Message, Portal, PortalState, ProviderRegistration, StatusEvent, utcnow
 from ..portals import find_portal
-from ..registration import desired_providers
+from ..registration import wanted_codes
 from ..service import Service
 from ..statuses import FINAL_STATUSES, STATUSES
 
@@ -267,7 +267,7 @@ def provider_name(name: Any, lang: str) -> str:
 
 def provider_rows(svc: Service, db_session: Session, session: PageSession) -> list[ProviderRow]:
     """The providers of this portal: those the config wants here, and any registered earlier."""
-    wanted = desired_providers(svc, session.member_id)
+    wanted = wanted_codes(svc, session.member_id)
     registrations = {
         r.code: r
         for r in db_session.scalars(
@@ -479,7 +479,7 @@ def test_message() -> Response:
     except Unauthorized as exc:
         return unauthorized(exc.reason)
     svc = service()
-    wanted = desired_providers(svc, session.member_id)
+    wanted = wanted_codes(svc, session.member_id)
     code = request.form.get("code", "")
     to = request.form.get("to", "").strip()
     text = request.form.get("body", "").strip()
