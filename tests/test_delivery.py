@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import random
 import secrets
 import time
@@ -436,10 +435,6 @@ def test_a_flush_enqueued_from_inside_a_send_runs_after_it(svc, portal_id):
 
 # -- the queue's stores --------------------------------------------------------------------------
 
-POSTGRES_QUEUE = os.environ.get("B24SMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_QUEUE = os.environ.get("B24SMS_TEST_REDIS", "redis://127.0.0.1:6379/15")
-
-
 def test_queue_url_selects_the_store(tmp_path):
     from huey import MemoryHuey, PostgresHuey, RedisHuey, SqliteHuey
 
@@ -489,19 +484,18 @@ def test_memory_queue_has_no_consumer(svc):
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql", "redis"])
-def test_embedded_consumer_delivers_on_every_store(tmp_path, store):
+def test_embedded_consumer_delivers_on_every_store(tmp_path, store, request):
+    """PostgreSQL and Redis: a scratch database and a queue name of this module's own (the
+    conftest fixtures; skipped with the reason when the server is not running)."""
     url = {
-        "sqlite": f"sqlite:///{tmp_path}/queue.sqlite3",
-        "postgresql": POSTGRES_QUEUE,
-        "redis": REDIS_QUEUE,
-    }[store]
+        "sqlite": lambda: f"sqlite:///{tmp_path}/queue.sqlite3",
+        "postgresql": lambda: request.getfixturevalue("postgres_url"),
+        "redis": lambda: request.getfixturevalue("redis_url"),
+    }[store]()
     svc = build_service(tmp_path, service={"queue_url": url})
     handle = None
     try:
-        try:
-            svc.queue.ping()
-        except Exception as exc:  # noqa: BLE001 - any failure to connect means "not here"
-            pytest.skip(f"{store} queue store not reachable: {type(exc).__name__}")
+        svc.queue.ping()
         svc.queue.huey.flush()  # leftovers of an earlier run would name rows of another database
         portal_id = add_portal(svc, state=PortalState.UNINSTALLED)
         pks = [add_message(svc, portal_id) for _ in range(3)]

@@ -23,6 +23,7 @@ from sqlalchemy import MetaData, Table, func, select, types
 from b24sms import migrate
 from b24sms.db import Database
 from b24sms.models import Base
+from tests.deployment import reset_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -32,10 +33,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         db = Database(f"sqlite:///{tmp_path}/migrations.sqlite3")
     else:
         url = request.getfixturevalue("postgres_url")
+        reset_schema(url)
         db = Database(url)
-        with db.engine.begin() as conn:
-            conn.exec_driver_sql("DROP SCHEMA public CASCADE")
-            conn.exec_driver_sql("CREATE SCHEMA public")
     try:
         yield db
     finally:
