@@ -158,13 +158,17 @@ def _cpu_seconds(pid: int) -> float:
 class Proc:
     """A process of the service started by a benchmark; stopped by its own pid."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "wb") as log_file:
             self.popen = subprocess.Popen(
-                list(argv), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                list(argv),
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )
         self.pid = self.popen.pid
@@ -218,8 +222,18 @@ def start_serve(config: Path, port: int, workdir: Path, *extra: str) -> Proc:
     """``b24sms serve`` (waitress + embedded consumer) with the bare routes added."""
     proc = Proc(
         "serve",
-        [sys.executable, str(BENCH / "bare.py"), "--config", str(config), "serve",
-         "--host", "127.0.0.1", "--port", str(port), *extra],
+        [
+            sys.executable,
+            str(BENCH / "bare.py"),
+            "--config",
+            str(config),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra,
+        ],
         workdir / "serve.log",
     )
     wait_http(f"http://127.0.0.1:{port}/healthz", proc)
@@ -231,17 +245,33 @@ GUNICORN_WORKERS = 2
 GUNICORN_THREADS = 16
 
 
-def start_gunicorn(config: Path, port: int, workdir: Path, workers: int,
-                   threads: int = GUNICORN_THREADS) -> Proc:
+def start_gunicorn(
+    config: Path, port: int, workdir: Path, workers: int, threads: int = GUNICORN_THREADS
+) -> Proc:
     """``gunicorn -w N --threads T wsgi:app`` as in the README, with the bare routes added."""
     proc = Proc(
         "gunicorn",
-        [sys.executable, "-m", "gunicorn", "-w", str(workers), "--threads", str(threads),
-         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "bare:gunicorn_app()"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            str(workers),
+            "--threads",
+            str(threads),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "bare:gunicorn_app()",
+        ],
         workdir / "gunicorn.log",
-        env={"B24SMS_CONFIG": str(config), "PYTHONPATH": os.pathsep.join(
-            [p for p in (os.environ.get("PYTHONPATH"), str(BENCH), str(ROOT)) if p]
-        )},
+        env={
+            "B24SMS_CONFIG": str(config),
+            "PYTHONPATH": os.pathsep.join(
+                [p for p in (os.environ.get("PYTHONPATH"), str(BENCH), str(ROOT)) if p]
+            ),
+        },
     )
     wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     return proc
@@ -249,8 +279,14 @@ def start_gunicorn(config: Path, port: int, workdir: Path, workers: int,
 
 def start_worker(config: Path, workdir: Path, index: int, threads: int | None = None) -> Proc:
     """``b24sms worker [-w N]``."""
-    argv = [sys.executable, "-c", "from b24sms.cli import main; main()",
-            "--config", str(config), "worker"]
+    argv = [
+        sys.executable,
+        "-c",
+        "from b24sms.cli import main; main()",
+        "--config",
+        str(config),
+        "worker",
+    ]
     if threads:
         argv += ["-w", str(threads)]
     return Proc(f"worker-{index}", argv, workdir / f"worker-{index}.log")
@@ -368,9 +404,20 @@ def run_loadgen(
     """Run ``bench/loadgen.py`` in its own process; returns its JSON figures."""
     targets_file = workdir / f"targets-{secrets.token_hex(4)}.json"
     targets_file.write_text(json.dumps(targets))
-    argv = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port),
-            "--targets-file", str(targets_file), "--concurrency", str(concurrency),
-            "--warmup", str(warmup), "--id-prefix", id_prefix]
+    argv = [
+        sys.executable,
+        str(BENCH / "loadgen.py"),
+        "--port",
+        str(port),
+        "--targets-file",
+        str(targets_file),
+        "--concurrency",
+        str(concurrency),
+        "--warmup",
+        str(warmup),
+        "--id-prefix",
+        id_prefix,
+    ]
     if duration is not None:
         argv += ["--duration", str(duration)]
     if requests_total is not None:
@@ -387,7 +434,10 @@ def canned_server() -> Iterator[int]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(BENCH / "loadgen.py"), "--canned-server", str(port)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -489,6 +539,7 @@ def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (readable in a terminal, pasteable into docs/benchmarks.md)."""
+
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
@@ -498,13 +549,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     text_rows = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in text_rows)) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for raw, row in zip(rows, text_rows):
-        lines.append("| " + " | ".join(
-            v.rjust(w) if isinstance(r, int | float) else v.ljust(w)
-            for r, v, w in zip(raw, row, widths)
-        ) + " |")
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for raw, row in zip(rows, text_rows, strict=False):
+        lines.append(
+            "| "
+            + " | ".join(
+                v.rjust(w) if isinstance(r, int | float) else v.ljust(w)
+                for r, v, w in zip(raw, row, widths, strict=False)
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -525,7 +582,7 @@ class DbProbe:
         if database_url.startswith("sqlite:///"):
             import sqlite3
 
-            path = database_url[len("sqlite:///"):]
+            path = database_url[len("sqlite:///") :]
             self._conn: Any = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         else:
             import psycopg
@@ -569,7 +626,11 @@ def deliver(
 
     def load() -> None:
         result["ingest"] = run_loadgen(
-            app_port, targets, workdir, concurrency=concurrency, requests_total=messages,
+            app_port,
+            targets,
+            workdir,
+            concurrency=concurrency,
+            requests_total=messages,
             id_prefix=id_prefix,
         )
         result["ingest_done"] = time.time() - t0
@@ -594,8 +655,12 @@ def deliver(
     loader.join()
     last_final = max(final_count(p)[1] for p in portals)
     batches: list[int] = []
-    stats: dict[str, int] = {"requests": 0, "batches": 0, "status_updates": 0,
-                             "rejected_rate_limit": 0}
+    stats: dict[str, int] = {
+        "requests": 0,
+        "batches": 0,
+        "status_updates": 0,
+        "rejected_rate_limit": 0,
+    }
     for p in portals:
         snap, log_len = before[p.member_id]
         now = p.stats_snapshot()

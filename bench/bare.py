@@ -21,6 +21,7 @@ Used two ways, both building the app exactly as production does:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -77,10 +78,9 @@ def _store_table(service: Any) -> Any:
     table = Table(
         "bench_store", MetaData(), Column("id", Integer, primary_key=True), Column("body", Text)
     )
-    try:
+    # another gunicorn worker may create it at the same moment
+    with contextlib.suppress(SQLAlchemyError):
         table.create(service.db.engine, checkfirst=True)
-    except SQLAlchemyError:
-        pass  # another gunicorn worker created it at the same moment
     return table
 
 

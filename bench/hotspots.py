@@ -2,7 +2,7 @@
 
     python bench/hotspots.py ingest      # HANDLER calls only (serve --no-consumer), 32 clients
     python bench/hotspots.py delivery    # the embedded consumer sending and flushing 3,000 messages
-    python bench/hotspots.py gunicorn    # HANDLER calls on the README's web tier (PostgreSQL, Redis)
+    python bench/hotspots.py gunicorn    # HANDLER calls on the README's web tier (PG, Redis)
 
 Needs ``py-spy`` (``pip install -e ".[bench]"``) and the right to attach to a child process
 (root, or ``kernel.yama.ptrace_scope = 0``). By default only the thread holding the GIL is
@@ -11,7 +11,8 @@ goes. ``--all-threads`` samples every thread that is not idle, which shows where
 *wait* as well (a lock, a busy SQLite file, an fsync).
 
 Prints the share of samples per function of ours: inclusive (the function and what it calls),
-and by the innermost frame of our code on the stack, so a cost shows where our code causes it. The collapsed stacks
+and by the innermost frame of our code on the stack, so a cost shows where our code causes it.
+The collapsed stacks
 (``<mode>.txt`` in ``--out``) are the input of any flame-graph tool.
 """
 
@@ -62,8 +63,18 @@ def summarise(collapsed: Path, top: int) -> str:
         frames = stack.split(";")
         # Idle threads (waiting in a socket accept, a queue poll, a sleep) are not cost.
         leaf = frames[-1]
-        idle = any(word in leaf for word in ("select (", "poll (", "wait (", "sleep", "accept (",
-                                             "_wait_for_tstate_lock", "readinto (socket"))
+        idle = any(
+            word in leaf
+            for word in (
+                "select (",
+                "poll (",
+                "wait (",
+                "sleep",
+                "accept (",
+                "_wait_for_tstate_lock",
+                "readinto (socket",
+            )
+        )
         if idle and not any(_ours(f) for f in frames):
             continue
         total += count
@@ -89,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "b24sms-profile"))
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    parser.add_argument("--all-threads", action="store_true",
-                        help="sample every busy thread, not only the one holding the GIL")
+    parser.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="sample every busy thread, not only the one holding the GIL",
+    )
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy")
     if pyspy is None:
@@ -107,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             if reason := h.unavailable_services():
                 parser.error(f"gunicorn: {reason}")
             config = h.service_config(
-                workdir, port, emu, database_url=stack.enter_context(h.scratch_postgres()),
+                workdir,
+                port,
+                emu,
+                database_url=stack.enter_context(h.scratch_postgres()),
                 queue_url=stack.enter_context(h.scratch_redis()),
             )
             serve = h.start_gunicorn(config, port, workdir, h.GUNICORN_WORKERS)
@@ -120,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             target = h.handler_target(portal)
             raw = out / f"{args.mode}.txt"
             if args.mode in ("ingest", "gunicorn"):
-                load = threading.Thread(target=h.run_loadgen, args=(port, [target], workdir),
-                                        kwargs={"warmup": 1.0, "duration": args.seconds + 2})
+                load = threading.Thread(
+                    target=h.run_loadgen,
+                    args=(port, [target], workdir),
+                    kwargs={"warmup": 1.0, "duration": args.seconds + 2},
+                )
                 load.start()
                 time.sleep(1.0)
                 seconds = args.seconds
@@ -131,11 +151,25 @@ def main(argv: list[str] | None = None) -> int:
                 load = None
                 seconds = args.seconds
             subprocess.run(
-                [pyspy, "record", "-p", str(serve.pid), "-d", str(int(seconds)), "-r",
-                 str(args.rate), "-f", "raw", "-o", str(raw), "--nonblocking",
-                 *([] if args.all_threads else ["--gil"]),
-                 *(["--subprocesses"] if args.mode == "gunicorn" else [])],
-                check=True, capture_output=True,
+                [
+                    pyspy,
+                    "record",
+                    "-p",
+                    str(serve.pid),
+                    "-d",
+                    str(int(seconds)),
+                    "-r",
+                    str(args.rate),
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                    "--nonblocking",
+                    *([] if args.all_threads else ["--gil"]),
+                    *(["--subprocesses"] if args.mode == "gunicorn" else []),
+                ],
+                check=True,
+                capture_output=True,
             )
             if load is not None:
                 load.join()

@@ -23,7 +23,8 @@ Servers (``--servers``, default all three):
 - ``serve``: ``b24sms serve`` as it runs by default: waitress (32 threads), SQLite database and
   queue, the embedded queue consumer sending what comes in (log-only gateway);
 - ``serve-web``: the same with ``--no-consumer`` (only the web side: verify, store, enqueue);
-- ``gunicorn``: the README's deployment: ``gunicorn -w 2 --threads 16 wsgi:app``, PostgreSQL database,
+- ``gunicorn``: the README's deployment: ``gunicorn -w 2 --threads 16 wsgi:app``,
+  PostgreSQL database,
   Redis queue (no worker running: the web tier alone).
 
     python bench/ingest.py                       # about 3.5 minutes
@@ -46,9 +47,14 @@ SERVERS = ("serve", "serve-web", "gunicorn")
 
 
 @contextlib.contextmanager
-def running(kind: str, workdir: Path, emu: Any, gunicorn_workers: int,
-            threads: int | None = None, gunicorn_threads: int = h.GUNICORN_THREADS,
-            ) -> Iterator[h.Proc]:
+def running(
+    kind: str,
+    workdir: Path,
+    emu: Any,
+    gunicorn_workers: int,
+    threads: int | None = None,
+    gunicorn_threads: int = h.GUNICORN_THREADS,
+) -> Iterator[h.Proc]:
     port = h.free_port()
     if kind in ("serve", "serve-web"):
         config = h.service_config(workdir, port, emu, **({"threads": threads} if threads else {}))
@@ -75,62 +81,84 @@ def measure(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with h.scratch_dir(f"ingest-{kind}") as tmp, h.emulator() as emu:
         workdir = Path(tmp)
-        with running(kind, workdir, emu, args.gunicorn_workers, args.threads,
-                     args.gunicorn_threads) as proc:
+        with running(
+            kind, workdir, emu, args.gunicorn_workers, args.threads, args.gunicorn_threads
+        ) as proc:
             port = proc.port  # type: ignore[attr-defined]
             portal = h.add_installed_portal(emu, f"http://127.0.0.1:{port}", prefix)
             handler = h.handler_target(portal)
             # The same body everywhere: only the path differs.
-            for name, path in (("bare WSGI", "/bench/wsgi"), ("bare route", "/bench/bare"),
-                               ("read form", "/bench/parse"),
-                               ("store + enqueue", "/bench/store"),
-                               ("HANDLER", handler["path"])):
+            for name, path in (
+                ("bare WSGI", "/bench/wsgi"),
+                ("bare route", "/bench/bare"),
+                ("read form", "/bench/parse"),
+                ("store + enqueue", "/bench/store"),
+                ("HANDLER", handler["path"]),
+            ):
                 cpu_before = proc.cpu_seconds()
                 figures = h.run_loadgen(
-                    port, [{"path": path, "body": handler["body"]}], workdir,
-                    concurrency=args.concurrency, warmup=args.warmup, duration=args.duration,
+                    port,
+                    [{"path": path, "body": handler["body"]}],
+                    workdir,
+                    concurrency=args.concurrency,
+                    warmup=args.warmup,
+                    duration=args.duration,
                     id_prefix=f"{name[0]}{secrets.token_hex(2)}-",
                 )
                 # CPU per request, warm-up included: steadier than the rate on a busy machine.
                 figures["cpu_ms"] = (
-                    1000.0 * (proc.cpu_seconds() - cpu_before)
-                    / max(1, figures["requests_total"])
+                    1000.0 * (proc.cpu_seconds() - cpu_before) / max(1, figures["requests_total"])
                 )
                 figures["server"], figures["endpoint"] = kind, name
                 results.append(figures)
             if "200" not in results[-1]["statuses"]:
-                raise RuntimeError(f"the HANDLER answered {results[-1]['statuses']}:\n"
-                                   f"{proc.tail()}")
+                raise RuntimeError(
+                    f"the HANDLER answered {results[-1]['statuses']}:\n{proc.tail()}"
+                )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default=",".join(SERVERS),
-                        help=f"comma-separated, of {', '.join(SERVERS)}")
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated, of {', '.join(SERVERS)}"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--gunicorn-workers", type=int, default=h.GUNICORN_WORKERS)
     parser.add_argument("--gunicorn-threads", type=int, default=h.GUNICORN_THREADS)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="waitress threads of serve (default: the config's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="waitress threads of serve (default: the config's default)",
+    )
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
     unknown = set(kinds) - set(SERVERS)
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
 
-    print(f"# ingest: {args.concurrency} clients, {args.warmup:g} s warm-up, "
-          f"{args.duration:g} s measured per endpoint")
+    print(
+        f"# ingest: {args.concurrency} clients, {args.warmup:g} s warm-up, "
+        f"{args.duration:g} s measured per endpoint"
+    )
     print(h.machine())
     with h.scratch_dir("ingest-gen") as tmp, h.canned_server() as cport:
         body = "x=@ID@&" + "f=" + "x" * 900
-        ceiling = h.run_loadgen(cport, [{"path": "/", "body": body}], Path(tmp),
-                                concurrency=args.concurrency, warmup=1.0,
-                                duration=min(4.0, args.duration))
-    print(f"load generator ceiling (a server that answers at once): {ceiling['rate']:,.0f} "
-          f"requests/s, p50 {ceiling['p50_ms']:.2f} ms")
+        ceiling = h.run_loadgen(
+            cport,
+            [{"path": "/", "body": body}],
+            Path(tmp),
+            concurrency=args.concurrency,
+            warmup=1.0,
+            duration=min(4.0, args.duration),
+        )
+    print(
+        f"load generator ceiling (a server that answers at once): {ceiling['rate']:,.0f} "
+        f"requests/s, p50 {ceiling['p50_ms']:.2f} ms"
+    )
 
     rows = []
     handler_vs_route = {}
@@ -142,21 +170,41 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {r["endpoint"]: r for r in results}
         wsgi, route = by_name["bare WSGI"]["rate"], by_name["bare route"]["rate"]
         for r in results:
-            rows.append((
-                r["server"], r["endpoint"], r["rate"], r["p50_ms"], r["p99_ms"], r["cpu_ms"],
-                f"{r['rate'] / route:.0%}", f"{r['rate'] / wsgi:.0%}",
-                ", ".join(f"{k}: {v:,}" for k, v in sorted(r["statuses"].items()))
-                + (f"; {r['errors']} errors" if r["errors"] else ""),
-            ))
+            rows.append(
+                (
+                    r["server"],
+                    r["endpoint"],
+                    r["rate"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    r["cpu_ms"],
+                    f"{r['rate'] / route:.0%}",
+                    f"{r['rate'] / wsgi:.0%}",
+                    ", ".join(f"{k}: {v:,}" for k, v in sorted(r["statuses"].items()))
+                    + (f"; {r['errors']} errors" if r["errors"] else ""),
+                )
+            )
         handler_vs_route[kind] = by_name["HANDLER"]["rate"] / route
-    print(h.table(
-        ["server", "endpoint", "requests/s", "p50 ms", "p99 ms", "server CPU ms/request",
-         "÷ bare route", "÷ bare WSGI",
-         "answers"],
-        rows,
-    ))
-    print("HANDLER ÷ bare route (target ≥ 60%): "
-          + ", ".join(f"{k} {v:.0%}" for k, v in handler_vs_route.items()))
+    print(
+        h.table(
+            [
+                "server",
+                "endpoint",
+                "requests/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU ms/request",
+                "÷ bare route",
+                "÷ bare WSGI",
+                "answers",
+            ],
+            rows,
+        )
+    )
+    print(
+        "HANDLER ÷ bare route (target ≥ 60%): "
+        + ", ".join(f"{k} {v:.0%}" for k, v in handler_vs_route.items())
+    )
     return 0
 
 

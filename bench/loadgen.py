@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import socket
@@ -211,10 +212,8 @@ def canned_server(port: int) -> None:
         async with server:
             await server.serve_forever()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,15 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int)
     parser.add_argument("--path", default="/")
     parser.add_argument("--body-file", help="the request body; @ID@ becomes a unique number")
-    parser.add_argument("--targets-file",
-                        help='JSON list of {"path": ..., "body": ...}, used round-robin')
+    parser.add_argument(
+        "--targets-file", help='JSON list of {"path": ..., "body": ...}, used round-robin'
+    )
     parser.add_argument("--requests", type=int, help="stop after this many requests")
     parser.add_argument("--id-prefix", default="")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds to measure after the warm-up (default 8, or until "
-                        "--requests are done)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds to measure after the warm-up (default 8, or until --requests are done)",
+    )
     parser.add_argument("--canned-server", type=int, metavar="PORT")
     args = parser.parse_args(argv)
     if args.canned_server:
@@ -252,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     if duration is None and args.requests is None:
         duration = 8.0
     result = run_load(
-        args.host, args.port, targets, concurrency=args.concurrency, warmup=args.warmup,
-        duration=duration, requests=args.requests, id_prefix=args.id_prefix,
+        args.host,
+        args.port,
+        targets,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        duration=duration,
+        requests=args.requests,
+        id_prefix=args.id_prefix,
     )
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

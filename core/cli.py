@@ -77,8 +77,10 @@ def serve(obj: Context, host: str, port: int, threads: int | None, consumer: boo
     if consumer is None:
         consumer = svc.settings["queue_url"].startswith(("sqlite", "memory"))
     embedded = svc.queue.start_embedded(svc.settings["workers"]) if consumer else None
-    click.echo(f"b24sms {__version__} serving on http://{host}:{port} "
-               f"(public URL {svc.public_url}; consumer {'on' if embedded else 'off'})")
+    click.echo(
+        f"b24sms {__version__} serving on http://{host}:{port} "
+        f"(public URL {svc.public_url}; consumer {'on' if embedded else 'off'})"
+    )
     try:
         waitress.serve(
             app, host=host, port=port, threads=threads or svc.settings["threads"], ident="b24sms"
@@ -130,12 +132,12 @@ def providers_list(obj: Context) -> None:
 
     svc = obj.service
     with svc.db.session() as session:
-        rows = session.execute(
-            select(ProviderRegistration, Portal.domain).join(Portal)
-        ).all()
+        rows = session.execute(select(ProviderRegistration, Portal.domain).join(Portal)).all()
     by_code: dict[str, list[str]] = {}
     for registration, domain in rows:
-        note = registration.state + (f": {registration.last_error}" if registration.last_error else "")
+        note = registration.state + (
+            f": {registration.last_error}" if registration.last_error else ""
+        )
         by_code.setdefault(registration.code, []).append(f"{domain} ({note})")
     for code, provider in svc.providers.items():
         state = "enabled" if provider["enabled"] else "disabled"
@@ -188,12 +190,15 @@ def portals_list(obj: Context) -> None:
 
     with obj.service.db.session() as session:
         counts = dict(
-            session.execute(select(Message.portal_id, func.count()).group_by(Message.portal_id)).all()
+            session.execute(
+                select(Message.portal_id, func.count()).group_by(Message.portal_id)
+            ).all()
         )
         for portal in session.scalars(select(Portal).order_by(Portal.id)):
             click.echo(
                 f"{portal.member_id}  {portal.domain}  {portal.state}  "
-                f"messages={counts.get(portal.id, 0)}  installed={portal.installed_at:%Y-%m-%d %H:%M}"
+                f"messages={counts.get(portal.id, 0)}  "
+                f"installed={portal.installed_at:%Y-%m-%d %H:%M}"
                 + (f"  last_error={portal.last_error}" if portal.last_error else "")
             )
 
@@ -204,8 +209,9 @@ def portals_list(obj: Context) -> None:
 @click.option("--portal", "member_id", default=None, help="Only this member_id.")
 @click.option("--limit", default=20, show_default=True, type=int)
 @pass_ctx
-def messages(obj: Context, status: str | None, code: str | None, member_id: str | None,
-             limit: int) -> None:
+def messages(
+    obj: Context, status: str | None, code: str | None, member_id: str | None, limit: int
+) -> None:
     """Recent messages, newest first (numbers masked, bodies never shown)."""
     from sqlalchemy import select
 
@@ -243,7 +249,9 @@ def plugins(obj: Context) -> None:
             f"{gtype.name} (codes: {', '.join(codes) or '-'})"
         )
     for name, dist, version in plugin_versions(svc.pm):
-        click.echo(f"{name}  {dist} {version}  gateways: {'; '.join(types_by_plugin.get(name, [])) or '-'}")
+        click.echo(
+            f"{name}  {dist} {version}  gateways: {'; '.join(types_by_plugin.get(name, [])) or '-'}"
+        )
 
 
 @cli.command()

@@ -77,9 +77,7 @@ class ServiceSchema(Schema):
     #: keys replaced by a rotation, still accepted on HANDLER URLs until `providers sync` ran
     #: everywhere (docs/operations.md); empty strings are dropped, so `${OLD_KEY:-}` works
     previous_secret_keys = fields.List(
-        fields.String(
-            validate=_empty_or_16_characters
-        ),
+        fields.String(validate=_empty_or_16_characters),
         load_default=list,
     )
     database_url = fields.String(
@@ -197,8 +195,12 @@ class ProviderSchema(Schema):
         name = data.get("name")
         if isinstance(name, str) and name.strip():
             return
-        if isinstance(name, dict) and name and all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in name.items()
+        if (
+            isinstance(name, dict)
+            and name
+            and all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in name.items()
+            )
         ):
             return
         raise ValidationError("must be a string or a table of language = name", "name")
@@ -312,7 +314,7 @@ def _check_rate_limit_storage(config: dict[str, Any], filename: str) -> None:
     queue_is_redis = config["service"]["queue_url"].startswith(("redis://", "rediss://"))
     if limits["storage"] == "redis" and not (limits["redis_url"] or queue_is_redis):
         raise ConfigError(
-            f"{filename}: rate_limit.redis_url: storage = \"redis\" needs a redis_url "
+            f'{filename}: rate_limit.redis_url: storage = "redis" needs a redis_url '
             "(or a redis:// queue_url)"
         )
 
@@ -323,7 +325,7 @@ def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     prefix = "sqlite:///"
     if not url.startswith(prefix) or url in ("sqlite://", "sqlite:///:memory:"):
         return url
-    rest = url[len(prefix):]
+    rest = url[len(prefix) :]
     path = Path(rest)
     if not path.is_absolute():
         path = (base or Path.cwd()) / path

@@ -27,7 +27,7 @@ class Database:
     def __init__(self, url: str, **engine_options: Any) -> None:
         url = resolve_sqlite_path(url)
         if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:

@@ -235,7 +235,10 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     if problem is not None:
         log.warning(
             "message %s (%s, %s): failed without sending: %s",
-            message_pk, code, domain, problem,
+            message_pk,
+            code,
+            domain,
+            problem,
         )
         _after_commit(service, portal_id, failed_early)
         return DeliveryOutcome(message_pk, "failed", problem)
@@ -288,12 +291,17 @@ def _record_persistently(
             if time.monotonic() + delay > deadline:
                 log.error(
                     "message %s: the outcome of its send could not be recorded (%s); "
-                    "the sweep will re-queue it", message_pk, reason,
+                    "the sweep will re-queue it",
+                    message_pk,
+                    reason,
                 )
                 raise
             log.warning(
                 "message %s: database unavailable while recording the outcome of its send "
-                "(%s); trying again in %.1fs", message_pk, reason, delay,
+                "(%s); trying again in %.1fs",
+                message_pk,
+                reason,
+                delay,
             )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -327,7 +335,10 @@ def _record_sent(
             if status is None:
                 log.warning(
                     "message %s (%s, %s): unknown gateway status %r; ignored",
-                    message_pk, code, domain, report.raw_status,
+                    message_pk,
+                    code,
+                    domain,
+                    report.raw_status,
                 )
                 continue
             detail = report.error if isinstance(report, StatusReport) else None
@@ -350,7 +361,10 @@ def _record_sent(
         changes = [(change, info) for change in applied]
         status_now = message.status
     log.info(
-        "message %s (%s, %s): accepted by the gateway, status %s", message_pk, code, domain,
+        "message %s (%s, %s): accepted by the gateway, status %s",
+        message_pk,
+        code,
+        domain,
         status_now,
     )
     _after_commit(service, portal_id, changes)
@@ -392,13 +406,16 @@ def _record_failure(
     if will_retry:
         log.warning(
             "message %s (%s, %s): attempt %d failed: %s; retry in %.1fs",
-            message_pk, code, domain, attempts, error, delay,
+            message_pk,
+            code,
+            domain,
+            attempts,
+            error,
+            delay,
         )
     else:
         kind = "permanent error" if not error.retryable else f"{attempts} attempts"
-        log.warning(
-            "message %s (%s, %s): failed (%s): %s", message_pk, code, domain, kind, error
-        )
+        log.warning("message %s (%s, %s): failed (%s): %s", message_pk, code, domain, kind, error)
     notify(service.pm, "b24sms_send_failed", message=info, error=error, will_retry=will_retry)
     _after_commit(service, portal_id, changes)
     if will_retry:
@@ -439,7 +456,9 @@ def apply_reports(
         if status is None:
             log.warning(
                 "report from %s about %s: unknown status %r; ignored",
-                code, report.external_id, report.raw_status,
+                code,
+                report.external_id,
+                report.raw_status,
             )
             continue
         usable.append((report, status))
@@ -485,11 +504,15 @@ def _apply_once(
                     message.last_error = str(report.error)[:MAX_ERROR_TEXT]
                 if change is not None:
                     by_portal.setdefault(message.portal_id, []).append((change, _info(message)))
-        in_flight = bool(unmatched) and session.scalar(
-            select(Message.id)
-            .where(Message.code == code, Message.sending_since.is_not(None))
-            .limit(1)
-        ) is not None
+        in_flight = (
+            bool(unmatched)
+            and session.scalar(
+                select(Message.id)
+                .where(Message.code == code, Message.sending_since.is_not(None))
+                .limit(1)
+            )
+            is not None
+        )
     for portal_id, changes in by_portal.items():
         _after_commit(service, portal_id, changes)
     return matched, unmatched, in_flight
@@ -526,7 +549,10 @@ def sweep(service: Service) -> SweepReport:
         for message in stuck:
             log.warning(
                 "message %s (%s): attempt %d stuck since %s (worker lost); re-queued",
-                message.id, message.code, message.attempts, message.sending_since,
+                message.id,
+                message.code,
+                message.attempts,
+                message.sending_since,
             )
             message.last_error = f"attempt {message.attempts} was cut short (worker lost)"
             message.sending_since = None
@@ -550,8 +576,7 @@ def sweep(service: Service) -> SweepReport:
         if lost_ids:
             log.info("sweep: %d messages due with no task; re-queued", len(lost_ids))
         backlog = session.execute(
-            select(Portal.id, Portal.paused_until)
-            .where(
+            select(Portal.id, Portal.paused_until).where(
                 Portal.state == PortalState.ACTIVE,
                 Portal.id.in_(
                     select(OutboxEntry.portal_id).where(

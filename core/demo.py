@@ -55,9 +55,10 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
         echo(f"{time.monotonic() - started:7.3f}s  {line}")
 
     client_secret = secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="b24sms-demo-") as tmp, Emulator(
-        client_id=CLIENT_ID, client_secret=client_secret
-    ) as emu:
+    with (
+        tempfile.TemporaryDirectory(prefix="b24sms-demo-") as tmp,
+        Emulator(client_id=CLIENT_ID, client_secret=client_secret) as emu,
+    ):
         portal = emu.add_portal()
         say(f"emulated portal {portal.domain} (member_id {portal.member_id})")
         dispatcher = _Dispatcher()
@@ -96,7 +97,9 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
             say(f"portal → POST /bitrix24/install (ONAPPINSTALL): HTTP {response.status_code}")
             say(f"providers registered on the portal: {sorted(portal.senders)}")
             message_id, response = portal.send_sms("demo_log", number, text)
-            say(f"portal → POST HANDLER demo_log, message {message_id}: HTTP {response.status_code}")
+            say(
+                f"portal → POST HANDLER demo_log, message {message_id}: HTTP {response.status_code}"
+            )
             seen = 0
             deadline = time.monotonic() + 30
             final = None
@@ -111,9 +114,11 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
             if final is None:
                 say("no final status within 30 s")
                 return 1
-            say(f"done: the portal shows the message as {final}; "
+            say(
+                f"done: the portal shows the message as {final}; "
                 f"{portal.stats['requests']} REST requests, "
-                f"{portal.stats['rejected_rate_limit']} rejected by the rate limit")
+                f"{portal.stats['rejected_rate_limit']} rejected by the rate limit"
+            )
             return 0
         finally:
             logging.getLogger("b24sms.gateway.demo_log").removeHandler(gateway_log)

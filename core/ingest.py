@@ -288,8 +288,11 @@ def store_batch(svc: Service, batch: Sequence[Submission]) -> None:
     except DBAPIError as exc:
         if len(batch) == 1 or _unavailable(exc):
             raise
-        log.warning("a batch of %d messages could not be stored (%s); storing each alone",
-                    len(batch), type(exc.orig).__name__)
+        log.warning(
+            "a batch of %d messages could not be stored (%s); storing each alone",
+            len(batch),
+            type(exc.orig).__name__,
+        )
         for submission in batch:
             submission.reset()
             try:
@@ -368,10 +371,19 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
                     session.flush()
             else:
                 submission.info = MessageInfo(
-                    id=message_pk, message_id=data["message_id"], code=submission.code,
-                    member_id=portal.member_id, domain=portal.domain, to=submission.to,
-                    body=data["message_body"], module_id=data.get("module_id"), status=QUEUED,
-                    external_id=None, attempts=0, last_error=None, created_at=now,
+                    id=message_pk,
+                    message_id=data["message_id"],
+                    code=submission.code,
+                    member_id=portal.member_id,
+                    domain=portal.domain,
+                    to=submission.to,
+                    body=data["message_body"],
+                    module_id=data.get("module_id"),
+                    status=QUEUED,
+                    external_id=None,
+                    attempts=0,
+                    last_error=None,
+                    created_at=now,
                 )
             submission.outcome = Accepted("accepted", message_pk, submission.info.status)
 
@@ -381,7 +393,11 @@ def _fail_unusable_number(session: Session, submission: Submission, message_pk: 
     assert message is not None
     message.last_error = "the recipient is not a valid phone number"
     submission.failed = record_status(
-        session, message, FAILED, source="handler", detail=message.last_error,
+        session,
+        message,
+        FAILED,
+        source="handler",
+        detail=message.last_error,
         report=submission.report,
     )
     submission.info = MessageInfo.from_row(message)
@@ -400,8 +416,15 @@ def _after_commit(svc: Service, batch: Sequence[Submission]) -> None:
         change = submission.failed
         if change is not None:
             # Failed before any send: observers (status log, metrics) hear it like any other.
-            notify(svc.pm, "b24sms_status_changed", message=info, previous=change.previous,
-                   status=change.status, raw_status=change.raw_status, source=change.source)
+            notify(
+                svc.pm,
+                "b24sms_status_changed",
+                message=info,
+                previous=change.previous,
+                status=change.status,
+                raw_status=change.raw_status,
+                source=change.source,
+            )
             if submission.report:
                 to_flush.add(change.portal_id)
         else:
@@ -418,8 +441,12 @@ def enqueue_quietly(enqueue: Callable[[Any], Any], argument: Any) -> None:
         enqueue(argument)
     except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
         # Stored is what matters: the sweep finds work whose trigger was lost.
-        log.warning("queue unavailable; %s(%s) is left to the sweep: %s",
-                    getattr(enqueue, "__name__", "enqueue"), argument, type(exc).__name__)
+        log.warning(
+            "queue unavailable; %s(%s) is left to the sweep: %s",
+            getattr(enqueue, "__name__", "enqueue"),
+            argument,
+            type(exc).__name__,
+        )
 
 
 __all__ = [

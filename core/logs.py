@@ -55,9 +55,7 @@ def configure(settings: Mapping[str, Any]) -> None:
     if settings.get("log_format") == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     # urllib3 logs whole URLs (query strings can hold API keys) at DEBUG: keep it quieter.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger("urllib3").level))
@@ -118,9 +116,16 @@ class StatusLog:
         # is a change of its own, logged by b24sms_status_changed.
         self.log.info(
             "message %s (%s, %s): stored, status queued",
-            message.message_id, message.code, message.domain,
-            extra={"event": "message_status", **self._fields(message), "previous": None,
-                   "status": "queued", "source": "handler"},
+            message.message_id,
+            message.code,
+            message.domain,
+            extra={
+                "event": "message_status",
+                **self._fields(message),
+                "previous": None,
+                "status": "queued",
+                "source": "handler",
+            },
         )
 
     @hookimpl
@@ -129,9 +134,19 @@ class StatusLog:
     ) -> None:
         self.log.info(
             "message %s (%s, %s): %s -> %s (%s)",
-            message.message_id, message.code, message.domain, previous or "-", status, source,
-            extra={"event": "message_status", **self._fields(message), "previous": previous,
-                   "status": status, "source": source},
+            message.message_id,
+            message.code,
+            message.domain,
+            previous or "-",
+            status,
+            source,
+            extra={
+                "event": "message_status",
+                **self._fields(message),
+                "previous": previous,
+                "status": status,
+                "source": source,
+            },
         )
 
 

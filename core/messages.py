@@ -183,10 +183,16 @@ def insert_message_rows(
     now = now or utcnow()
     bulk = _bulk_statements(conn.dialect)
     batch = json.dumps(rows, default=bulk.datetime_text, separators=(",", ":"))
-    params = {"rows": batch, "status": QUEUED, "source": source,
-              "created_at": bulk.datetime_text(now)}
-    stored = {(row.portal_id, row.message_id): row.id
-              for row in conn.execute(bulk.insert_messages, params)}
+    params = {
+        "rows": batch,
+        "status": QUEUED,
+        "source": source,
+        "created_at": bulk.datetime_text(now),
+    }
+    stored = {
+        (row.portal_id, row.message_id): row.id
+        for row in conn.execute(bulk.insert_messages, params)
+    }
     if stored and bulk.insert_history is not None:
         params["ids"] = json.dumps(list(stored.values()))
         conn.execute(bulk.insert_history, params)
@@ -214,7 +220,7 @@ def _bulk_statements(dialect: Any) -> _Bulk:
     columns = [c for c in messages.columns if c.name in _MESSAGE_ROW_COLUMNS]
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(c.name) for c in columns)
-    history = ("message_pk, status, raw_status, source, applied, detail, created_at")
+    history = "message_pk, status, raw_status, source, applied, detail, created_at"
     if dialect.name == "postgresql":
         record = ", ".join(f"{quote(c.name)} {c.type.compile(dialect=dialect)}" for c in columns)
         insert_messages = text(
@@ -253,7 +259,16 @@ def _datetime_text(value: Any) -> str:
 
 
 #: the columns :func:`message_row` fills
-_MESSAGE_ROW_COLUMNS = frozenset(message_row(
-    portal_id=0, code="", message_id="", to_raw="", to=None, body="", module_id=None,
-    context={}, now=dt.datetime(2000, 1, 1),
-))
+_MESSAGE_ROW_COLUMNS = frozenset(
+    message_row(
+        portal_id=0,
+        code="",
+        message_id="",
+        to_raw="",
+        to=None,
+        body="",
+        module_id=None,
+        context={},
+        now=dt.datetime(2000, 1, 1),
+    )
+)

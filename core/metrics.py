@@ -271,8 +271,9 @@ class DatabaseCollector:
         )
         with self.service.db.session() as session:
             messages = session.execute(
-                select(Message.code, Message.status, accepted, func.count())
-                .group_by(Message.code, Message.status, accepted)
+                select(Message.code, Message.status, accepted, func.count()).group_by(
+                    Message.code, Message.status, accepted
+                )
             ).all()
             outbox = session.execute(
                 select(OutboxEntry.portal_id, func.count(), func.min(OutboxEntry.created_at))
@@ -303,7 +304,8 @@ class DatabaseCollector:
         )
         accepted = CounterMetricFamily(
             "b24sms_messages_sent",
-            "Messages a gateway accepted (sent, or a later status with the gateway's id), per CODE.",
+            "Messages a gateway accepted (sent, or a later status with the gateway's id), "
+            "per CODE.",
             labels=["code"],
         )
         final = CounterMetricFamily(

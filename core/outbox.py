@@ -223,8 +223,13 @@ def flush_portal(
         log.info(
             "portal %s: flushed %d updates in %d requests (%d done, %d dropped, %d retried, "
             "%d left)%s",
-            portal_id, report.updates, report.requests, report.delivered, report.dropped,
-            report.retried, report.remaining,
+            portal_id,
+            report.updates,
+            report.requests,
+            report.delivered,
+            report.dropped,
+            report.retried,
+            report.remaining,
             f"; stopped: {report.stopped}" if report.stopped else "",
         )
     return report
@@ -278,8 +283,9 @@ def _acquire(service: Service, portal_id: int, owner: str, ttl: float) -> bool |
         ):
             return False
         elif state.lease_owner and state.lease_owner != owner:
-            log.warning("portal %s: taking over the flush lease of %s", portal_id,
-                        state.lease_owner)
+            log.warning(
+                "portal %s: taking over the flush lease of %s", portal_id, state.lease_owner
+            )
         state.lease_owner = owner
         state.lease_until = now + _seconds(ttl)
         return True
@@ -303,9 +309,9 @@ def _release(service: Service, portal_id: int, owner: str) -> int:
                     state.lease_until = None
                 return int(
                     session.scalar(
-                        select(func.count()).select_from(OutboxEntry).where(
-                            OutboxEntry.portal_id == portal_id
-                        )
+                        select(func.count())
+                        .select_from(OutboxEntry)
+                        .where(OutboxEntry.portal_id == portal_id)
                     )
                     or 0
                 )
@@ -347,8 +353,9 @@ def _plan(service: Service, portal_id: int, owner: str, pacing: _Pacing, hold: b
         if portal is None:
             return _Step("stop", "gone")
         if portal.state != PortalState.ACTIVE:
-            log.info("portal %s (%s) is %s: its outbox waits", portal_id, portal.domain,
-                     portal.state)
+            log.info(
+                "portal %s (%s) is %s: its outbox waits", portal_id, portal.domain, portal.state
+            )
             return _Step("stop", "inactive")
         state = session.get(PortalPacing, portal_id)
         if state is None or state.lease_owner != owner:
@@ -360,8 +367,9 @@ def _plan(service: Service, portal_id: int, owner: str, pacing: _Pacing, hold: b
             OutboxEntry.not_before.is_(None) | (OutboxEntry.not_before <= now)
         )
         count, oldest, newest = session.execute(
-            select(func.count(), func.min(OutboxEntry.created_at), func.max(OutboxEntry.created_at))
-            .where(due)
+            select(
+                func.count(), func.min(OutboxEntry.created_at), func.max(OutboxEntry.created_at)
+            ).where(due)
         ).one()
         if not count:
             later = session.scalar(
@@ -385,9 +393,7 @@ def _plan(service: Service, portal_id: int, owner: str, pacing: _Pacing, hold: b
         rows = session.scalars(
             select(OutboxEntry).where(due).order_by(OutboxEntry.id).limit(BATCH_SIZE)
         ).all()
-        entries = [
-            _Entry(r.id, r.version, r.code, r.message_id, r.status) for r in rows
-        ]
+        entries = [_Entry(r.id, r.version, r.code, r.message_id, r.status) for r in rows]
         return _Step("send", entries=entries, domain=portal.domain)
 
 
@@ -443,22 +449,28 @@ def _request_failed(
             pause = exc.retry_after or 1.0
             portal.paused_until = now + _seconds(pause)
             report.stopped = "rate_limited"
-            log.warning("portal %s (%s): QUERY_LIMIT_EXCEEDED; pausing %.1fs", portal_id, domain,
-                        pause)
+            log.warning(
+                "portal %s (%s): QUERY_LIMIT_EXCEEDED; pausing %.1fs", portal_id, domain, pause
+            )
             return
         if isinstance(exc, OperationTimeLimit):
             portal.paused_until = max(exc.reset_at, now + _seconds(0.1))
             pause = (portal.paused_until - now).total_seconds()
             report.stopped = "operation_time_limit"
-            log.warning("portal %s (%s): OPERATION_TIME_LIMIT; paused until %s", portal_id,
-                        domain, portal.paused_until)
+            log.warning(
+                "portal %s (%s): OPERATION_TIME_LIMIT; paused until %s",
+                portal_id,
+                domain,
+                portal.paused_until,
+            )
             return
         if isinstance(exc, TokensRevoked | PortalBlocked) or exc.action in ("reinstall", "stop"):
             # The client (or the token refresh) marked the portal already — unless a re-install
             # stored fresh tokens meanwhile, which a second mark here would undo.
             report.stopped = "inactive"
-            log.warning("portal %s (%s): %s; its outbox waits for a re-install", portal_id,
-                        domain, exc)
+            log.warning(
+                "portal %s (%s): %s; its outbox waits for a re-install", portal_id, domain, exc
+            )
             return
         state.failures = (state.failures or 0) + 1
         pause = retry_delay(state.failures, max(pacing.retry_base, 0.1), pacing.retry_cap)
@@ -467,12 +479,22 @@ def _request_failed(
             # change it, but the statuses are worth keeping until an operator fixes it.
             pause = max(pause, min(PERMANENT_PAUSE, pacing.retry_cap))
             report.stopped = "error"
-            log.error("portal %s (%s): status batch refused: %s; pausing %.0fs", portal_id,
-                      domain, exc, pause)
+            log.error(
+                "portal %s (%s): status batch refused: %s; pausing %.0fs",
+                portal_id,
+                domain,
+                exc,
+                pause,
+            )
         else:
             report.stopped = "transient"
-            log.warning("portal %s (%s): status batch failed: %s; retry in %.1fs", portal_id,
-                        domain, exc, pause)
+            log.warning(
+                "portal %s (%s): status batch failed: %s; retry in %.1fs",
+                portal_id,
+                domain,
+                exc,
+                pause,
+            )
         portal.paused_until = now + _seconds(pause)
         portal.last_error = str(exc)
 
@@ -499,9 +521,9 @@ def _record_answer(
             same_version = (OutboxEntry.id == entry.id) & (OutboxEntry.version == entry.version)
             if key in result.results:
                 gone = session.execute(
-                    delete(OutboxEntry).where(same_version).execution_options(
-                        synchronize_session=False
-                    )
+                    delete(OutboxEntry)
+                    .where(same_version)
+                    .execution_options(synchronize_session=False)
                 ).rowcount
                 if gone:
                     report.delivered += 1
@@ -514,12 +536,17 @@ def _record_answer(
             if error is not None and error.action not in ("retry", "wait", "refresh"):
                 log.warning(
                     "portal %s (%s): status %s of message %s (%s) refused: %s; dropped",
-                    portal_id, step.domain, entry.status, entry.message_id, entry.code, error,
+                    portal_id,
+                    step.domain,
+                    entry.status,
+                    entry.message_id,
+                    entry.code,
+                    error,
                 )
                 session.execute(
-                    delete(OutboxEntry).where(same_version).execution_options(
-                        synchronize_session=False
-                    )
+                    delete(OutboxEntry)
+                    .where(same_version)
+                    .execution_options(synchronize_session=False)
                 )
                 report.dropped += 1
                 continue
@@ -531,8 +558,13 @@ def _record_answer(
             if row.attempts >= pacing.max_attempts:
                 log.error(
                     "portal %s (%s): status %s of message %s (%s) failed %d times (%s); dropped",
-                    portal_id, step.domain, entry.status, entry.message_id, entry.code,
-                    row.attempts, row.last_error,
+                    portal_id,
+                    step.domain,
+                    entry.status,
+                    entry.message_id,
+                    entry.code,
+                    row.attempts,
+                    row.last_error,
                 )
                 session.delete(row)
                 report.dropped += 1

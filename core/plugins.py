@@ -114,7 +114,6 @@ def build_gateways(
     return gateways
 
 
-
 def plugin_versions(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
     """(plugin name, distribution, version) of every loaded plugin."""
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}

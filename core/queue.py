@@ -110,7 +110,7 @@ def make_huey(queue_url: str, name: str = QUEUE_NAME) -> Huey:
     if scheme == "memory":
         return MemoryHuey(name, immediate=True, results=False)
     if scheme == "sqlite":
-        path = resolve_sqlite_path(queue_url)[len("sqlite:///"):]
+        path = resolve_sqlite_path(queue_url)[len("sqlite:///") :]
         # A generous busy timeout: the web process, the embedded consumer and any separate worker
         # all write to this one file during a burst.
         return SqliteHuey(
@@ -234,8 +234,9 @@ class Queue:
                 try:
                     deliver(service, message_pk)
                 except Exception:
-                    log.exception("message %s: the send attempt failed; the sweep retries it",
-                                  message_pk)
+                    log.exception(
+                        "message %s: the send attempt failed; the sweep retries it", message_pk
+                    )
 
         @huey.task(name="flush_outbox", priority=PRIORITY_FLUSH)
         def flush_outbox(portal_id: int) -> None:
@@ -413,9 +414,7 @@ class Queue:
             )
         self._ensure_schema()
         interval = float(self.service.settings["sweep_interval"])
-        scheduler_class = type(
-            "SweepScheduler", (Scheduler,), {"periodic_task_seconds": interval}
-        )
+        scheduler_class = type("SweepScheduler", (Scheduler,), {"periodic_task_seconds": interval})
         consumer_class = type("B24smsConsumer", (Consumer,), {"scheduler_class": scheduler_class})
         return consumer_class(
             self.huey,
@@ -457,4 +456,3 @@ class Queue:
             rest = rest.split("@", 1)[1]
         # libpq also takes ?password=…
         return redact_query(f"{scheme}://{rest}")
-

@@ -107,7 +107,8 @@ def key_accepted(generation: int | None, member_id: str, code: str) -> bool:
         log.info(
             "HANDLER call of portal %s (code %s) used a key of a previous secret_key; "
             "run `b24sms providers sync` before dropping it from previous_secret_keys",
-            member_id, code,
+            member_id,
+            code,
         )
     return generation is not None
 
@@ -294,8 +295,9 @@ def sync_portal(
                     continue
                 if error is None or error.code == _ALREADY_INSTALLED:
                     report.updated.append(code)
-                    outcomes[code] = _Outcome(RegistrationState.REGISTERED,
-                                              _known(fingerprints[code], error))
+                    outcomes[code] = _Outcome(
+                        RegistrationState.REGISTERED, _known(fingerprints[code], error)
+                    )
                 else:
                     _fail(report, outcomes, code, error)
     except Bitrix24Error as exc:
@@ -337,9 +339,10 @@ def _run(
     """Run the planned commands in batches of 50, in order; ``(op, code, error or None)`` each."""
     done: list[tuple[str, str, Bitrix24Error | None]] = []
     for start in range(0, len(plan), MAX_BATCH):
-        chunk = plan[start:start + MAX_BATCH]
-        commands = {f"c{i}": (method, params) for i, (_op, _code, method, params) in
-                    enumerate(chunk)}
+        chunk = plan[start : start + MAX_BATCH]
+        commands = {
+            f"c{i}": (method, params) for i, (_op, _code, method, params) in enumerate(chunk)
+        }
         result = client.batch(commands)
         for i, (op, code, _method, _params) in enumerate(chunk):
             key = f"c{i}"

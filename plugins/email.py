@@ -149,7 +149,8 @@ class EmailGateway(Gateway):
         return self.options["smtp_port"] or DEFAULT_PORTS[self.options["security"]]
 
     def address_for(self, to: str) -> str:
-        """The recipient address for an E.164 number: the longest matching route, else ``address``."""
+        """The recipient address for an E.164 number: the longest matching route, else
+        ``address``."""
         parts = number_parts(to)
         routes = self.options["routes"]
         prefix = max((p for p in routes if parts["e164"].startswith(p)), key=len, default=None)

@@ -458,9 +458,7 @@ class Deployment:
         return self.run_cli("db", "upgrade").stdout
 
     def _process(self, name: str, argv: list[str], **kwargs: Any) -> Process:
-        process = Process(
-            name, argv, env=self.env, log_path=self.workdir / f"{name}.log", **kwargs
-        )
+        process = Process(name, argv, env=self.env, log_path=self.workdir / f"{name}.log", **kwargs)
         self.processes.append(process)
         return process
 
@@ -472,11 +470,22 @@ class Deployment:
         if self.web == "gunicorn":
             argv = [
                 # Threaded workers, as the README deploys them: HANDLER calls share commits.
-                *_console_script("gunicorn"), "-w", str(self.web_workers), "--threads", "4",
-                "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5",
+                *_console_script("gunicorn"),
+                "-w",
+                str(self.web_workers),
+                "--threads",
+                "4",
+                "-b",
+                f"127.0.0.1:{self.port}",
+                "--graceful-timeout",
+                "5",
                 # Which worker served what; the path only (a HANDLER's query holds its key).
-                "--access-logfile", "-", "--access-logformat", "access pid=%(p)s %(m)s %(U)s %(s)s",
-                *extra, "wsgi:app",
+                "--access-logfile",
+                "-",
+                "--access-logformat",
+                "access pid=%(p)s %(m)s %(U)s %(s)s",
+                *extra,
+                "wsgi:app",
             ]
             graceful = signal.SIGTERM
         else:
@@ -542,9 +551,10 @@ class Deployment:
         if self._db is None:
             from b24sms.db import Database
 
-            self._db = Database(self.database_url, **(
-                {} if self.database_url.startswith("sqlite") else {"pool_size": 2}
-            ))
+            self._db = Database(
+                self.database_url,
+                **({} if self.database_url.startswith("sqlite") else {"pool_size": 2}),
+            )
         return self._db
 
     def messages(self) -> dict[str, tuple[str, int, str | None]]:

@@ -58,7 +58,10 @@ def frame_body(auth: dict[str, str]) -> dict[str, str]:
 def open_page(server, auth: dict[str, str], **headers: str) -> requests.Response:
     """POST the placement form the way Bitrix24's frame does."""
     return requests.post(
-        f"{server.url}/app", params=frame_query(auth), data=frame_body(auth), headers=headers,
+        f"{server.url}/app",
+        params=frame_query(auth),
+        data=frame_body(auth),
+        headers=headers,
         timeout=10,
     )
 
@@ -237,19 +240,26 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     assert "Your code" not in driver.page_source  # bodies are never shown
     # The per-provider chart has a bar for each window.
     assert len(driver.find_elements(By.CSS_SELECTOR, "#stats-1 svg.bar")) == 2
-    assert driver.find_element(By.CSS_SELECTOR, '#stats-2 tr[data-code="second"] .rate').text \
-        == "0%"
+    assert (
+        driver.find_element(By.CSS_SELECTOR, '#stats-2 tr[data-code="second"] .rate').text == "0%"
+    )
 
     # Filter by status: only the failed message is left.
     before = driver.find_element(By.ID, "messages")
     Select(driver.find_element(By.ID, "filter-status")).select_by_value("failed")
     driver.find_element(By.ID, "filter-apply").click()
     wait.until(EC.staleness_of(before))
-    ids = [r.get_attribute("data-message-id")
-           for r in driver.find_elements(By.CSS_SELECTOR, "#messages tbody tr")]
+    ids = [
+        r.get_attribute("data-message-id")
+        for r in driver.find_elements(By.CSS_SELECTOR, "#messages tbody tr")
+    ]
     assert ids == [failed_id]
-    assert Select(driver.find_element(By.ID, "filter-status")).first_selected_option \
-        .get_attribute("value") == "failed"
+    assert (
+        Select(driver.find_element(By.ID, "filter-status")).first_selected_option.get_attribute(
+            "value"
+        )
+        == "failed"
+    )
 
     # Filter by CODE.
     before = driver.find_element(By.ID, "messages")
@@ -257,8 +267,10 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     Select(driver.find_element(By.ID, "filter-code")).select_by_value("smslog")
     driver.find_element(By.ID, "filter-apply").click()
     wait.until(EC.staleness_of(before))
-    ids = [r.get_attribute("data-message-id")
-           for r in driver.find_elements(By.CSS_SELECTOR, "#messages tbody tr")]
+    ids = [
+        r.get_attribute("data-message-id")
+        for r in driver.find_elements(By.CSS_SELECTOR, "#messages tbody tr")
+    ]
     assert ids == [delivered_id]
 
     # A test message from the form: stored, sent by the log gateway, final status shown.
@@ -272,8 +284,9 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     test_row = driver.find_element(By.CSS_SELECTOR, f'tr[data-message-id="{test_id}"]')
     assert test_row.get_attribute("data-status") == "delivered"
     assert "test" in test_row.find_element(By.CSS_SELECTOR, ".tag").text.lower()
-    assert [li.text.split()[0] for li in test_row.find_elements(By.CSS_SELECTOR, ".history li")] \
-        == ["queued", "sent", "delivered"]
+    assert [
+        li.text.split()[0] for li in test_row.find_elements(By.CSS_SELECTOR, ".history li")
+    ] == ["queued", "sent", "delivered"]
 
     ARTIFACTS.mkdir(exist_ok=True)
     driver.switch_to.default_content()
@@ -307,7 +320,8 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     assert values[("b24sms_messages_sent_total", (("code", "smslog"),))] == 2
     final = {
         (dict(labels)["code"], dict(labels)["status"]): value
-        for (name, labels), value in values.items() if name == "b24sms_messages_final_total"
+        for (name, labels), value in values.items()
+        if name == "b24sms_messages_final_total"
     }
     assert final[("smslog", "delivered")] == 2 and final[("second", "failed")] == 1
     assert final[("smslog", "failed")] == 0 and final[("second", "delivered")] == 0
@@ -341,7 +355,9 @@ def test_forged_and_foreign_auth_ids_get_401(live_app, emulator):
     assert open_page(server, with_domain).status_code == 401
     # ...and our token with a foreign DOMAIN shows our portal, not the DOMAIN's.
     mixed = open_page(server, {**auth, "DOMAIN": other.domain})
-    assert mixed.status_code == 200 and portal.domain in mixed.text and other.domain not in mixed.text
+    assert (
+        mixed.status_code == 200 and portal.domain in mixed.text and other.domain not in mixed.text
+    )
 
     unknown = open_page(server, {**auth, "member_id": "0" * 32})
     assert unknown.status_code == 401 and "no active installation" in unknown.text
@@ -384,21 +400,20 @@ def test_the_session_token_carries_navigation_and_cannot_be_forged(live_app, emu
     assert page.headers["Cache-Control"] == "no-store"
     assert "frame-ancestors" not in page.headers["Content-Security-Policy"]
 
-    filtered = requests.post(
-        f"{server.url}/app", data={"s": token, "status": "failed"}, timeout=10
-    )
+    filtered = requests.post(f"{server.url}/app", data={"s": token, "status": "failed"}, timeout=10)
     assert filtered.status_code == 200 and message_id in filtered.text
-    empty = requests.post(
-        f"{server.url}/app", data={"s": token, "status": "delivered"}, timeout=10
-    )
+    empty = requests.post(f"{server.url}/app", data={"s": token, "status": "delivered"}, timeout=10)
     assert message_id not in empty.text and "match the filter" in empty.text
 
     tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     assert requests.post(f"{server.url}/app", data={"s": tampered}, timeout=10).status_code == 401
     # The token is the only credential: no member_id or AUTH_ID needed, none accepted instead.
-    assert requests.post(
-        f"{server.url}/app", data={"member_id": portal.member_id}, timeout=10
-    ).status_code == 401
+    assert (
+        requests.post(
+            f"{server.url}/app", data={"member_id": portal.member_id}, timeout=10
+        ).status_code
+        == 401
+    )
 
 
 def test_provider_names_follow_the_frames_language(live_app, emulator):
@@ -436,8 +451,12 @@ def test_a_portal_never_sees_another_portals_data(live_app, emulator):
         assert other_id not in page.text
     assert "+1********22" not in page.text and theirs.domain not in page.text
     # The per-provider numbers count this portal's messages only.
-    assert re.search(r'data-code="second">\s*<td><code>second</code></td>\s*<td class="chart-col">'
-                     r'.*?<span class="total">0</span>', page.text, re.DOTALL)
+    assert re.search(
+        r'data-code="second">\s*<td><code>second</code></td>\s*<td class="chart-col">'
+        r'.*?<span class="total">0</span>',
+        page.text,
+        re.DOTALL,
+    )
 
     # Every filter and page stays within the portal.
     token = session_token(page.text)
@@ -449,8 +468,13 @@ def test_a_portal_never_sees_another_portals_data(live_app, emulator):
     their_page = open_page(server, theirs.placement_auth())
     refused = requests.post(
         f"{server.url}/app/test-message",
-        data={"s": token, "t": send_token(their_page.text), "code": "smslog",
-              "to": "+14155550100", "body": "hi"},
+        data={
+            "s": token,
+            "t": send_token(their_page.text),
+            "code": "smslog",
+            "to": "+14155550100",
+            "body": "hi",
+        },
         timeout=10,
     )
     assert refused.status_code == 401 and "does not belong" in refused.text
@@ -463,8 +487,13 @@ def test_test_message_is_stored_once_and_never_reported(live_app, emulator):
     server = live_app(providers=PROVIDERS)
     portal = installed_portal(server, emulator)
     page = open_page(server, portal.placement_auth())
-    form = {"s": session_token(page.text), "t": send_token(page.text), "code": "smslog",
-            "to": "+14155550100", "body": "Testing"}
+    form = {
+        "s": session_token(page.text),
+        "t": send_token(page.text),
+        "code": "smslog",
+        "to": "+14155550100",
+        "body": "Testing",
+    }
     first = requests.post(f"{server.url}/app/test-message", data=form, timeout=10)
     assert first.status_code == 200 and "stored and handed to smslog" in first.text
     # The same form sent twice (a reload) stores nothing new.
@@ -481,8 +510,13 @@ def test_test_message_statuses_never_reach_bitrix24(live_app, emulator):
     portal = installed_portal(server, emulator)
     page = open_page(server, portal.placement_auth())
     updates = portal.stats_snapshot()["methods"]["messageservice.message.status.update"]
-    form = {"s": session_token(page.text), "t": send_token(page.text), "code": "smslog",
-            "to": "+14155550100", "body": "Testing"}
+    form = {
+        "s": session_token(page.text),
+        "t": send_token(page.text),
+        "code": "smslog",
+        "to": "+14155550100",
+        "body": "Testing",
+    }
     assert requests.post(f"{server.url}/app/test-message", data=form, timeout=10).ok
     server.app.extensions["b24sms"].queue.drain(max_wait=5)
     assert portal.stats_snapshot()["methods"]["messageservice.message.status.update"] == updates
@@ -494,8 +528,13 @@ def test_test_message_with_a_bad_number_fails_like_a_real_one(live_app, emulator
     server = live_app(providers=PROVIDERS)
     portal = installed_portal(server, emulator)
     page = open_page(server, portal.placement_auth())
-    form = {"s": session_token(page.text), "t": send_token(page.text), "code": "smslog",
-            "to": "12", "body": "x"}
+    form = {
+        "s": session_token(page.text),
+        "t": send_token(page.text),
+        "code": "smslog",
+        "to": "12",
+        "body": "x",
+    }
     answer = requests.post(f"{server.url}/app/test-message", data=form, timeout=10)
     assert answer.status_code == 200
     with db_of(server).session() as session:
@@ -513,8 +552,14 @@ def test_test_message_form_problems_are_explained(live_app, emulator, change, pr
     server = live_app(providers=PROVIDERS)
     portal = installed_portal(server, emulator)
     page = open_page(server, portal.placement_auth())
-    form = {"s": session_token(page.text), "t": send_token(page.text), "code": "smslog",
-            "to": "+14155550100", "body": "Testing", **change}
+    form = {
+        "s": session_token(page.text),
+        "t": send_token(page.text),
+        "code": "smslog",
+        "to": "+14155550100",
+        "body": "Testing",
+        **change,
+    }
     answer = requests.post(f"{server.url}/app/test-message", data=form, timeout=10)
     assert answer.status_code == 400 and problem in answer.text
     with db_of(server).session() as session:
@@ -527,8 +572,9 @@ def test_test_message_needs_the_form_token(live_app, emulator):
     page = open_page(server, portal.placement_auth())
     data = {"s": session_token(page.text), "code": "smslog", "to": "+14155550100", "body": "x"}
     for token in ("", "forged"):
-        answer = requests.post(f"{server.url}/app/test-message", data={**data, "t": token},
-                               timeout=10)
+        answer = requests.post(
+            f"{server.url}/app/test-message", data={**data, "t": token}, timeout=10
+        )
         assert answer.status_code == 401
 
 

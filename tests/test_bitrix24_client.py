@@ -94,6 +94,7 @@ class RecordingSession(requests.Session):
 
 # -- plain calls ----------------------------------------------------------------------------------
 
+
 def test_call_success_sends_json_with_auth_and_user_agent(db, settings, emulator):
     portal = emulator.add_portal()
     portal_id = store_portal(db, portal)
@@ -152,7 +153,8 @@ def test_error_answers_raise_typed_errors(db, settings, emulator, error, status,
         assert secret not in str(exc) and secret not in repr(exc)
     # Bitrix24 asked us to stop calling: the portal remembers it and the client obeys.
     expected_state = {
-        "reinstall": PortalState.NEEDS_REINSTALL, "stop": PortalState.BLOCKED,
+        "reinstall": PortalState.NEEDS_REINSTALL,
+        "stop": PortalState.BLOCKED,
     }.get(action, PortalState.ACTIVE)
     stored = load_portal(db, portal_id)
     assert stored.state == expected_state
@@ -190,8 +192,14 @@ def test_from_response_without_a_bitrix24_error_document():
 
 def test_operation_time_limit_carries_reset_at():
     reset = int(time.time()) + 300
-    exc = from_response(429, {"error": "OPERATION_TIME_LIMIT", "error_description": "",
-                              "time": {"operating": 480.5, "operating_reset_at": reset}})
+    exc = from_response(
+        429,
+        {
+            "error": "OPERATION_TIME_LIMIT",
+            "error_description": "",
+            "time": {"operating": 480.5, "operating_reset_at": reset},
+        },
+    )
     assert isinstance(exc, OperationTimeLimit)
     assert exc.reset_at == dt.datetime.fromtimestamp(reset, dt.UTC).replace(tzinfo=None)
     assert 290 < exc.retry_after <= 300
@@ -217,6 +225,7 @@ def test_network_errors_are_transient_and_name_no_secret(db, settings, emulator)
 
 
 # -- token refresh --------------------------------------------------------------------------------
+
 
 def test_expired_token_is_refreshed_once_and_the_call_repeated(db, settings, emulator):
     portal = emulator.add_portal()
@@ -403,19 +412,22 @@ def test_refresh_trouble_is_transient_and_keeps_the_tokens(db, settings, emulato
 
 # -- batch ----------------------------------------------------------------------------------------
 
+
 def test_batch_results_and_per_command_errors(db, settings, emulator):
     portal = emulator.add_portal()
     client = Bitrix24Client(db, store_portal(db, portal), settings)
     portal.inject("ACCESS_DENIED", 403, methods="messageservice.sender.delete")
     named = {**SENDER, "CODE": "sms2", "NAME": {"en": "Two", "de": "Zwei"}, "DESCRIPTION": "d&x=1"}
 
-    result = client.batch({
-        "add1": ("messageservice.sender.add", SENDER),
-        "add2": ("messageservice.sender.add", named),
-        "dup": ("messageservice.sender.add", SENDER),
-        "del": ("messageservice.sender.delete", {"CODE": "sms1"}),
-        "list": ("messageservice.sender.list", {}),
-    })
+    result = client.batch(
+        {
+            "add1": ("messageservice.sender.add", SENDER),
+            "add2": ("messageservice.sender.add", named),
+            "dup": ("messageservice.sender.add", SENDER),
+            "del": ("messageservice.sender.delete", {"CODE": "sms1"}),
+            "list": ("messageservice.sender.list", {}),
+        }
+    )
 
     assert result.results == {"add1": True, "add2": True, "list": ["sms1", "sms2"]}
     assert set(result.errors) == {"dup", "del"}
@@ -431,10 +443,13 @@ def test_batch_results_and_per_command_errors(db, settings, emulator):
 def test_batch_halt_skips_the_rest(db, settings, emulator):
     portal = emulator.add_portal()
     client = Bitrix24Client(db, store_portal(db, portal), settings)
-    result = client.batch({
-        "bad": ("messageservice.sender.delete", {"CODE": "missing"}),
-        "add": ("messageservice.sender.add", SENDER),
-    }, halt=True)
+    result = client.batch(
+        {
+            "bad": ("messageservice.sender.delete", {"CODE": "missing"}),
+            "add": ("messageservice.sender.add", SENDER),
+        },
+        halt=True,
+    )
     assert result.errors["bad"].code == "ERROR_SENDER_NOT_FOUND"
     assert result.skipped == ["add"] and result.results == {}
     assert portal.senders == {}
@@ -468,11 +483,18 @@ def test_batch_limits(db, settings, emulator):
 
 
 def test_php_urlencode_nests_like_php():
-    params = {"CODE": "a b", "NAME": {"en": "A&B", "de": "Ä"}, "L": [1, {"x": True}],
-              "N": None, "F": False}
+    params = {
+        "CODE": "a b",
+        "NAME": {"en": "A&B", "de": "Ä"},
+        "L": [1, {"x": True}],
+        "N": None,
+        "F": False,
+    }
     encoded = php_urlencode(params)
     assert php_form_decode(parse_qsl(encoded, keep_blank_values=True)) == {
-        "CODE": "a b", "NAME": {"en": "A&B", "de": "Ä"}, "L": {"0": "1", "1": {"x": "1"}},
+        "CODE": "a b",
+        "NAME": {"en": "A&B", "de": "Ä"},
+        "L": {"0": "1", "1": {"x": "1"}},
         "F": "0",
     }
     assert php_urlencode({}) == ""

@@ -43,7 +43,9 @@ def test_event_install_stores_portal_and_registers_providers(live_app, emulator)
     assert handler.startswith(f"{server.url}/bitrix24/handler/smslog?")
     assert portal.senders["second"]["NAME"] == {"en": "Second", "de": "Zweite"}
     # the answer never echoes a token
-    assert portal.access_token not in response.text and portal.application_token not in response.text
+    assert (
+        portal.access_token not in response.text and portal.application_token not in response.text
+    )
 
 
 def test_ui_install_answers_a_page_that_finishes_the_install(live_app, emulator):
@@ -90,7 +92,10 @@ def test_forged_reinstall_of_a_known_portal_is_refused(live_app, emulator):
     assert response.json()["error"] == "unauthorized"
     after = portal_row(server, portal.member_id)
     assert (after.domain, after.access_token, after.application_token) == (
-        before.domain, before.access_token, before.application_token)
+        before.domain,
+        before.access_token,
+        before.application_token,
+    )
 
 
 def test_a_reinstall_checked_at_a_slow_portal_holds_no_other_call(live_app, emulator):
@@ -105,10 +110,14 @@ def test_a_reinstall_checked_at_a_slow_portal_holds_no_other_call(live_app, emul
     finished: list[str] = []
 
     def forged_reinstall():
-        forged = {"event": "ONAPPINSTALL", "auth[member_id]": portal.member_id,
-                  "auth[domain]": portal.domain, "auth[access_token]": "forged-access",
-                  "auth[refresh_token]": "forged-refresh",
-                  "auth[application_token]": "forged-app-token"}
+        forged = {
+            "event": "ONAPPINSTALL",
+            "auth[member_id]": portal.member_id,
+            "auth[domain]": portal.domain,
+            "auth[access_token]": "forged-access",
+            "auth[refresh_token]": "forged-refresh",
+            "auth[application_token]": "forged-app-token",
+        }
         answer = requests.post(f"{server.url}/bitrix24/install", data=forged, timeout=10)
         finished.append(f"install {answer.status_code}")
 
@@ -154,9 +163,15 @@ def test_uninstall_with_clean_erases_the_portal(live_app, emulator):
     assert portal_row(server, other.member_id) is not None
     with db_of(server).session() as session:
         assert session.scalar(select(func.count()).select_from(Message)) == 1
-        assert session.scalar(
-            select(func.count()).select_from(ProviderRegistration)
-            .join(Portal).where(Portal.member_id == portal.member_id)) == 0
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(ProviderRegistration)
+                .join(Portal)
+                .where(Portal.member_id == portal.member_id)
+            )
+            == 0
+        )
 
 
 def test_forged_event_token_is_refused_and_changes_nothing(live_app, emulator):
@@ -166,8 +181,13 @@ def test_forged_event_token_is_refused_and_changes_nothing(live_app, emulator):
     for event in ("ONAPPUNINSTALL", "ONAPPUPDATE"):
         response = requests.post(
             f"{server.url}/bitrix24/events",
-            data={"event": event, "data[CLEAN]": "1", "auth[member_id]": portal.member_id,
-                  "auth[application_token]": "not-the-token", "auth[domain]": portal.domain},
+            data={
+                "event": event,
+                "data[CLEAN]": "1",
+                "auth[member_id]": portal.member_id,
+                "auth[application_token]": "not-the-token",
+                "auth[domain]": portal.domain,
+            },
             timeout=10,
         )
         assert response.status_code == 401
@@ -240,9 +260,15 @@ def test_unparseable_number_is_stored_and_reported_failed(live_app, emulator):
 
 def _handler_form(portal, code="smslog", **overrides):
     form = {
-        "type": "SMS", "code": code, "message_id": "a" * 32, "message_to": "+14155550100",
-        "message_body": "hello", "ts": "1742895600", "module_id": "crm",
-        "auth[member_id]": portal.member_id, "auth[application_token]": portal.application_token,
+        "type": "SMS",
+        "code": code,
+        "message_id": "a" * 32,
+        "message_to": "+14155550100",
+        "message_body": "hello",
+        "ts": "1742895600",
+        "module_id": "crm",
+        "auth[member_id]": portal.member_id,
+        "auth[application_token]": portal.application_token,
     }
     form.update(overrides)
     return {k: v for k, v in form.items() if v is not None}
@@ -311,8 +337,14 @@ def test_json_body_is_accepted_for_tools(live_app, emulator):
     handler = portal.senders["smslog"]["HANDLER"]
     mid = "b" * 32
     portal.messages[mid] = {"code": "smslog", "to": "+14155550100", "body": "x", "statuses": []}
-    payload = {"type": "SMS", "code": "smslog", "message_id": mid, "message_to": "+14155550100",
-               "message_body": "hello", "auth": {"member_id": portal.member_id}}
+    payload = {
+        "type": "SMS",
+        "code": "smslog",
+        "message_id": mid,
+        "message_to": "+14155550100",
+        "message_body": "hello",
+        "auth": {"member_id": portal.member_id},
+    }
     response = requests.post(handler, json=payload, timeout=10)
     assert response.status_code == 200, response.text
     assert portal.wait_for_status(mid) == "delivered"
@@ -322,8 +354,12 @@ def test_errors_are_json_without_tracebacks(live_app, emulator):
     server = live_app(providers=LOG)
     response = requests.get(f"{server.url}/nope", timeout=10)
     assert response.status_code == 404 and response.json()["error"] == "not_found"
-    response = requests.post(f"{server.url}/bitrix24/events", data="event=x&auth=1", timeout=10,
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = requests.post(
+        f"{server.url}/bitrix24/events",
+        data="event=x&auth=1",
+        timeout=10,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 400 and "Traceback" not in response.text
     huge = {"message_body": "x" * 400_000}
     response = requests.post(f"{server.url}/bitrix24/handler/smslog", data=huge, timeout=10)

@@ -14,14 +14,19 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 REPO = Path(__file__).resolve().parent.parent
 
 
-def b24sms(*args: str, config: Path | None = None, cwd: Path | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess:
+def b24sms(
+    *args: str, config: Path | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("B24SMS_")}
     if config is not None:
         env["B24SMS_CONFIG"] = str(config)
     return subprocess.run(
         [sys.executable, "-c", "from b24sms.cli import main; main()", *args],
-        check=False, capture_output=True, text=True, timeout=timeout, env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
         cwd=cwd or REPO,
     )
 
@@ -60,8 +65,11 @@ def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):
     # The CLI reads the same database as the running app.
     db_url = server.app.extensions["b24sms"].settings["database_url"]
     config = write_config(tmp_path, server.url, emulator.oauth_url, LOG_PROVIDER)
-    config.write_text(config.read_text().replace(
-        f'database_url = "sqlite:///{tmp_path}/cli.sqlite3"', f'database_url = "{db_url}"'))
+    config.write_text(
+        config.read_text().replace(
+            f'database_url = "sqlite:///{tmp_path}/cli.sqlite3"', f'database_url = "{db_url}"'
+        )
+    )
 
     portals = b24sms("portals", "list", config=config)
     assert portals.returncode == 0, portals.stderr
@@ -89,14 +97,18 @@ def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):
     assert missing.returncode != 0 and "no portal" in missing.stderr
 
     for result in (portals, providers, messages, sync):
-        for secret in (portal.access_token, portal.refresh_token, portal.application_token,
-                       SECRET_KEY, CLIENT_SECRET):
+        for secret in (
+            portal.access_token,
+            portal.refresh_token,
+            portal.application_token,
+            SECRET_KEY,
+            CLIENT_SECRET,
+        ):
             assert secret not in result.stdout + result.stderr
 
 
 def test_plugins_lists_plugins_versions_types_and_codes(tmp_path):
-    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/oauth/",
-                          LOG_PROVIDER)
+    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/oauth/", LOG_PROVIDER)
     result = b24sms("plugins", config=config)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
@@ -106,11 +118,16 @@ def test_plugins_lists_plugins_versions_types_and_codes(tmp_path):
 
 
 def test_bad_config_stops_with_a_clear_error(tmp_path):
-    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/oauth/", """
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9/oauth/",
+        """
 [providers.smslog]
 plugin = "nonesuch"
 name = "x"
-""")
+""",
+    )
     result = b24sms("portals", "list", config=config)
     assert result.returncode != 0
     assert "providers.smslog.plugin" in result.stderr and "nonesuch" in result.stderr
@@ -118,8 +135,7 @@ name = "x"
 
 
 def test_db_upgrade_reports_the_revision(tmp_path):
-    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/oauth/",
-                          LOG_PROVIDER)
+    config = write_config(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/oauth/", LOG_PROVIDER)
     result = b24sms("db", "upgrade", config=config)
     assert result.returncode == 0, result.stderr
     assert "database at revision" in result.stdout

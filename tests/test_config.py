@@ -49,18 +49,42 @@ def test_unset_variable_names_file_key_and_variable(tmp_path):
 @pytest.mark.parametrize(
     "text, key, problem",
     [
-        ('[service]\npublic_url = "ftp://x"\nsecret_key = "' + "k" * 20 + '"', "service.public_url",
-         "must start with"),
-        ('[service]\npublic_url = "https://x.y"\nsecret_key = "short"', "service.secret_key",
-         "at least 16"),
-        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20 + '"\nbogus = 1',
-         "service.bogus", "unknown key"),
-        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
-         + '"\n[providers.a]\nname = "A"', "providers.a.plugin", "Missing data"),
-        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
-         + '"\n[providers."bad code"]\nplugin = "log"\nname = "A"', "providers.bad code", "CODE"),
-        ('[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20
-         + '"\n[providers.a]\nplugin = "log"\nname = 3', "providers.a.name", "string"),
+        (
+            '[service]\npublic_url = "ftp://x"\nsecret_key = "' + "k" * 20 + '"',
+            "service.public_url",
+            "must start with",
+        ),
+        (
+            '[service]\npublic_url = "https://x.y"\nsecret_key = "short"',
+            "service.secret_key",
+            "at least 16",
+        ),
+        (
+            '[service]\npublic_url = "https://x.y"\nsecret_key = "' + "k" * 20 + '"\nbogus = 1',
+            "service.bogus",
+            "unknown key",
+        ),
+        (
+            '[service]\npublic_url = "https://x.y"\nsecret_key = "'
+            + "k" * 20
+            + '"\n[providers.a]\nname = "A"',
+            "providers.a.plugin",
+            "Missing data",
+        ),
+        (
+            '[service]\npublic_url = "https://x.y"\nsecret_key = "'
+            + "k" * 20
+            + '"\n[providers."bad code"]\nplugin = "log"\nname = "A"',
+            "providers.bad code",
+            "CODE",
+        ),
+        (
+            '[service]\npublic_url = "https://x.y"\nsecret_key = "'
+            + "k" * 20
+            + '"\n[providers.a]\nplugin = "log"\nname = 3',
+            "providers.a.name",
+            "string",
+        ),
         ("[service\n", "", "not valid TOML"),
     ],
 )

@@ -77,7 +77,8 @@ class ScriptedGateway(Gateway):
         if step is not None:
             return step
         return SendResult(
-            external_id=f"ext-{message.id}", raw_status="accepted",
+            external_id=f"ext-{message.id}",
+            raw_status="accepted",
             later=(StatusReport("DELIVRD"),),
         )
 
@@ -178,9 +179,19 @@ def add_message(
         # exactly the statuses delivery records.
         now = utcnow()
         message = Message(
-            portal_id=portal_id, code=code, message_id=message_id, to_raw=to or "garbage",
-            to=to, body="secret body text", module_id="crm", context={}, status="queued",
-            attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
+            portal_id=portal_id,
+            code=code,
+            message_id=message_id,
+            to_raw=to or "garbage",
+            to=to,
+            body="secret body text",
+            module_id="crm",
+            context={},
+            status="queued",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
         )
         session.add(message)
         session.flush()
@@ -244,8 +255,10 @@ def test_success_records_external_id_statuses_and_outbox(svc, portal_id, recorde
     assert history(svc, pk) == [("sent", "gateway", True), ("delivered", "gateway", True)]
     # coalesced: one outbox row with the newest status, written once for the whole send
     assert outbox(svc) == [(pk, "delivered", 1)]
-    assert recorder.changes == [(pk, "queued", "sent", "gateway"),
-                                (pk, "sent", "delivered", "gateway")]
+    assert recorder.changes == [
+        (pk, "queued", "sent", "gateway"),
+        (pk, "sent", "delivered", "gateway"),
+    ]
     sent = gateway(svc).calls[0]
     assert sent.callback_url.endswith(f"/gateways/{CODE}/callback")
     assert sent.to == "+14155550100" and sent.attempt == 1
@@ -434,6 +447,7 @@ def test_a_flush_enqueued_from_inside_a_send_runs_after_it(svc, portal_id):
 
 
 # -- the queue's stores --------------------------------------------------------------------------
+
 
 def test_queue_url_selects_the_store(tmp_path):
     from huey import MemoryHuey, PostgresHuey, RedisHuey, SqliteHuey

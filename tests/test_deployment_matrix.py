@@ -75,7 +75,8 @@ def test_burst_end_to_end(
         assert len(burst.accepted) == BURST, f"not answered 200: {burst.refused[:5]}"
         deployment.wait_until(
             lambda: all(portal.final_status(m) == "delivered" for m in burst.accepted),
-            90, f"{BURST} messages delivered at the emulator",
+            90,
+            f"{BURST} messages delivered at the emulator",
         )
         figures = Figures(f"matrix[{layout}]", "none (end to end)", _describe(layout))
         lost, twice = count_outcome(figures, burst, portal, gateway)
@@ -94,7 +95,8 @@ def test_burst_end_to_end(
         assert {status for status, _, _ in stored.values()} == {"delivered"}
         if layout != "serve":
             web_pids = {
-                line.split()[1] for line in deployment.log_lines("access pid=")
+                line.split()[1]
+                for line in deployment.log_lines("access pid=")
                 if "/bitrix24/handler/" in line
             }
             assert len(web_pids) >= 2, "one gunicorn worker took every HANDLER call"
@@ -121,7 +123,8 @@ def test_queue_url_names_the_queue_inside_its_store(tmp_path: Path) -> None:
     assert split_queue_name("redis://h:6379/0") == ("redis://h:6379/0", None)
     assert split_queue_name("redis://h:6379/0?queue=b24_a") == ("redis://h:6379/0", "b24_a")
     assert split_queue_name("postgresql://u@h/db?sslmode=require&queue=x") == (
-        "postgresql://u@h/db?sslmode=require", "x"
+        "postgresql://u@h/db?sslmode=require",
+        "x",
     )
     redis = make_huey("redis://127.0.0.1:1/0?queue=staging")
     # The priority variant: flushes and the sweep outrank sends.

@@ -31,31 +31,50 @@ def five_providers(twilio: FakeTwilio, api: FakeSmsApi, smtp_port: int) -> dict:
     return {
         "log": {"plugin": "log", "name": "Log", "outcome": "delivered"},
         "gw_json": {
-            "plugin": "http", "name": "Gateway JSON", "url": api.json_url, "encoding": "json",
+            "plugin": "http",
+            "name": "Gateway JSON",
+            "url": api.json_url,
+            "encoding": "json",
             "body": {"to": "{to}", "text": "{body}", "ref": "{message_id}"},
-            "response_id": "messages.0.id", "response_status": "messages.0.status",
-            "callback_id": "id", "callback_status": "status",
+            "response_id": "messages.0.id",
+            "response_status": "messages.0.status",
+            "callback_id": "id",
+            "callback_status": "status",
             "callback_secret": CALLBACK_SECRET_A,
             "statuses": {"ACCEPTED": "queued", "DELIVRD": "delivered", "UNDELIV": "undelivered"},
         },
         "gw_form": {
-            "plugin": "http", "name": "Gateway form", "url": api.form_url, "encoding": "form",
+            "plugin": "http",
+            "name": "Gateway form",
+            "url": api.form_url,
+            "encoding": "form",
             "body": {"to": "{to}", "text": "{body}"},
-            "response_id": "result.msg_id", "response_status": "state",
-            "callback_id": "msg_id", "callback_status": "state",
-            "callback_secret": CALLBACK_SECRET_B, "callback_signature_header": "X-Hub-Signature",
+            "response_id": "result.msg_id",
+            "response_status": "state",
+            "callback_id": "msg_id",
+            "callback_status": "state",
+            "callback_secret": CALLBACK_SECRET_B,
+            "callback_signature_header": "X-Hub-Signature",
             "statuses": {"ENROUTE": "sent", "2": "delivered", "3": "undelivered"},
         },
         "twilio": {
-            "plugin": "twilio", "name": "Twilio", "account_sid": twilio.account_sid,
-            "auth_token": twilio.auth_token, "from": "+15005550006", "api_base_url": twilio.url,
+            "plugin": "twilio",
+            "name": "Twilio",
+            "account_sid": twilio.account_sid,
+            "auth_token": twilio.auth_token,
+            "from": "+15005550006",
+            "api_base_url": twilio.url,
         },
         "mail": {
-            "plugin": "email", "name": "Email", "smtp_host": "127.0.0.1", "smtp_port": smtp_port,
-            "security": "none", "from": "sms@b24sms.test", "address": "{digits}@sms.b24sms.test",
+            "plugin": "email",
+            "name": "Email",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": smtp_port,
+            "security": "none",
+            "from": "sms@b24sms.test",
+            "address": "{digits}@sms.b24sms.test",
         },
     }
-
 
 
 def test_five_codes_on_two_portals(live_app, emulator, smtp):
@@ -78,23 +97,38 @@ def test_five_codes_on_two_portals(live_app, emulator, smtp):
                 sent[(index, code)] = message_id
 
         # The HTTP gateways report through signed callbacks, as real ones do.
-        json_ids = wait_until(lambda: [m["id"] for m in api.messages if m["shape"] == "json"]
-                              if len([m for m in api.messages if m["shape"] == "json"]) == 2
-                              else None)
+        json_ids = wait_until(
+            lambda: (
+                [m["id"] for m in api.messages if m["shape"] == "json"]
+                if len([m for m in api.messages if m["shape"] == "json"]) == 2
+                else None
+            )
+        )
         form_ids = [m["id"] for m in api.messages if m["shape"] == "form"]
         assert len(form_ids) == 2
         for gateway_id in json_ids:
-            response = post_callback(f"{server.url}/gateways/gw_json/callback",
-                                     {"id": gateway_id, "status": "DELIVRD"}, CALLBACK_SECRET_A)
+            response = post_callback(
+                f"{server.url}/gateways/gw_json/callback",
+                {"id": gateway_id, "status": "DELIVRD"},
+                CALLBACK_SECRET_A,
+            )
             assert response.status_code == 200, response.text
         for gateway_id in form_ids:
-            response = post_callback(f"{server.url}/gateways/gw_form/callback",
-                                     {"msg_id": gateway_id, "state": "2"}, CALLBACK_SECRET_B,
-                                     encoding="form", header="X-Hub-Signature")
+            response = post_callback(
+                f"{server.url}/gateways/gw_form/callback",
+                {"msg_id": gateway_id, "state": "2"},
+                CALLBACK_SECRET_B,
+                encoding="form",
+                header="X-Hub-Signature",
+            )
             assert response.status_code == 200, response.text
 
-        expected_final = {"log": "delivered", "gw_json": "delivered", "gw_form": "delivered",
-                          "twilio": "delivered"}
+        expected_final = {
+            "log": "delivered",
+            "gw_json": "delivered",
+            "gw_form": "delivered",
+            "twilio": "delivered",
+        }
         for (index, code), message_id in sent.items():
             portal = portals[index]
             record = portal.messages[message_id]
@@ -106,10 +140,11 @@ def test_five_codes_on_two_portals(live_app, emulator, smtp):
                 assert portal.wait_for_status(message_id, timeout=15) == expected_final[code]
 
         # Each gateway got exactly its own messages, from both portals.
-        assert sorted(m["to"] for m in twilio.messages.values()) == ["+14155550003",
-                                                                     "+14155551003"]
+        assert sorted(m["to"] for m in twilio.messages.values()) == ["+14155550003", "+14155551003"]
         assert sorted(m["to"] for m in api.messages if m["shape"] == "json") == [
-            "+14155550001", "+14155551001"]
+            "+14155550001",
+            "+14155551001",
+        ]
         rcpts = sorted(r for mail in mailbox.mails for r in mail.rcpt_tos)
         assert rcpts == ["14155550004@sms.b24sms.test", "14155551004@sms.b24sms.test"]
         assert all(b"mail from portal" in mail.content for mail in mailbox.mails)
@@ -136,8 +171,11 @@ def test_forged_gateway_callbacks_are_refused(live_app, emulator, smtp):
 
         response = send_status_callback(
             f"{server.url}/gateways/twilio/callback",
-            {"MessageSid": "SM" + "0" * 32, "MessageStatus": "failed",
-             "AccountSid": twilio.account_sid},
+            {
+                "MessageSid": "SM" + "0" * 32,
+                "MessageStatus": "failed",
+                "AccountSid": twilio.account_sid,
+            },
             "not-the-auth-token",
         )
         assert response.status_code == 401

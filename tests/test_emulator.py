@@ -1,4 +1,5 @@
-"""The portal emulator, exercised over real sockets with ``requests``, as the service will use it."""
+"""The portal emulator, exercised over real sockets with ``requests``, as the service will use
+it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ SENDER = {"CODE": "sms1", "TYPE": "SMS", "HANDLER": "http://127.0.0.1:9/h/sms1",
 
 # -- a fake app that records what Bitrix24 sends it ---------------------------------------------
 
+
 class FakeApp:
     """Records every request; answers 200 (an installFinish page for the UI install)."""
 
@@ -43,12 +45,14 @@ class FakeApp:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length).decode()
                 split = urlsplit(self.path)
-                app.requests.append({
-                    "path": split.path,
-                    "query": dict(parse_qsl(split.query)),
-                    "form": dict(parse_qsl(body, keep_blank_values=True)),
-                    "content_type": self.headers.get("Content-Type"),
-                })
+                app.requests.append(
+                    {
+                        "path": split.path,
+                        "query": dict(parse_qsl(split.query)),
+                        "form": dict(parse_qsl(body, keep_blank_values=True)),
+                        "content_type": self.headers.get("Content-Type"),
+                    }
+                )
                 page = b"<script>BX24.installFinish();</script>"
                 self.send_response(app.status)
                 self.send_header("Content-Length", str(len(page)))
@@ -57,8 +61,9 @@ class FakeApp:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     @property
     def last(self) -> dict[str, Any]:
@@ -75,8 +80,9 @@ def app() -> Iterator[FakeApp]:
 
 @pytest.fixture
 def emu() -> Iterator[Emulator]:
-    with Emulator(client_id="local.test", client_secret="s3cret",
-                  requests_per_second=1000, burst=1000) as emulator:
+    with Emulator(
+        client_id="local.test", client_secret="s3cret", requests_per_second=1000, burst=1000
+    ) as emulator:
         yield emulator
 
 
@@ -94,12 +100,20 @@ def call(portal: EmulatedPortal, method: str, token: str | None = "", **params: 
 
 
 def refresh(emu: Emulator, token: str, client_secret: str = "s3cret") -> requests.Response:
-    return requests.get(emu.oauth_url, params={
-        "grant_type": "refresh_token", "client_id": "local.test",
-        "client_secret": client_secret, "refresh_token": token}, timeout=5)
+    return requests.get(
+        emu.oauth_url,
+        params={
+            "grant_type": "refresh_token",
+            "client_id": "local.test",
+            "client_secret": client_secret,
+            "refresh_token": token,
+        },
+        timeout=5,
+    )
 
 
 # -- lifecycle and addresses --------------------------------------------------------------------
+
 
 def test_addresses_and_stop_release_every_server() -> None:
     emu = Emulator(client_id="local.test", client_secret="s3cret")
@@ -126,17 +140,28 @@ def test_a_new_portal_has_working_tokens(portal: EmulatedPortal) -> None:
     assert status == 200 and body["result"]["ADMIN"] is True
     status, body = call(portal, "app.info")
     assert body["result"]["CODE"] == "local.test"
-    assert set(body["time"]) >= {"start", "finish", "duration", "processing", "date_start",
-                                 "date_finish", "operating", "operating_reset_at"}
+    assert set(body["time"]) >= {
+        "start",
+        "finish",
+        "duration",
+        "processing",
+        "date_start",
+        "date_finish",
+        "operating",
+        "operating_reset_at",
+    }
     assert isinstance(body["time"]["operating"], float)
     assert isinstance(body["time"]["operating_reset_at"], int)
 
 
 # -- auth ---------------------------------------------------------------------------------------
 
+
 def test_auth_errors(emu: Emulator, portal: EmulatedPortal) -> None:
-    assert call(portal, "profile", token=None) == (401, {
-        "error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"})
+    assert call(portal, "profile", token=None) == (
+        401,
+        {"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"},
+    )
     assert call(portal, "profile", token="nope")[1]["error"] == "invalid_token"
     portal.expire_tokens()
     status, body = call(portal, "profile")
@@ -153,33 +178,53 @@ def test_tokens_expire_after_token_ttl(emu: Emulator, portal: EmulatedPortal) ->
 
 def test_auth_from_query_string_and_form_and_json_suffix(portal: EmulatedPortal) -> None:
     url = portal.client_endpoint + "messageservice.sender.add.json"
-    response = requests.post(url, params={"auth": portal.access_token}, data={
-        "code": "formed", "type": "SMS", "handler": "https://sms.example.com/h",
-        "NAME[en]": "English", "NAME[de]": "Deutsch"}, timeout=5)
+    response = requests.post(
+        url,
+        params={"auth": portal.access_token},
+        data={
+            "code": "formed",
+            "type": "SMS",
+            "handler": "https://sms.example.com/h",
+            "NAME[en]": "English",
+            "NAME[de]": "Deutsch",
+        },
+        timeout=5,
+    )
     assert response.json()["result"] is True
     assert portal.senders["formed"]["NAME"] == {"en": "English", "de": "Deutsch"}
-    response = requests.get(portal.client_endpoint + "messageservice.sender.list",
-                            params={"auth": portal.access_token}, timeout=5)
+    response = requests.get(
+        portal.client_endpoint + "messageservice.sender.list",
+        params={"auth": portal.access_token},
+        timeout=5,
+    )
     assert response.json()["result"] == ["formed"]
 
 
 # -- messageservice methods ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("params", "error", "description"), [
-    ({}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty data!"),
-    ({**SENDER, "CODE": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender code!"),
-    ({**SENDER, "CODE": "a b"}, "ERROR_SENDER_VALIDATION_FAILURE", "Wrong sender code!"),
-    ({**SENDER, "CODE": "ab\n"}, "ERROR_SENDER_VALIDATION_FAILURE", "Wrong sender code!"),
-    ({**SENDER, "NAME": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender NAME!"),
-    ({**SENDER, "TYPE": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender message TYPE!"),
-    ({**SENDER, "TYPE": "EMAIL"}, "ERROR_SENDER_VALIDATION_FAILURE",
-     "Unknown sender message TYPE!"),
-    ({**SENDER, "HANDLER": "http://localhost/h"}, "ERROR_WRONG_HANDLER_URL", None),
-    ({**SENDER, "HANDLER": "not a url"}, "ERROR_WRONG_HANDLER_URL", None),
-    ({**SENDER, "HANDLER": "ftp://x.example.com/h"}, "ERROR_UNSUPPORTED_PROTOCOL", None),
-])
-def test_sender_add_validation(portal: EmulatedPortal, params: dict, error: str,
-                               description: str | None) -> None:
+
+@pytest.mark.parametrize(
+    ("params", "error", "description"),
+    [
+        ({}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty data!"),
+        ({**SENDER, "CODE": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender code!"),
+        ({**SENDER, "CODE": "a b"}, "ERROR_SENDER_VALIDATION_FAILURE", "Wrong sender code!"),
+        ({**SENDER, "CODE": "ab\n"}, "ERROR_SENDER_VALIDATION_FAILURE", "Wrong sender code!"),
+        ({**SENDER, "NAME": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender NAME!"),
+        ({**SENDER, "TYPE": ""}, "ERROR_SENDER_VALIDATION_FAILURE", "Empty sender message TYPE!"),
+        (
+            {**SENDER, "TYPE": "EMAIL"},
+            "ERROR_SENDER_VALIDATION_FAILURE",
+            "Unknown sender message TYPE!",
+        ),
+        ({**SENDER, "HANDLER": "http://localhost/h"}, "ERROR_WRONG_HANDLER_URL", None),
+        ({**SENDER, "HANDLER": "not a url"}, "ERROR_WRONG_HANDLER_URL", None),
+        ({**SENDER, "HANDLER": "ftp://x.example.com/h"}, "ERROR_UNSUPPORTED_PROTOCOL", None),
+    ],
+)
+def test_sender_add_validation(
+    portal: EmulatedPortal, params: dict, error: str, description: str | None
+) -> None:
     status, body = call(portal, "messageservice.sender.add", **params)
     assert (status, body["error"]) == (400, error)
     if description:
@@ -192,7 +237,9 @@ def test_sender_lifecycle(portal: EmulatedPortal) -> None:
     assert call(portal, "messageservice.sender.add", **lower)[1]["result"] is True
     assert portal.senders["sms1"] == {**SENDER, "DESCRIPTION": ""}
     assert call(portal, "messageservice.sender.add", **SENDER)[1] == {
-        "error": "ERROR_SENDER_ALREADY_INSTALLED", "error_description": "Sender already installed!"}
+        "error": "ERROR_SENDER_ALREADY_INSTALLED",
+        "error_description": "Sender already installed!",
+    }
 
     update = "messageservice.sender.update"
     assert call(portal, update)[1]["error"] == "ERROR_SENDER_CODE_REQUIRED"
@@ -201,8 +248,10 @@ def test_sender_lifecycle(portal: EmulatedPortal) -> None:
     assert call(portal, update, CODE="sms1", HANDLER="https://new.example.com/h")[0] == 200
     assert portal.senders["sms1"]["HANDLER"] == "https://new.example.com/h"
     portal.supports_sender_update = False
-    assert call(portal, update, CODE="sms1", NAME="x") == (404, {
-        "error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"})
+    assert call(portal, update, CODE="sms1", NAME="x") == (
+        404,
+        {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"},
+    )
 
     assert call(portal, "messageservice.sender.list")[1]["result"] == ["sms1"]
     delete = "messageservice.sender.delete"
@@ -229,24 +278,40 @@ def test_send_sms_and_status_updates(app: FakeApp, portal: EmulatedPortal) -> No
     assert "auth[refresh_token]" not in form
 
     update = "messageservice.message.status.update"
-    assert call(portal, update, CODE="sms1", MESSAGE_ID=message_id, STATUS="bogus")[1][
-        "error"] == "ERROR_MESSAGE_STATUS_INCORRECT"
+    assert (
+        call(portal, update, CODE="sms1", MESSAGE_ID=message_id, STATUS="bogus")[1]["error"]
+        == "ERROR_MESSAGE_STATUS_INCORRECT"
+    )
     assert call(portal, update, CODE="sms1", MESSAGE_ID="f" * 32, STATUS="sent")[1] == {
-        "error": "ERROR_MESSAGE_NOT_FOUND", "error_description": "Message not found!"}
-    assert call(portal, update, CODE="other", MESSAGE_ID=message_id, STATUS="sent")[1][
-        "error"] == "ERROR_MESSAGE_NOT_FOUND"
+        "error": "ERROR_MESSAGE_NOT_FOUND",
+        "error_description": "Message not found!",
+    }
+    assert (
+        call(portal, update, CODE="other", MESSAGE_ID=message_id, STATUS="sent")[1]["error"]
+        == "ERROR_MESSAGE_NOT_FOUND"
+    )
     assert portal.final_status(message_id) is None
     assert call(portal, update, code="sms1", message_id=message_id, status="sent")[0] == 200
     assert portal.final_status(message_id) == "sent"
     with pytest.raises(TimeoutError, match="sent"):
         portal.wait_for_status(message_id, timeout=0.05)
-    threading.Timer(0.05, call, (portal, update),
-                    {"CODE": "sms1", "MESSAGE_ID": message_id, "STATUS": "delivered"}).start()
+    threading.Timer(
+        0.05,
+        call,
+        (portal, update),
+        {"CODE": "sms1", "MESSAGE_ID": message_id, "STATUS": "delivered"},
+    ).start()
     assert portal.wait_for_status(message_id, timeout=2) == "delivered"
     assert portal.stats["status_updates"] == 5
 
-    message_id, _ = portal.send_sms("sms1", "+1", "b", module_id="bizproc", with_auth=False,
-                                    extra={"ts": "1", "message_to": None, "forged": "x"})
+    message_id, _ = portal.send_sms(
+        "sms1",
+        "+1",
+        "b",
+        module_id="bizproc",
+        with_auth=False,
+        extra={"ts": "1", "message_to": None, "forged": "x"},
+    )
     form = app.last["form"]
     assert form["document_id[1]"] == "CCrmDocumentContact" and "workflow_id" in form
     assert form["ts"] == "1" and form["forged"] == "x" and "message_to" not in form
@@ -258,33 +323,45 @@ def test_send_sms_and_status_updates(app: FakeApp, portal: EmulatedPortal) -> No
 
 # -- batch --------------------------------------------------------------------------------------
 
+
 def test_batch(portal: EmulatedPortal) -> None:
     portal.senders["sms1"] = dict(SENDER)
     portal.messages["a" * 32] = {"code": "sms1", "to": "+1", "body": "b", "statuses": []}
     status_update = "messageservice.message.status.update?" + urlencode(
-        {"CODE": "sms1", "MESSAGE_ID": "a" * 32, "STATUS": "delivered"})
-    status, body = call(portal, "batch", halt=0, cmd={
-        "ok": status_update,
-        "bad": "messageservice.message.status.update?CODE=sms1&MESSAGE_ID=x&STATUS=sent",
-        "list": "messageservice.sender.list",
-        "nested": "batch?cmd[x]=profile",
-    })
+        {"CODE": "sms1", "MESSAGE_ID": "a" * 32, "STATUS": "delivered"}
+    )
+    status, body = call(
+        portal,
+        "batch",
+        halt=0,
+        cmd={
+            "ok": status_update,
+            "bad": "messageservice.message.status.update?CODE=sms1&MESSAGE_ID=x&STATUS=sent",
+            "list": "messageservice.sender.list",
+            "nested": "batch?cmd[x]=profile",
+        },
+    )
     assert status == 200
     result = body["result"]
     assert result["result"] == {"ok": True, "list": ["sms1"]}
     assert result["result_error"]["bad"]["error"] == "ERROR_MESSAGE_NOT_FOUND"
     assert result["result_error"]["nested"]["error"] == "ERROR_BATCH_METHOD_NOT_ALLOWED"
-    assert set(result) == {"result", "result_error", "result_total", "result_next",
-                           "result_time"}
+    assert set(result) == {"result", "result_error", "result_total", "result_next", "result_time"}
     assert portal.final_status("a" * 32) == "delivered"
     assert portal.stats["status_updates"] == 2 and portal.stats["batches"] == 1
     assert portal.request_log[-1][1:] == ("batch", 4, 200)
 
     # Form-encoded, the way PHP SDKs send it; halt stops at the first error.
-    response = requests.post(portal.client_endpoint + "batch", data={
-        "auth": portal.access_token, "halt": "1",
-        "cmd[a]": "messageservice.sender.delete?CODE=nope",
-        "cmd[b]": "messageservice.sender.list"}, timeout=5)
+    response = requests.post(
+        portal.client_endpoint + "batch",
+        data={
+            "auth": portal.access_token,
+            "halt": "1",
+            "cmd[a]": "messageservice.sender.delete?CODE=nope",
+            "cmd[b]": "messageservice.sender.list",
+        },
+        timeout=5,
+    )
     result = response.json()["result"]
     assert list(result["result_error"]) == ["a"] and result["result"] == {}
 
@@ -299,8 +376,12 @@ def test_batch(portal: EmulatedPortal) -> None:
 
 
 def test_every_answer_is_json(portal: EmulatedPortal) -> None:
-    broken = requests.post(portal.client_endpoint + "profile", data=b"{oops",
-                           headers={"Content-Type": "application/json"}, timeout=5)
+    broken = requests.post(
+        portal.client_endpoint + "profile",
+        data=b"{oops",
+        headers={"Content-Type": "application/json"},
+        timeout=5,
+    )
     assert (broken.status_code, broken.json()["error"]) == (400, "INVALID_REQUEST")
     assert requests.put(portal.client_endpoint + "profile", timeout=5).json()["error"]
     assert requests.get(portal.base_url + "/elsewhere", timeout=5).status_code == 404
@@ -308,13 +389,16 @@ def test_every_answer_is_json(portal: EmulatedPortal) -> None:
 
 # -- rate limit and fault injection -------------------------------------------------------------
 
+
 def test_leaky_bucket_counts_a_batch_as_one() -> None:
-    with Emulator(client_id="local.test", client_secret="s3cret",
-                  requests_per_second=5, burst=3) as emu:
+    with Emulator(
+        client_id="local.test", client_secret="s3cret", requests_per_second=5, burst=3
+    ) as emu:
         portal = emu.add_portal()
         cmd = {str(i): "profile" for i in range(50)}
-        answers = [call(portal, "batch", cmd=cmd)[0]] + [call(portal, "profile")[0]
-                                                         for _ in range(3)]
+        answers = [call(portal, "batch", cmd=cmd)[0]] + [
+            call(portal, "profile")[0] for _ in range(3)
+        ]
         assert answers == [200, 200, 200, 503]
         assert call(portal, "profile", token=None)[1]["error"] == "QUERY_LIMIT_EXCEEDED"
         time.sleep(0.25)
@@ -334,12 +418,15 @@ def test_injected_errors(portal: EmulatedPortal) -> None:
     assert call(portal, "profile")[0] == 200
 
     portal.inject("INTERNAL_SERVER_ERROR", 500)
-    assert call(portal, "batch", cmd={"p": "profile"}) == (500, {
-        "error": "INTERNAL_SERVER_ERROR", "error_description": "Internal server error"})
+    assert call(portal, "batch", cmd={"p": "profile"}) == (
+        500,
+        {"error": "INTERNAL_SERVER_ERROR", "error_description": "Internal server error"},
+    )
     assert call(portal, "batch", cmd={"p": "profile"})[0] == 200
 
 
 # -- OAuth --------------------------------------------------------------------------------------
+
 
 def test_refresh_rotates_tokens(emu: Emulator, portal: EmulatedPortal) -> None:
     old_access, old_refresh = portal.access_token, portal.refresh_token
@@ -362,9 +449,16 @@ def test_refresh_rotates_tokens(emu: Emulator, portal: EmulatedPortal) -> None:
     assert portal.stats["refreshes"] == 1 and emu.stats["refresh_errors"] == 2
 
     # POST form works too.
-    response = requests.post(emu.oauth_url, data={
-        "grant_type": "refresh_token", "client_id": "local.test", "client_secret": "s3cret",
-        "refresh_token": portal.refresh_token}, timeout=5)
+    response = requests.post(
+        emu.oauth_url,
+        data={
+            "grant_type": "refresh_token",
+            "client_id": "local.test",
+            "client_secret": "s3cret",
+            "refresh_token": portal.refresh_token,
+        },
+        timeout=5,
+    )
     assert response.status_code == 200
 
     emu.inject("PAYMENT_REQUIRED", 402)
@@ -372,13 +466,16 @@ def test_refresh_rotates_tokens(emu: Emulator, portal: EmulatedPortal) -> None:
     assert refresh(emu, portal.refresh_token).status_code == 200
 
 
-def test_concurrent_refreshes_of_one_token_let_one_win(emu: Emulator,
-                                                       portal: EmulatedPortal) -> None:
+def test_concurrent_refreshes_of_one_token_let_one_win(
+    emu: Emulator, portal: EmulatedPortal
+) -> None:
     emu.refresh_delay = 0.1
     token = portal.refresh_token
     codes: list[int] = []
-    threads = [threading.Thread(target=lambda: codes.append(refresh(emu, token).status_code))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: codes.append(refresh(emu, token).status_code))
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -388,6 +485,7 @@ def test_concurrent_refreshes_of_one_token_let_one_win(emu: Emulator,
 
 
 # -- install / update / uninstall ---------------------------------------------------------------
+
 
 def test_install_event(app: FakeApp, portal: EmulatedPortal) -> None:
     member_id, first_app_token = portal.member_id, portal.application_token
@@ -451,23 +549,32 @@ def test_update_and_uninstall(app: FakeApp, portal: EmulatedPortal) -> None:
 
 # -- the PHP form codec and the command line ----------------------------------------------------
 
+
 def test_php_form_round_trip() -> None:
-    data = {"auth": {"member_id": "m"}, "bindings": [{"OWNER_ID": 5}], "flag": True,
-            "skip": None}
+    data = {"auth": {"member_id": "m"}, "bindings": [{"OWNER_ID": 5}], "flag": True, "skip": None}
     pairs = php_form_encode(data)
     assert pairs == [("auth[member_id]", "m"), ("bindings[0][OWNER_ID]", "5"), ("flag", "1")]
-    assert php_form_decode(pairs) == {"auth": {"member_id": "m"},
-                                      "bindings": {"0": {"OWNER_ID": "5"}}, "flag": "1"}
+    assert php_form_decode(pairs) == {
+        "auth": {"member_id": "m"},
+        "bindings": {"0": {"OWNER_ID": "5"}},
+        "flag": "1",
+    }
     assert php_form_decode([("a[]", "1"), ("a[]", "2"), ("b[x", "y"), ("c[d][e", "z")]) == {
-        "a": {"0": "1", "1": "2"}, "b_x": "y", "c": {"d": "z"}}
+        "a": {"0": "1", "1": "2"},
+        "b_x": "y",
+        "c": {"d": "z"},
+    }
 
 
 def test_command_line(app: FakeApp) -> None:
     from b24sms.emulator.__main__ import main
 
     out, stop = io.StringIO(), threading.Event()
-    thread = threading.Thread(target=main, args=(["--app-url", app.url, "--client-id", "local.x"],),
-                              kwargs={"stop": stop, "out": out})
+    thread = threading.Thread(
+        target=main,
+        args=(["--app-url", app.url, "--client-id", "local.x"],),
+        kwargs={"stop": stop, "out": out},
+    )
     thread.start()
     deadline = time.monotonic() + 3
     while "running" not in out.getvalue() and time.monotonic() < deadline:

@@ -115,11 +115,13 @@ def test_worker_killed_with_sigkill_while_sending(
         victim.kill()
         deployment.wait_until(lambda: all_final(portal, burst.accepted), 60, "all delivered")
 
-        figures = Figures("worker_sigkill", "a worker killed with SIGKILL while sending",
-                          backend("redis"))
+        figures = Figures(
+            "worker_sigkill", "a worker killed with SIGKILL while sending", backend("redis")
+        )
         lost, twice = count_outcome(figures, burst, portal, gateway)
         cut_short = {
-            m for m, (_, _, error) in deployment.messages().items()
+            m
+            for m, (_, _, error) in deployment.messages().items()
             if error and "cut short" in error
         }
         figures.seconds = time.monotonic() - started
@@ -153,8 +155,11 @@ def test_serve_killed_before_delivery_delivers_after_restart(
         assert not gateway.requests  # nothing was sent before the kill
         deployment.start_web()
         deployment.wait_until(lambda: all_final(portal, burst.accepted), 60, "all delivered")
-        figures = Figures("web_restart_serve", "web process killed between handler and delivery",
-                          backend("sqlite", "b24sms serve", 0))
+        figures = Figures(
+            "web_restart_serve",
+            "web process killed between handler and delivery",
+            backend("sqlite", "b24sms serve", 0),
+        )
         lost, twice = count_outcome(figures, burst, portal, gateway)
         figures.seconds = time.monotonic() - started
         record_figures(figures)
@@ -199,8 +204,11 @@ def test_gunicorn_killed_during_a_burst_loses_no_accepted_message(
         deployment.wait_until(
             lambda: all_final(portal, unanswered_but_stored), 30, "stored ones delivered"
         )
-        figures = Figures("web_restart_gunicorn", "gunicorn killed with SIGKILL during a burst",
-                          backend("postgresql"))
+        figures = Figures(
+            "web_restart_gunicorn",
+            "gunicorn killed with SIGKILL during a burst",
+            backend("postgresql"),
+        )
         lost, twice = count_outcome(figures, burst, portal, gateway)
         figures.seconds = time.monotonic() - started
         figures.notes = {
@@ -222,7 +230,11 @@ def test_gateway_down_for_a_while_and_back(
     started = time.monotonic()
     with TcpProxy("127.0.0.1", gateway.port) as proxy:
         deployment = deploy(
-            request, tmp_path, emulator, "sqlite", f"http://127.0.0.1:{proxy.port}/json/send",
+            request,
+            tmp_path,
+            emulator,
+            "sqlite",
+            f"http://127.0.0.1:{proxy.port}/json/send",
             service={"max_attempts": 40},
         )
         with deployment:
@@ -244,8 +256,9 @@ def test_gateway_down_for_a_while_and_back(
             assert not burst.refused
             deployment.wait_until(lambda: all_final(portal, burst.accepted), 90, "all delivered")
 
-            figures = Figures("gateway_down", "gateway down: refused, timeouts, 503; then back",
-                              backend("sqlite"))
+            figures = Figures(
+                "gateway_down", "gateway down: refused, timeouts, 503; then back", backend("sqlite")
+            )
             lost, twice = count_outcome(figures, burst, portal, gateway)
             attempts = [a for _, a, _ in deployment.messages().values()]
             answered_503 = sum(1 for r in gateway.requests if r.path == "/json/send") - len(
@@ -299,9 +312,11 @@ def test_bitrix24_errors_for_a_while(
         assert not burst.refused
         deployment.wait_until(lambda: all_final(portal, burst.accepted), 60, "all delivered")
 
-        figures = Figures("bitrix24_errors",
-                          "Bitrix24 answering 503 / QUERY_LIMIT_EXCEEDED / OPERATION_TIME_LIMIT / "
-                          "expired_token", backend("postgresql"))
+        figures = Figures(
+            "bitrix24_errors",
+            "Bitrix24 answering 503 / QUERY_LIMIT_EXCEEDED / OPERATION_TIME_LIMIT / expired_token",
+            backend("postgresql"),
+        )
         lost, twice = count_outcome(figures, burst, portal, gateway)
         stats = portal.stats_snapshot()
         figures.seconds = time.monotonic() - started
@@ -336,11 +351,13 @@ def _check_refusals(
     and none answered 200 without the message being stored."""
     stored = deployment.messages()
     statuses = sorted(set(outage.answers.values()))
-    figures.notes.update({
-        "outage_calls": len(outage.answers),
-        "outage_answers": statuses,
-        "outage_stored_anyway": sum(1 for m in outage.refused if m in stored),
-    })
+    figures.notes.update(
+        {
+            "outage_calls": len(outage.answers),
+            "outage_answers": statuses,
+            "outage_stored_anyway": sum(1 for m in outage.refused if m in stored),
+        }
+    )
     assert all(m in stored for m in outage.accepted), "200 for a message that was not stored"
     assert set(statuses) <= set(allowed), f"answers while the database was down: {statuses}"
 
@@ -357,8 +374,15 @@ def test_postgresql_unreachable_for_a_while(
     with TcpProxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
         engine_url = _via(database, proxy.port).replace("postgresql://", "postgresql+psycopg://")
         # Recording a send's outcome is retried for 0.8 * stuck_after: longer than the outage.
-        deployment = deploy(request, tmp_path, emulator, "redis", gateway.json_url,
-                            database_url=engine_url, service={"stuck_after": 5})
+        deployment = deploy(
+            request,
+            tmp_path,
+            emulator,
+            "redis",
+            gateway.json_url,
+            database_url=engine_url,
+            service={"stuck_after": 5},
+        )
         with deployment:
             deployment.start_web()
             deployment.start_worker()
@@ -373,16 +397,19 @@ def test_postgresql_unreachable_for_a_while(
             proxy.forward()
             deployment.wait_until(
                 lambda: requests.get(f"{deployment.url}/healthz", timeout=5).status_code == 200,
-                30, "the service to see its database again",
+                30,
+                "the service to see its database again",
             )
             after = send_burst(portal, CODE, 60, prefix="after")
             assert not after.refused
             burst = before + outage + after
             deployment.wait_until(lambda: all_final(portal, burst.accepted), 90, "all delivered")
 
-            figures = Figures("database_unreachable_postgresql",
-                              "PostgreSQL unreachable (connections cut and refused) for 2+ s",
-                              backend("redis"))
+            figures = Figures(
+                "database_unreachable_postgresql",
+                "PostgreSQL unreachable (connections cut and refused) for 2+ s",
+                backend("redis"),
+            )
             lost, twice = count_outcome(figures, burst, portal, gateway)
             _check_refusals(deployment, outage, figures)
             waited = {
@@ -449,9 +476,11 @@ def test_sqlite_locked_longer_than_the_busy_timeout(
         burst = before + outage + after
         deployment.wait_until(lambda: all_final(portal, burst.accepted), 60, "all delivered")
 
-        figures = Figures("database_unreachable_sqlite",
-                          "SQLite locked longer than the busy timeout",
-                          backend("sqlite", "b24sms serve", 0))
+        figures = Figures(
+            "database_unreachable_sqlite",
+            "SQLite locked longer than the busy timeout",
+            backend("sqlite", "b24sms serve", 0),
+        )
         lost, twice = count_outcome(figures, burst, portal, gateway)
         _check_refusals(deployment, outage, figures, allowed=(200, 503))
         figures.notes["lock_held_seconds"] = round(held, 1)

@@ -22,12 +22,38 @@ from b24sms.models import Message, OutboxEntry, Portal, StatusEvent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, LiveServer, base_config
 
 CASES = 300
-FIELDS = ["type", "code", "message_id", "message_to", "message_body", "ts", "module_id",
-          "bindings[0][OWNER_ID]", "bindings[]", "auth[member_id]", "auth[application_token]",
-          "auth", "event", "data[CLEAN]", "auth[access_token]", "auth[domain]",
-          "document_id[0]", "properties[phone_number]", "MessageSid", "MessageStatus", "id",
-          "status", "AUTH_ID", "member_id", "DOMAIN", "APPLICATION_TOKEN",
-          "a[b][c][d][e][f]", "x]", "[y", ""]
+FIELDS = [
+    "type",
+    "code",
+    "message_id",
+    "message_to",
+    "message_body",
+    "ts",
+    "module_id",
+    "bindings[0][OWNER_ID]",
+    "bindings[]",
+    "auth[member_id]",
+    "auth[application_token]",
+    "auth",
+    "event",
+    "data[CLEAN]",
+    "auth[access_token]",
+    "auth[domain]",
+    "document_id[0]",
+    "properties[phone_number]",
+    "MessageSid",
+    "MessageStatus",
+    "id",
+    "status",
+    "AUTH_ID",
+    "member_id",
+    "DOMAIN",
+    "APPLICATION_TOKEN",
+    "a[b][c][d][e][f]",
+    "x]",
+    "[y",
+    "",
+]
 
 text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
 keys = st.one_of(st.sampled_from(FIELDS), text)
@@ -38,15 +64,23 @@ raw_bodies = st.one_of(
     pairs.map(lambda p: "&".join(f"{k}={v}" for k, v in p).encode("utf-8", "surrogatepass")),
     st.recursive(
         st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text),
-        lambda children: st.one_of(st.lists(children, max_size=4),
-                                   st.dictionaries(st.sampled_from(FIELDS), children, max_size=6)),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.sampled_from(FIELDS), children, max_size=6),
+        ),
         max_leaves=12,
     ).map(lambda v: json.dumps(v).encode()),
 )
-content_types = st.sampled_from([
-    "application/x-www-form-urlencoded", "application/json", "text/plain",
-    "multipart/form-data; boundary=zzz", "application/x-www-form-urlencoded; charset=latin-1", "",
-])
+content_types = st.sampled_from(
+    [
+        "application/x-www-form-urlencoded",
+        "application/json",
+        "text/plain",
+        "multipart/form-data; boundary=zzz",
+        "application/x-www-form-urlencoded; charset=latin-1",
+        "",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +90,24 @@ def world(tmp_path_factory):
         server = LiveServer()
         providers = {
             "smslog": {"plugin": "log", "name": "Log"},
-            "gw": {"plugin": "http", "name": "HTTP", "url": "http://127.0.0.1:9/send",
-                   "callback_id": "id", "callback_status": "status",
-                   "callback_secret": "fuzz-callback-secret-0123"},
+            "gw": {
+                "plugin": "http",
+                "name": "HTTP",
+                "url": "http://127.0.0.1:9/send",
+                "callback_id": "id",
+                "callback_status": "status",
+                "callback_secret": "fuzz-callback-secret-0123",
+            },
         }
         # Every fuzz case is a failure from one address: the rate limit would answer 429 after
         # the first few and the routes would go untested (tests/test_rate_limit.py covers it).
-        config = base_config(tmp, public_url=server.url, providers=providers,
-                             bitrix24={"oauth_url": emu.oauth_url},
-                             rate_limit={"enabled": False})
+        config = base_config(
+            tmp,
+            public_url=server.url,
+            providers=providers,
+            bitrix24={"oauth_url": emu.oauth_url},
+            rate_limit={"enabled": False},
+        )
         server.start(create_app(config))
         portal = emu.add_portal()
         assert portal.install(server.url).status_code == 200
@@ -94,8 +137,11 @@ def check_answer(response: requests.Response) -> None:
 
 
 def fuzz(url_of, tried: dict, name: str):
-    @settings(max_examples=CASES, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=CASES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(body=raw_bodies, content_type=content_types, query=st.sampled_from(["", "x=1", "key="]))
     def run(world, body, content_type, query):
         server, portal, handler = world
@@ -132,20 +178,36 @@ def test_fuzz_counts_reported(world):
 @pytest.mark.parametrize("size", [300_000, 5_000_000])
 def test_huge_bodies_get_413_and_change_nothing(world, size):
     server, portal, handler = world
-    response = requests.post(handler, data=b"message_body=" + b"x" * size, timeout=30,
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = requests.post(
+        handler,
+        data=b"message_body=" + b"x" * size,
+        timeout=30,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
     assert_nothing_changed(server, portal)
 
 
 def test_duplicated_keys_take_the_last_value_like_php(world):
     server, portal, handler = world
-    body = "&".join([
-        "type=SMS", "code=smslog", "message_id=" + "c" * 32, "message_to=" + quote("+1415"),
-        "message_to=garbage[", "message_body=", "message_body=", "auth[member_id]=x",
-    ])
-    response = requests.post(handler, data=body, timeout=10,
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    body = "&".join(
+        [
+            "type=SMS",
+            "code=smslog",
+            "message_id=" + "c" * 32,
+            "message_to=" + quote("+1415"),
+            "message_to=garbage[",
+            "message_body=",
+            "message_body=",
+            "auth[member_id]=x",
+        ]
+    )
+    response = requests.post(
+        handler,
+        data=body,
+        timeout=10,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code in (400, 401)
     check_answer(response)
     assert_nothing_changed(server, portal)

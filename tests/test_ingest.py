@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,10 +101,17 @@ def test_a_lone_submission_waits_for_nobody():
 
 def _submission(member_id: str, message_id: str, token: str, to: str | None = "+14155550100"):
     return Submission(
-        member_id=member_id, code="smslog",
-        data={"message_id": message_id, "message_to": to or "not a number",
-              "message_body": "hi", "module_id": "crm"},
-        auth={"application_token": token}, report=True, to=to,
+        member_id=member_id,
+        code="smslog",
+        data={
+            "message_id": message_id,
+            "message_to": to or "not a number",
+            "message_body": "hi",
+            "module_id": "crm",
+        },
+        auth={"application_token": token},
+        report=True,
+        to=to,
     )
 
 
@@ -119,10 +127,12 @@ def test_a_row_the_database_refuses_fails_only_its_own_call(installed):
     server, portal = installed
     svc = server.app.extensions["b24sms"]
     with svc.db.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON messages "
-            "WHEN NEW.message_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        ))
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON messages "
+                "WHEN NEW.message_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        )
     token = portal.application_token
     batch = [
         _submission(portal.member_id, "good-1", token),
@@ -144,11 +154,13 @@ def test_a_row_the_database_refuses_fails_only_its_own_call(installed):
     with svc.db.session() as session:
         stored = session.scalars(select(Message.message_id).order_by(Message.id)).all()
         histories = {
-            m.message_id: [e.status for e in m.history]
-            for m in session.scalars(select(Message))
+            m.message_id: [e.status for e in m.history] for m in session.scalars(select(Message))
         }
-        orphans = session.scalar(select(func.count()).select_from(StatusEvent).where(
-            StatusEvent.message_pk.not_in(select(Message.id))))
+        orphans = session.scalar(
+            select(func.count())
+            .select_from(StatusEvent)
+            .where(StatusEvent.message_pk.not_in(select(Message.id)))
+        )
     assert stored == ["good-1", "good-2"]
     # nothing of the refused row, in either table
     assert orphans == 0
@@ -183,13 +195,12 @@ def _burst(server, portal) -> None:
 
     def call(args):
         message_id, token = args
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(5)
-        except threading.BrokenBarrierError:
-            pass
         extra = {"auth[application_token]": token} if token else None
-        _, response = portal.send_sms("smslog", "+14155550100", "hi", message_id=message_id,
-                                      extra=extra)
+        _, response = portal.send_sms(
+            "smslog", "+14155550100", "hi", message_id=message_id, extra=extra
+        )
         return message_id, token, response
 
     with ThreadPoolExecutor(32) as pool:
@@ -205,16 +216,20 @@ def _burst(server, portal) -> None:
     assert len(answers) == 120
     for message_id, results_of_id in answers.items():
         repeated = message_id in ("m007", "m042")
-        assert sorted(results_of_id) == (["accepted", "duplicate"] if repeated
-                                         else ["accepted"]), message_id
+        assert sorted(results_of_id) == (["accepted", "duplicate"] if repeated else ["accepted"]), (
+            message_id
+        )
 
     svc = server.app.extensions["b24sms"]
     with svc.db.session() as session:
         stored = session.scalars(select(Message.message_id)).all()
         # Messages of one transaction share its timestamp: calls were stored together.
         largest = session.scalar(
-            select(func.count()).select_from(Message).group_by(Message.created_at)
-            .order_by(func.count().desc()).limit(1)
+            select(func.count())
+            .select_from(Message)
+            .group_by(Message.created_at)
+            .order_by(func.count().desc())
+            .limit(1)
         )
     assert sorted(stored) == sorted(answers)
     assert largest > 1

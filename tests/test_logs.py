@@ -52,11 +52,14 @@ def test_one_line_per_state_change(live_app, emulator, captured):
     # queued (stored) → sent → final; in memory:// mode delivery runs inside the HANDLER call,
     # so "stored" may be written after the later ones: compare as sets of transitions.
     assert {(line["previous"], line["status"]) for line in by_message[delivered]} == {
-        (None, "queued"), ("queued", "sent"), ("sent", "delivered")
+        (None, "queued"),
+        ("queued", "sent"),
+        ("sent", "delivered"),
     }
     assert len(by_message[delivered]) == 3
     assert [line["status"] for line in by_message[failed] if line["source"] == "gateway"] == [
-        "sent", "failed"
+        "sent",
+        "failed",
     ]
     first = by_message[delivered][0]
     assert first["event"] == "message_status"
@@ -77,7 +80,8 @@ def test_a_message_failed_at_the_handler_is_logged_too(live_app, emulator, captu
     message_id, _ = portal.send_sms("smslog", "12", BODY)
     lines = [line for line in status_lines(captured) if line["message_id"] == message_id]
     assert [(line["previous"], line["status"], line["source"]) for line in lines] == [
-        (None, "queued", "handler"), ("queued", "failed", "handler")
+        (None, "queued", "handler"),
+        ("queued", "failed", "handler"),
     ]
 
 
@@ -87,9 +91,19 @@ def test_json_format_writes_one_object_per_line(monkeypatch):
     logs.configure({"log_format": "json", "log_level": "INFO"})
     try:
         info = MessageInfo(
-            id=7, message_id="abc", code="smslog", member_id="member-1", domain="x.bitrix24.com",
-            to="+14155550123", body=BODY, module_id="crm", status="sent", external_id="e1",
-            attempts=1, last_error=None, created_at=utcnow(),
+            id=7,
+            message_id="abc",
+            code="smslog",
+            member_id="member-1",
+            domain="x.bitrix24.com",
+            to="+14155550123",
+            body=BODY,
+            module_id="crm",
+            status="sent",
+            external_id="e1",
+            attempts=1,
+            last_error=None,
+            created_at=utcnow(),
         )
         logs.StatusLog().b24sms_status_changed(
             message=info, previous="queued", status="sent", source="gateway"
@@ -100,9 +114,16 @@ def test_json_format_writes_one_object_per_line(monkeypatch):
     assert len(written) == 1
     line = json.loads(written[0])
     assert line["logger"] == "b24sms.status"
-    assert {k: line[k] for k in ("message_id", "code", "portal", "previous", "status", "source")} \
-        == {"message_id": "abc", "code": "smslog", "portal": "member-1", "previous": "queued",
-            "status": "sent", "source": "gateway"}
+    assert {
+        k: line[k] for k in ("message_id", "code", "portal", "previous", "status", "source")
+    } == {
+        "message_id": "abc",
+        "code": "smslog",
+        "portal": "member-1",
+        "previous": "queued",
+        "status": "sent",
+        "source": "gateway",
+    }
     assert BODY not in written[0] and "+14155550123" not in written[0]
 
 
@@ -129,8 +150,13 @@ def test_status_log_registers_once():
 
 @pytest.mark.parametrize(
     ("number", "masked"),
-    [("+14155550123", "+1********23"), ("+49 30 1234567", "+49*******67"), ("123", "***"),
-     ("", "-"), (None, "-")],
+    [
+        ("+14155550123", "+1********23"),
+        ("+49 30 1234567", "+49*******67"),
+        ("123", "***"),
+        ("", "-"),
+        (None, "-"),
+    ],
 )
 def test_mask_number(number, masked):
     assert logs.mask_number(number) == masked

@@ -91,8 +91,11 @@ def test_metrics_are_off_by_default(live_app):
 
 def test_the_token_is_required_and_never_echoed(live_app):
     server = live_app(metrics=ENABLED)
-    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
-                    {"Authorization": f"Basic {TOKEN}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+    ):
         response = requests.get(f"{server.url}/metrics", headers=headers, timeout=10)
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -166,8 +169,9 @@ def test_counters_match_the_messages_sent(live_app, emulator):
     assert delta(before, after, changes, code="smslog", status="delivered", source="gateway") == 3
     assert delta(before, after, changes, code="smslog", status="failed", source="handler") == 1
     assert delta(before, after, changes, code="second", status="failed", source="gateway") == 2
-    assert delta(before, after, "b24sms_bitrix24_request_duration_seconds_count",
-                 method="batch") >= 1
+    assert (
+        delta(before, after, "b24sms_bitrix24_request_duration_seconds_count", method="batch") >= 1
+    )
 
 
 def test_unknown_codes_do_not_become_labels(live_app, emulator):
@@ -176,8 +180,10 @@ def test_unknown_codes_do_not_become_labels(live_app, emulator):
     response = requests.post(f"{server.url}/bitrix24/handler/made-up-code", data={}, timeout=10)
     assert response.status_code == 404
     after = local()
-    assert delta(before, after, "b24sms_handler_duration_seconds_count",
-                 code="unknown", status="404") == 1
+    assert (
+        delta(before, after, "b24sms_handler_duration_seconds_count", code="unknown", status="404")
+        == 1
+    )
     assert not any(dict(labels).get("code") == "made-up-code" for _, labels in after)
 
 
@@ -215,15 +221,33 @@ def test_rest_errors_and_token_refreshes_are_counted(live_app, emulator):
     after = local()
     errors = "b24sms_bitrix24_errors_total"
     assert delta(before, after, errors, method="batch", error="expired_token") == 1
-    assert delta(before, after, errors, method="messageservice.message.status.update",
-                 error="INTERNAL_SERVER_ERROR") == 1
+    assert (
+        delta(
+            before,
+            after,
+            errors,
+            method="messageservice.message.status.update",
+            error="INTERNAL_SERVER_ERROR",
+        )
+        == 1
+    )
     assert delta(before, after, "b24sms_token_refreshes_total", result="refreshed") == 1
 
 
 def test_failed_sends_and_retries_are_counted_from_the_hooks():
     info = MessageInfo(
-        id=1, message_id="m", code="hooked", member_id="x", domain="d", to=None, body="",
-        module_id=None, status="queued", external_id=None, attempts=1, last_error=None,
+        id=1,
+        message_id="m",
+        code="hooked",
+        member_id="x",
+        domain="d",
+        to=None,
+        body="",
+        module_id=None,
+        status="queued",
+        external_id=None,
+        attempts=1,
+        last_error=None,
         created_at=utcnow(),
     )
     hooks = metrics.MetricsHooks()
@@ -233,8 +257,7 @@ def test_failed_sends_and_retries_are_counted_from_the_hooks():
     after = local()
     assert delta(before, after, "b24sms_send_retries_total", code="hooked") == 1
     assert delta(before, after, "b24sms_send_failures_total", code="hooked", retryable="true") == 1
-    assert delta(before, after, "b24sms_send_failures_total", code="hooked",
-                 retryable="false") == 1
+    assert delta(before, after, "b24sms_send_failures_total", code="hooked", retryable="false") == 1
 
 
 def test_gateway_send_latency_by_outcome():
@@ -246,8 +269,17 @@ def test_gateway_send_latency_by_outcome():
     name = "b24sms_gateway_send_duration_seconds_count"
     for outcome in ("accepted", "retryable_error", "permanent_error"):
         assert delta(before, after, name, code="timed", outcome=outcome) == 1
-    assert delta(before, after, "b24sms_gateway_send_duration_seconds_bucket",
-                 code="timed", outcome="accepted", le="0.25") == 1
+    assert (
+        delta(
+            before,
+            after,
+            "b24sms_gateway_send_duration_seconds_bucket",
+            code="timed",
+            outcome="accepted",
+            le="0.25",
+        )
+        == 1
+    )
 
 
 def test_error_codes_from_outside_are_cleaned_and_capped(monkeypatch):
@@ -292,15 +324,24 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "b24sms.toml"
-    write_config(config, {
-        "service": {"public_url": url, "secret_key": SECRET_KEY,
-                    "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
-                    "queue_url": "memory://"},
-        "bitrix24": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                     "oauth_url": emulator.oauth_url},
-        "metrics": {"enabled": True, "token": TOKEN},
-        "providers.smslog": {"plugin": "log", "name": "Log only"},
-    })
+    write_config(
+        config,
+        {
+            "service": {
+                "public_url": url,
+                "secret_key": SECRET_KEY,
+                "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
+                "queue_url": "memory://",
+            },
+            "bitrix24": {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "oauth_url": emulator.oauth_url,
+            },
+            "metrics": {"enabled": True, "token": TOKEN},
+            "providers.smslog": {"plugin": "log", "name": "Log only"},
+        },
+    )
     # Migrated once up front, so the two workers do not race to create the schema.
     from b24sms.db import Database
     from b24sms.migrate import upgrade
@@ -314,9 +355,22 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
     # A file, not a pipe: a full pipe would block gunicorn's logging mid-test.
     stderr = (tmp_path / "gunicorn.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
-         "--graceful-timeout", "2", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "2",
+            "wsgi:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
     )
     try:
         deadline = time.monotonic() + 60
@@ -348,9 +402,9 @@ def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
     assert portal.install(url).status_code == 200
     # Concurrent calls: a sync worker serves one at a time, so both workers get some.
     with ThreadPoolExecutor(4) as pool:
-        sent = list(pool.map(
-            lambda i: portal.send_sms("smslog", f"+1415555030{i}", "x")[0], range(8)
-        ))
+        sent = list(
+            pool.map(lambda i: portal.send_sms("smslog", f"+1415555030{i}", "x")[0], range(8))
+        )
     for message_id in sent:
         assert portal.wait_for_status(message_id) == "delivered"
     writers = {path.stem.rsplit("_", 1)[-1] for path in multiproc.glob("histogram_*.db")}
@@ -358,8 +412,18 @@ def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
     for _ in range(6):
         samples = scrape(url)
         # Whichever worker answers, it reports the handler calls of both.
-        assert value(samples, "b24sms_handler_duration_seconds_count",
-                     code="smslog", status="200") == 8
-        assert value(samples, "b24sms_status_changes_total",
-                     code="smslog", status="delivered", source="gateway") == 8
+        assert (
+            value(samples, "b24sms_handler_duration_seconds_count", code="smslog", status="200")
+            == 8
+        )
+        assert (
+            value(
+                samples,
+                "b24sms_status_changes_total",
+                code="smslog",
+                status="delivered",
+                source="gateway",
+            )
+            == 8
+        )
         assert value(samples, "b24sms_messages_received_total", code="smslog") == 8

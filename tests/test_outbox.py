@@ -55,7 +55,9 @@ def portal_id(svc, portal):
     return add_portal(svc, portal)
 
 
-def queue_statuses(svc, portal_id: int, portal: Any, statuses: list[str], count: int = 1) -> list[int]:
+def queue_statuses(
+    svc, portal_id: int, portal: Any, statuses: list[str], count: int = 1
+) -> list[int]:
     """``count`` messages, each given ``statuses`` in turn (not flushed yet)."""
     pks = [add_message(svc, portal_id, emulated=portal) for _ in range(count)]
     with svc.db.session() as session:
@@ -125,8 +127,9 @@ def test_message_not_found_is_dropped_the_rest_delivered(svc, portal, portal_id,
 
 def test_transient_command_error_is_retried_later(svc, portal, portal_id):
     pks = queue_statuses(svc, portal_id, portal, ["delivered"], count=2)
-    portal.inject("INTERNAL_SERVER_ERROR", 500, count=1,
-                  methods=["messageservice.message.status.update"])
+    portal.inject(
+        "INTERNAL_SERVER_ERROR", 500, count=1, methods=["messageservice.message.status.update"]
+    )
     report = flush_portal(svc, portal_id, hold=False)
     assert report.delivered == 1 and report.retried == 1 and report.remaining == 1
     assert report.retry_in is not None and 0 < report.retry_in <= 1
@@ -219,9 +222,15 @@ def test_pacing_keeps_under_a_small_bucket(make_svc, emulator):
 def test_one_flusher_per_portal(svc, portal, portal_id):
     queue_statuses(svc, portal_id, portal, ["delivered"], count=2)
     with svc.db.session() as session:
-        session.add(PortalPacing(portal_id=portal_id, bucket_level=0.0, failures=0,
-                                 lease_owner=f"elsewhere:{os.getpid()}:1:abc",
-                                 lease_until=utcnow() + dt.timedelta(seconds=60)))
+        session.add(
+            PortalPacing(
+                portal_id=portal_id,
+                bucket_level=0.0,
+                failures=0,
+                lease_owner=f"elsewhere:{os.getpid()}:1:abc",
+                lease_until=utcnow() + dt.timedelta(seconds=60),
+            )
+        )
     report = flush_portal(svc, portal_id, hold=False)
     assert report.stopped == "locked" and report.retry_in and report.requests == 0
     # a holder on this machine whose process is gone loses the lease at once
@@ -286,8 +295,10 @@ def test_burst_of_500_through_an_embedded_consumer(make_svc, tmp_path, emulator)
     stats = portal.stats_snapshot()
     assert all(portal.final_status(mid) == "delivered" for mid in ids)
     per_request = stats["status_updates"] / stats["batches"]
-    print(f"embedded burst: {stats['status_updates']} updates in {stats['batches']} batches "
-          f"({per_request:.1f}/request), {stats['rejected_rate_limit']} rejected")
+    print(
+        f"embedded burst: {stats['status_updates']} updates in {stats['batches']} batches "
+        f"({per_request:.1f}/request), {stats['rejected_rate_limit']} rejected"
+    )
     assert stats["rejected_rate_limit"] == 0
     assert per_request >= 40
     with svc.db.session() as session:

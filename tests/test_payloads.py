@@ -71,8 +71,23 @@ def test_key_parts_fast_path_agrees_with_the_pattern(key):
 # -- load_handler_call --------------------------------------------------------------------------
 
 _text = st.one_of(
-    st.sampled_from(["", "SMS", "sms", "smslog", "a" * 64, "a" * 65, "+14155550100", "crm",
-                     "x.y-z_1", "bad code", "abc\n", "0", "12"]),
+    st.sampled_from(
+        [
+            "",
+            "SMS",
+            "sms",
+            "smslog",
+            "a" * 64,
+            "a" * 65,
+            "+14155550100",
+            "crm",
+            "x.y-z_1",
+            "bad code",
+            "abc\n",
+            "0",
+            "12",
+        ]
+    ),
     st.text(max_size=8),
 )
 _leaf = st.one_of(_text, st.none(), st.integers(-2, 2), st.booleans())
@@ -84,8 +99,9 @@ _auth = st.dictionaries(
 )
 _bindings = st.dictionaries(
     st.sampled_from(["0", "1", "x", "-1"]),
-    st.one_of(st.dictionaries(st.sampled_from(["OWNER_ID", "OWNER_TYPE_ID"]), _text, max_size=2),
-              _value),
+    st.one_of(
+        st.dictionaries(st.sampled_from(["OWNER_ID", "OWNER_TYPE_ID"]), _text, max_size=2), _value
+    ),
     max_size=2,
 )
 _MISSING = object()
@@ -103,32 +119,44 @@ _payload = st.fixed_dictionaries(
         "code": _mostly(st.sampled_from(["smslog", "x.y-z_1", "a" * 64]), _text),
         "message_id": _mostly(st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z"), _text),
         "message_to": _mostly(st.sampled_from(["+14155550100", "(415) 555-0100", "0"]), _text),
-        "message_body": _mostly(st.text(min_size=1, max_size=20),
-                                st.one_of(_text, st.just("b" * 65537))),
+        "message_body": _mostly(
+            st.text(min_size=1, max_size=20), st.one_of(_text, st.just("b" * 65537))
+        ),
         "type": _mostly(st.just("SMS"), _value),
-        "module_id": _mostly(st.sampled_from(["crm", "bizproc", "m" * 32]),
-                             st.one_of(_text, st.just("m" * 33), _value)),
+        "module_id": _mostly(
+            st.sampled_from(["crm", "bizproc", "m" * 32]),
+            st.one_of(_text, st.just("m" * 33), _value),
+        ),
         "auth": _mostly(
-            st.fixed_dictionaries({}, optional={
-                "member_id": st.text(min_size=1, max_size=64),
-                "application_token": st.text(min_size=1, max_size=255),
-                "access_token": _value, "domain": _value,
-            }),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "member_id": st.text(min_size=1, max_size=64),
+                    "application_token": st.text(min_size=1, max_size=255),
+                    "access_token": _value,
+                    "domain": _value,
+                },
+            ),
             st.one_of(_auth, _value),
         ),
         "bindings": _mostly(
-            st.dictionaries(st.sampled_from(["0", "1", "12"]),
-                            st.dictionaries(st.sampled_from(["OWNER_ID", "OWNER_TYPE_ID"]),
-                                            st.text(max_size=4), max_size=2),
-                            max_size=2),
+            st.dictionaries(
+                st.sampled_from(["0", "1", "12"]),
+                st.dictionaries(
+                    st.sampled_from(["OWNER_ID", "OWNER_TYPE_ID"]), st.text(max_size=4), max_size=2
+                ),
+                max_size=2,
+            ),
             st.one_of(_bindings, _value),
         ),
     },
     optional={
         "ts": _mostly(st.text(max_size=10), _value),
         "workflow_id": _mostly(st.text(max_size=10), _value),
-        "document_id": _value, "document_type": _value,
-        "properties": _value, "other": _value,
+        "document_id": _value,
+        "document_type": _value,
+        "properties": _value,
+        "other": _value,
     },
 ).map(lambda payload: {k: v for k, v in payload.items() if v is not _MISSING})
 
@@ -160,12 +188,22 @@ def test_fast_handler_load_never_accepts_what_the_schema_refuses():
 def test_fast_handler_load_takes_a_bitrix24_call_as_the_schema_does(emulator):
     portal = emulator.add_portal()
     fields = {
-        "type": "SMS", "code": "smslog", "message_id": "0123456789abcdef0123456789abcdef",
-        "message_to": "+14155550100", "message_body": "Your code: 1234", "ts": "1742895600",
-        "module_id": "crm", "bindings[0][OWNER_TYPE_ID]": "3", "bindings[0][OWNER_ID]": "42",
-        "properties[phone_number]": "+14155550100", "properties[message_text]": "Your code",
-        "auth[access_token]": "a" * 40, "auth[expires_in]": "3600", "auth[domain]": portal.domain,
-        "auth[member_id]": portal.member_id, "auth[application_token]": "t" * 32,
+        "type": "SMS",
+        "code": "smslog",
+        "message_id": "0123456789abcdef0123456789abcdef",
+        "message_to": "+14155550100",
+        "message_body": "Your code: 1234",
+        "ts": "1742895600",
+        "module_id": "crm",
+        "bindings[0][OWNER_TYPE_ID]": "3",
+        "bindings[0][OWNER_ID]": "42",
+        "properties[phone_number]": "+14155550100",
+        "properties[message_text]": "Your code",
+        "auth[access_token]": "a" * 40,
+        "auth[expires_in]": "3600",
+        "auth[domain]": portal.domain,
+        "auth[member_id]": portal.member_id,
+        "auth[application_token]": "t" * 32,
     }
     payload = parse_bracketed(parse_urlencoded(urlencode(fields)))
     fast = load_handler_call(payload)
@@ -173,7 +211,11 @@ def test_fast_handler_load_takes_a_bitrix24_call_as_the_schema_does(emulator):
     assert fast["auth"] == {"member_id": portal.member_id, "application_token": "t" * 32}
     assert fast["bindings"] == {"0": {"OWNER_TYPE_ID": "3", "OWNER_ID": "42"}}
     # The bizproc shape, and a call without auth[…]
-    bizproc = {**payload, "module_id": "bizproc", "workflow_id": "w1",
-               "document_id": {"0": "crm", "1": "CCrmDocumentContact", "2": "CONTACT_1"}}
+    bizproc = {
+        **payload,
+        "module_id": "bizproc",
+        "workflow_id": "w1",
+        "document_id": {"0": "crm", "1": "CCrmDocumentContact", "2": "CONTACT_1"},
+    }
     del bizproc["auth"], bizproc["bindings"]
     assert load_handler_call(bizproc) == SCHEMA.load(bizproc)

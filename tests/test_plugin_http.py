@@ -235,10 +235,13 @@ def test_secrets_stay_out_of_errors_and_logs(api, make, caplog):
     assert "***" in str(info.value)
 
 
-@pytest.mark.parametrize("answer", [
-    "invalid token sk-live-TOPSECRET-4242",  # the credential without its "Bearer "
-    "x" * 180 + " Bearer sk-live-TOPSECRET-4242",  # across the 200 characters kept
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "invalid token sk-live-TOPSECRET-4242",  # the credential without its "Bearer "
+        "x" * 180 + " Bearer sk-live-TOPSECRET-4242",  # across the 200 characters kept
+    ],
+)
 def test_a_header_credential_is_hidden_however_the_answer_repeats_it(api, make, answer):
     api.fail_next(400, body=answer)
     gateway = make(**json_options(api))

@@ -33,8 +33,13 @@ def messages(server) -> int:
 def forged_handler_call(server, code: str = "smslog", **headers: str) -> requests.Response:
     """A well-formed HANDLER call with a made-up portal and key: 401 unless rate limited."""
     url = f"{server.url}/bitrix24/handler/{code}?member_id={'f' * 32}&key={'0' * 32}"
-    form = {"type": "SMS", "code": code, "message_id": uuid.uuid4().hex,
-            "message_to": "+14155550100", "message_body": "forged"}
+    form = {
+        "type": "SMS",
+        "code": code,
+        "message_id": uuid.uuid4().hex,
+        "message_to": "+14155550100",
+        "message_body": "forged",
+    }
     return requests.post(url, data=form, headers=headers, timeout=10)
 
 
@@ -209,9 +214,17 @@ def test_failures_spend_the_address_budget_but_never_a_valid_handler_call(live_a
 
 def test_successes_cost_no_failure_budget(live_app, emulator):
     with FakeSmsApi() as api:
-        providers = {"gw": {"plugin": "http", "name": "HTTP", "url": api.json_url,
-                            "response_id": "messages.0.id", "callback_id": "id",
-                            "callback_status": "status", "callback_secret": SECRET}}
+        providers = {
+            "gw": {
+                "plugin": "http",
+                "name": "HTTP",
+                "url": api.json_url,
+                "response_id": "messages.0.id",
+                "callback_id": "id",
+                "callback_status": "status",
+                "callback_secret": SECRET,
+            }
+        }
         server = live_app(providers=providers, rate_limit={"failure_burst": 2})
         portal = emulator.add_portal()
         portal.install(server.url)
@@ -267,11 +280,14 @@ def test_the_default_limits_take_a_bitrix24_burst(live_app, emulator, tmp_path):
     portal.install(server.url)
     count = 500
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(
-            lambda i: portal.send_sms("smslog", f"+1415555{i:04d}", f"burst {i}",
-                                      with_auth=i % 2 == 0)[1],
-            range(count),
-        ))
+        answers = list(
+            pool.map(
+                lambda i: portal.send_sms(
+                    "smslog", f"+1415555{i:04d}", f"burst {i}", with_auth=i % 2 == 0
+                )[1],
+                range(count),
+            )
+        )
     assert [a.status_code for a in answers] == [200] * count
     assert messages(server) == count
 

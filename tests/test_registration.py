@@ -47,8 +47,9 @@ class Services:
         upgrade(self.db)
 
     def config(self, providers: dict[str, Any]) -> dict[str, Any]:
-        raw = base_config(self.tmp_path, public_url=PUBLIC_URL,
-                          bitrix24={"oauth_url": self.emulator.oauth_url})
+        raw = base_config(
+            self.tmp_path, public_url=PUBLIC_URL, bitrix24={"oauth_url": self.emulator.oauth_url}
+        )
         raw["providers"] = providers
         return validate_config(raw, environ={})
 
@@ -127,7 +128,9 @@ def test_first_sync_adds_every_provider(services, emulator):
     assert portal.stats["requests"] == 2 and portal.stats["batches"] == 1
     rows = services.registrations(portal_id)
     assert {code: row.state for code, row in rows.items()} == {
-        "sms1": RegistrationState.REGISTERED, "sms2": RegistrationState.REGISTERED}
+        "sms1": RegistrationState.REGISTERED,
+        "sms2": RegistrationState.REGISTERED,
+    }
     assert all(len(row.fingerprint) == 64 for row in rows.values())
 
     # Nothing changed: one request, nothing done.
@@ -153,8 +156,13 @@ def test_changed_name_is_updated(services, emulator):
 
 def test_code_on_the_portal_without_a_record_is_updated(services, emulator):
     portal = emulator.add_portal()
-    portal.senders["sms1"] = {"CODE": "sms1", "TYPE": "SMS", "NAME": "Stale",
-                              "HANDLER": "http://old.example.com/h", "DESCRIPTION": ""}
+    portal.senders["sms1"] = {
+        "CODE": "sms1",
+        "TYPE": "SMS",
+        "NAME": "Stale",
+        "HANDLER": "http://old.example.com/h",
+        "DESCRIPTION": "",
+    }
     portal_id = services.store_portal(portal)
     service = services()
 
@@ -192,8 +200,12 @@ def test_disabled_removed_and_excluded_providers_are_deleted(services, emulator)
 def test_already_installed_counts_as_added(services, emulator):
     portal = emulator.add_portal()
     portal_id = services.store_portal(portal)
-    portal.inject("ERROR_SENDER_ALREADY_INSTALLED", 400, methods="messageservice.sender.add",
-                  description="Sender already installed!")
+    portal.inject(
+        "ERROR_SENDER_ALREADY_INSTALLED",
+        400,
+        methods="messageservice.sender.add",
+        description="Sender already installed!",
+    )
 
     report = sync_portal(services(), portal_id)
 

@@ -24,7 +24,6 @@ SECRET_A = "replay-callback-secret-of-a-0123"
 SECRET_B = "replay-callback-secret-of-b-0123"
 
 
-
 def history(server, message_id: str) -> list[tuple[str, str, bool]]:
     """(status, source, applied) of every report about a message, oldest first."""
     with server.app.extensions["b24sms"].db.session() as session:
@@ -44,11 +43,18 @@ def api():
 
 
 def http_providers(api: FakeSmsApi) -> dict:
-    common = {"plugin": "http", "url": api.json_url, "response_id": "messages.0.id",
-              "callback_id": "id", "callback_status": "status",
-              "statuses": {"ACCEPTED": "queued", "SENT": "sent", "DELIVRD": "delivered"}}
-    return {"gw_a": {**common, "name": "A", "callback_secret": SECRET_A},
-            "gw_b": {**common, "name": "B", "callback_secret": SECRET_B}}
+    common = {
+        "plugin": "http",
+        "url": api.json_url,
+        "response_id": "messages.0.id",
+        "callback_id": "id",
+        "callback_status": "status",
+        "statuses": {"ACCEPTED": "queued", "SENT": "sent", "DELIVRD": "delivered"},
+    }
+    return {
+        "gw_a": {**common, "name": "A", "callback_secret": SECRET_A},
+        "gw_b": {**common, "name": "B", "callback_secret": SECRET_B},
+    }
 
 
 def test_a_replayed_http_callback_never_moves_a_status_back(live_app, emulator, api):
@@ -73,8 +79,10 @@ def test_a_replayed_http_callback_never_moves_a_status_back(live_app, emulator, 
     replays = [h for h in history(server, message_id) if h[1] == "callback"][2:]
     assert replays and not any(applied for _, _, applied in replays)
     with server.app.extensions["b24sms"].db.session() as session:
-        assert session.scalar(
-            select(Message.status).where(Message.message_id == message_id)) == "delivered"
+        assert (
+            session.scalar(select(Message.status).where(Message.message_id == message_id))
+            == "delivered"
+        )
 
 
 def test_a_genuine_http_signature_on_another_body_or_at_another_code_is_refused(
@@ -87,13 +95,17 @@ def test_a_genuine_http_signature_on_another_body_or_at_another_code_is_refused(
     gateway_id = wait_until(lambda: api.messages and api.messages[0]["id"])
     genuine = f'{{"id": "{gateway_id}", "status": "SENT"}}'.encode()
     tampered = f'{{"id": "{gateway_id}", "status": "DELIVRD"}}'.encode()
-    response = requests.post(f"{server.url}/gateways/gw_a/callback", data=tampered, timeout=10,
-                             headers={"Content-Type": "application/json",
-                                      "X-Signature": sign(genuine, SECRET_A)})
+    response = requests.post(
+        f"{server.url}/gateways/gw_a/callback",
+        data=tampered,
+        timeout=10,
+        headers={"Content-Type": "application/json", "X-Signature": sign(genuine, SECRET_A)},
+    )
     assert response.status_code == 401
     # A's genuine report, re-aimed at B's callback URL: B's secret does not sign it
-    response = post_callback(f"{server.url}/gateways/gw_b/callback",
-                             {"id": gateway_id, "status": "DELIVRD"}, SECRET_A)
+    response = post_callback(
+        f"{server.url}/gateways/gw_b/callback", {"id": gateway_id, "status": "DELIVRD"}, SECRET_A
+    )
     assert response.status_code == 401
     time.sleep(0.3)
     assert "delivered" not in reported(portal, message_id)
@@ -102,11 +114,19 @@ def test_a_genuine_http_signature_on_another_body_or_at_another_code_is_refused(
 
 def test_twilio_replays_and_re_aimed_signatures(live_app, emulator):
     with FakeTwilio() as twilio:
-        options = {"plugin": "twilio", "account_sid": twilio.account_sid,
-                   "auth_token": twilio.auth_token, "from": "+15005550006",
-                   "api_base_url": twilio.url}
-        server = live_app(providers={"twilio": {**options, "name": "Twilio"},
-                                     "twilio2": {**options, "name": "Twilio 2"}})
+        options = {
+            "plugin": "twilio",
+            "account_sid": twilio.account_sid,
+            "auth_token": twilio.auth_token,
+            "from": "+15005550006",
+            "api_base_url": twilio.url,
+        }
+        server = live_app(
+            providers={
+                "twilio": {**options, "name": "Twilio"},
+                "twilio2": {**options, "name": "Twilio 2"},
+            }
+        )
         portal = emulator.add_portal()
         portal.install(server.url)
         message_id, _ = portal.send_sms("twilio", "+14155550100", "hi")
@@ -118,22 +138,32 @@ def test_twilio_replays_and_re_aimed_signatures(live_app, emulator):
 
         sent_signature = sign_callback(url, report("sent"), twilio.auth_token)
         assert send_status_callback(url, report("sent"), twilio.auth_token).status_code == 200
-        assert send_status_callback(url, report("delivered"),
-                                    twilio.auth_token).status_code == 200
+        assert send_status_callback(url, report("delivered"), twilio.auth_token).status_code == 200
         assert portal.wait_for_status(message_id) == "delivered"
         before = reported(portal, message_id)
 
         # the captured "sent" report, replayed byte for byte: accepted, not applied
-        response = send_status_callback(url, report("sent"), twilio.auth_token,
-                                        signature=sent_signature)
+        response = send_status_callback(
+            url, report("sent"), twilio.auth_token, signature=sent_signature
+        )
         assert response.status_code == 200
         # its signature on other fields, or at another CODE's URL (Twilio signs the URL)
-        assert send_status_callback(url, report("failed"), twilio.auth_token,
-                                    signature=sent_signature).status_code == 401
+        assert (
+            send_status_callback(
+                url, report("failed"), twilio.auth_token, signature=sent_signature
+            ).status_code
+            == 401
+        )
         other_url = f"{server.url}/gateways/twilio2/callback"
-        assert send_status_callback(other_url, report("failed"), twilio.auth_token,
-                                    signature=sign_callback(url, report("failed"),
-                                                            twilio.auth_token)).status_code == 401
+        assert (
+            send_status_callback(
+                other_url,
+                report("failed"),
+                twilio.auth_token,
+                signature=sign_callback(url, report("failed"), twilio.auth_token),
+            ).status_code
+            == 401
+        )
         time.sleep(0.3)
         assert reported(portal, message_id) == before
         callbacks = [h for h in history(server, message_id) if h[1] == "callback"]
@@ -147,32 +177,52 @@ def test_captured_calls_die_with_the_application_token_of_a_reinstall(live_app, 
     handler = portal.senders["smslog"]["HANDLER"]
     old_token = portal.application_token
     captured_handler_call = {
-        "type": "SMS", "code": "smslog", "message_id": "c" * 32, "message_to": "+14155550100",
-        "message_body": "hi", "auth[member_id]": portal.member_id,
+        "type": "SMS",
+        "code": "smslog",
+        "message_id": "c" * 32,
+        "message_to": "+14155550100",
+        "message_body": "hi",
+        "auth[member_id]": portal.member_id,
         "auth[application_token]": old_token,
     }
     captured_uninstall = {
-        "event": "ONAPPUNINSTALL", "data[CLEAN]": "1", "auth[member_id]": portal.member_id,
-        "auth[application_token]": old_token, "auth[domain]": portal.domain,
+        "event": "ONAPPUNINSTALL",
+        "data[CLEAN]": "1",
+        "auth[member_id]": portal.member_id,
+        "auth[application_token]": old_token,
+        "auth[domain]": portal.domain,
     }
     portal.install(server.url)  # a re-install issues a new application_token
     assert portal.application_token != old_token
     assert requests.post(handler, data=captured_handler_call, timeout=10).status_code == 401
-    assert requests.post(f"{server.url}/bitrix24/events", data=captured_uninstall,
-                         timeout=10).status_code == 401
+    assert (
+        requests.post(
+            f"{server.url}/bitrix24/events", data=captured_uninstall, timeout=10
+        ).status_code
+        == 401
+    )
     with server.app.extensions["b24sms"].db.session() as session:
         assert session.scalar(select(Portal.state)) == PortalState.ACTIVE
         assert session.scalar(select(Message.id)) is None
 
 
 def test_a_handler_key_only_opens_its_own_code(live_app, emulator):
-    server = live_app(providers={"smslog": {"plugin": "log", "name": "Log"},
-                                 "other": {"plugin": "log", "name": "Other"}})
+    server = live_app(
+        providers={
+            "smslog": {"plugin": "log", "name": "Log"},
+            "other": {"plugin": "log", "name": "Other"},
+        }
+    )
     portal = emulator.add_portal()
     portal.install(server.url)
     re_aimed = portal.senders["smslog"]["HANDLER"].replace("/handler/smslog", "/handler/other")
-    form = {"type": "SMS", "code": "other", "message_id": "b" * 32,
-            "message_to": "+14155550100", "message_body": "hi"}
+    form = {
+        "type": "SMS",
+        "code": "other",
+        "message_id": "b" * 32,
+        "message_to": "+14155550100",
+        "message_body": "hi",
+    }
     assert requests.post(re_aimed, data=form, timeout=10).status_code == 401
     with server.app.extensions["b24sms"].db.session() as session:
         assert session.scalar(select(Message.id)) is None

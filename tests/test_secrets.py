@@ -123,8 +123,9 @@ def smtp() -> Iterator[tuple[LoopbackController, Recorder]]:
         return AuthResult(success=ok, handled=False)
 
     recorder = Recorder()
-    controller = LoopbackController(recorder, hostname="127.0.0.1", port=0,
-                                    authenticator=authenticate, auth_require_tls=False)
+    controller = LoopbackController(
+        recorder, hostname="127.0.0.1", port=0, authenticator=authenticate, auth_require_tls=False
+    )
     controller.start()
     try:
         yield controller, recorder
@@ -147,25 +148,45 @@ def issued_tokens(monkeypatch) -> list[str]:
 
 
 def providers(twilio: FakeTwilio, api: FakeSmsApi, smtp_port: int) -> dict:
-    mail = {"plugin": "email", "smtp_host": "127.0.0.1", "smtp_port": smtp_port,
-            "security": "none", "from": "sms@b24sms.test", "address": "{digits}@sms.b24sms.test",
-            "smtp_user": SMTP_USER}
+    mail = {
+        "plugin": "email",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_port,
+        "security": "none",
+        "from": "sms@b24sms.test",
+        "address": "{digits}@sms.b24sms.test",
+        "smtp_user": SMTP_USER,
+    }
     return {
         "smslog": {"plugin": "log", "name": "Log"},
         "gw": {
-            "plugin": "http", "name": "HTTP", "url": api.json_url,
+            "plugin": "http",
+            "name": "HTTP",
+            "url": api.json_url,
             "headers": {"Authorization": f"Bearer {BEARER_TOKEN}"},
             "body": {"to": "{to}", "text": "{body}", "api_key": API_KEY},
-            "response_id": "messages.0.id", "callback_id": "id", "callback_status": "status",
+            "response_id": "messages.0.id",
+            "callback_id": "id",
+            "callback_status": "status",
             "callback_secret": CALLBACK_SECRET,
             "statuses": {"ACCEPTED": "queued", "DELIVRD": "delivered"},
         },
-        "twilio": {"plugin": "twilio", "name": "Twilio", "account_sid": twilio.account_sid,
-                   "auth_token": twilio.auth_token, "from": "+15005550006",
-                   "api_base_url": twilio.url},
-        "twilio_bad": {"plugin": "twilio", "name": "Twilio (wrong token)",
-                       "account_sid": twilio.account_sid, "auth_token": TWILIO_BAD_TOKEN,
-                       "from": "+15005550006", "api_base_url": twilio.url},
+        "twilio": {
+            "plugin": "twilio",
+            "name": "Twilio",
+            "account_sid": twilio.account_sid,
+            "auth_token": twilio.auth_token,
+            "from": "+15005550006",
+            "api_base_url": twilio.url,
+        },
+        "twilio_bad": {
+            "plugin": "twilio",
+            "name": "Twilio (wrong token)",
+            "account_sid": twilio.account_sid,
+            "auth_token": TWILIO_BAD_TOKEN,
+            "from": "+15005550006",
+            "api_base_url": twilio.url,
+        },
         "mail": {**mail, "name": "Email", "smtp_password": SMTP_PASSWORD},
         "mail_bad": {**mail, "name": "Email (wrong password)", "smtp_password": SMTP_BAD_PASSWORD},
     }
@@ -175,10 +196,7 @@ def handler_key_of(portal, code: str) -> str:
     return parse_qs(urlsplit(portal.senders[code]["HANDLER"]).query)["key"][0]
 
 
-
-def test_no_secret_in_any_log_line_or_answer(
-    live_app, emulator, smtp, capture, issued_tokens
-):
+def test_no_secret_in_any_log_line_or_answer(live_app, emulator, smtp, capture, issued_tokens):
     controller, mailbox = smtp
     with FakeTwilio() as twilio, FakeSmsApi() as api:
         twilio.auto_callbacks = ("sent", "delivered")
@@ -209,8 +227,12 @@ def test_no_secret_in_any_log_line_or_answer(
         mail_id, _ = first.send_sms("mail", "+14155550103", "via email")
         gateway_id = wait_until(lambda: api.messages and api.messages[0]["id"])
         callback_url = f"{server.url}/gateways/gw/callback"
-        assert post_callback(callback_url, {"id": gateway_id, "status": "DELIVRD"},
-                             CALLBACK_SECRET).status_code == 200
+        assert (
+            post_callback(
+                callback_url, {"id": gateway_id, "status": "DELIVRD"}, CALLBACK_SECRET
+            ).status_code
+            == 200
+        )
         for message_id in (log_id, gw_id, twilio_id):
             assert first.wait_for_status(message_id) == "delivered"
         assert first.wait_for_status(mail_id, {"sent"}) == "sent" and mailbox.mails
@@ -232,37 +254,86 @@ def test_no_secret_in_any_log_line_or_answer(
         emulator.inject("invalid_grant", 400, count=5, description="refresh token expired")
         second.send_sms("smslog", "+14155550108", "tokens gone")
         with server.app.extensions["b24sms"].db.session() as session:
-            state = wait_until(lambda: session.scalar(
-                select(Portal.state).where(Portal.member_id == second.member_id)
-            ) == PortalState.NEEDS_REINSTALL and "yes")
+            state = wait_until(
+                lambda: (
+                    session.scalar(select(Portal.state).where(Portal.member_id == second.member_id))
+                    == PortalState.NEEDS_REINSTALL
+                    and "yes"
+                )
+            )
         assert state
 
         # forged and replayed calls of every kind
         handler = first.senders["smslog"]["HANDLER"]
-        form = {"type": "SMS", "code": "smslog", "message_id": "e" * 32,
-                "message_to": "+14155550109", "message_body": "forged",
-                "auth[member_id]": first.member_id, "auth[application_token]": "forged-token"}
+        form = {
+            "type": "SMS",
+            "code": "smslog",
+            "message_id": "e" * 32,
+            "message_to": "+14155550109",
+            "message_body": "forged",
+            "auth[member_id]": first.member_id,
+            "auth[application_token]": "forged-token",
+        }
         assert requests.post(handler, data=form, timeout=10).status_code == 401
         bad_key = handler.replace(handler_key_of(first, "smslog"), "0" * 32)
-        assert requests.post(bad_key, data={**form, "auth[application_token]": None},
-                             timeout=10).status_code == 401
-        assert requests.post(f"{server.url}/bitrix24/events", data={
-            "event": "ONAPPUNINSTALL", "auth[member_id]": first.member_id,
-            "auth[application_token]": app_tokens[0]}, timeout=10).status_code == 401
-        assert requests.post(f"{server.url}/bitrix24/install", data={
-            "event": "ONAPPINSTALL", "auth[member_id]": first.member_id,
-            "auth[domain]": "evil.example", "auth[access_token]": "forged-access",
-            "auth[refresh_token]": "forged-refresh",
-            "auth[application_token]": "forged-app"}, timeout=10).status_code == 401
-        assert post_callback(callback_url, {"id": gateway_id, "status": "DELIVRD"},
-                             "wrong-secret-wrong-secret").status_code == 401
-        assert send_status_callback(f"{server.url}/gateways/twilio/callback",
-                                    {"MessageSid": "SM" + "1" * 32, "MessageStatus": "failed"},
-                                    TWILIO_BAD_TOKEN).status_code == 401
-        assert requests.get(f"{server.url}/metrics", timeout=10,
-                            headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert requests.get(f"{server.url}/metrics", timeout=10,
-                            headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).ok
+        assert (
+            requests.post(
+                bad_key, data={**form, "auth[application_token]": None}, timeout=10
+            ).status_code
+            == 401
+        )
+        assert (
+            requests.post(
+                f"{server.url}/bitrix24/events",
+                data={
+                    "event": "ONAPPUNINSTALL",
+                    "auth[member_id]": first.member_id,
+                    "auth[application_token]": app_tokens[0],
+                },
+                timeout=10,
+            ).status_code
+            == 401
+        )
+        assert (
+            requests.post(
+                f"{server.url}/bitrix24/install",
+                data={
+                    "event": "ONAPPINSTALL",
+                    "auth[member_id]": first.member_id,
+                    "auth[domain]": "evil.example",
+                    "auth[access_token]": "forged-access",
+                    "auth[refresh_token]": "forged-refresh",
+                    "auth[application_token]": "forged-app",
+                },
+                timeout=10,
+            ).status_code
+            == 401
+        )
+        assert (
+            post_callback(
+                callback_url, {"id": gateway_id, "status": "DELIVRD"}, "wrong-secret-wrong-secret"
+            ).status_code
+            == 401
+        )
+        assert (
+            send_status_callback(
+                f"{server.url}/gateways/twilio/callback",
+                {"MessageSid": "SM" + "1" * 32, "MessageStatus": "failed"},
+                TWILIO_BAD_TOKEN,
+            ).status_code
+            == 401
+        )
+        assert (
+            requests.get(
+                f"{server.url}/metrics", timeout=10, headers={"Authorization": "Bearer wrong"}
+            ).status_code
+            == 401
+        )
+        assert requests.get(
+            f"{server.url}/metrics",
+            timeout=10,
+            headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+        ).ok
 
         # the app page, opened the way Bitrix24's frame opens it
         auth = first.placement_auth()
@@ -273,8 +344,11 @@ def test_no_secret_in_any_log_line_or_answer(
         # a HANDLER URL issued before the secret key was rotated still works
         old_key = handler_key(PREVIOUS_SECRET_KEY, first.member_id, "smslog")
         old_url = handler.replace(handler_key_of(first, "smslog"), old_key)
-        old_form = {**form, "message_id": "d" * 32, "auth[application_token]":
-                    first.application_token}
+        old_form = {
+            **form,
+            "message_id": "d" * 32,
+            "auth[application_token]": first.application_token,
+        }
         assert requests.post(old_url, data=old_form, timeout=10).status_code == 200
 
         # the uninstall of the portal whose tokens died
@@ -297,8 +371,7 @@ def test_no_secret_in_any_log_line_or_answer(
     for portal in (first, second):
         for code in ("smslog", "gw", "twilio", "mail"):
             if code in portal.senders:
-                secrets[f"handler key {portal.member_id[:6]}/{code}"] = handler_key_of(
-                    portal, code)
+                secrets[f"handler key {portal.member_id[:6]}/{code}"] = handler_key_of(portal, code)
     for index, token in enumerate(app_tokens):
         secrets[f"application_token #{index}"] = token
     for index, token in enumerate(issued_tokens):
@@ -307,11 +380,18 @@ def test_no_secret_in_any_log_line_or_answer(
 
     log_text = "\n".join(capture.lines)
     # the run did what it claims (so finding nothing means something)
-    for evidence in ("key=***", "tokens refreshed", "invalid_grant", "refused the login",
-                     "callback for gw rejected", "callback for twilio rejected",
-                     "previous secret_key", "Twilio answered HTTP 401",
-                     "SQL parameters hidden",
-                     "/oauth/token/?grant_type=refresh_token"):
+    for evidence in (
+        "key=***",
+        "tokens refreshed",
+        "invalid_grant",
+        "refused the login",
+        "callback for gw rejected",
+        "callback for twilio rejected",
+        "previous secret_key",
+        "Twilio answered HTTP 401",
+        "SQL parameters hidden",
+        "/oauth/token/?grant_type=refresh_token",
+    ):
         assert evidence in log_text, f"the run left no log line with {evidence!r}"
     leaks = []
     for name, value in secrets.items():
@@ -322,19 +402,25 @@ def test_no_secret_in_any_log_line_or_answer(
         if answer is not None:
             leaks.append(f"{name} in an answer: {answer[:300]}")
     assert not leaks, "\n".join(leaks)
-    print(f"searched {len(capture.lines) // 2} log records and {len(recorder.answers)} answers "
-          f"for {len(secrets)} secrets")
+    print(
+        f"searched {len(capture.lines) // 2} log records and {len(recorder.answers)} answers "
+        f"for {len(secrets)} secrets"
+    )
 
 
 def test_request_line_redaction():
     line = '"POST /bitrix24/handler/sms?member_id=abc&key=0123abcd HTTP/1.1" 200 -'
     assert redact_query(line) == '"POST /bitrix24/handler/sms?member_id=abc&key=*** HTTP/1.1" 200 -'
-    oauth = ("/oauth/token/?grant_type=refresh_token&client_id=local.1&client_secret=S3&"
-             "refresh_token=R4")
-    assert redact_query(oauth) == ("/oauth/token/?grant_type=refresh_token&client_id=local.1&"
-                                   "client_secret=***&refresh_token=***")
+    oauth = (
+        "/oauth/token/?grant_type=refresh_token&client_id=local.1&client_secret=S3&refresh_token=R4"
+    )
+    assert redact_query(oauth) == (
+        "/oauth/token/?grant_type=refresh_token&client_id=local.1&"
+        "client_secret=***&refresh_token=***"
+    )
     assert redact_query("/send?to=1&api_key=K&auth%5Baccess_token%5D=T&text=hi") == (
-        "/send?to=1&api_key=***&auth%5Baccess_token%5D=***&text=hi")
+        "/send?to=1&api_key=***&auth%5Baccess_token%5D=***&text=hi"
+    )
     assert redact_query("no query here: key=value") == "no query here: key=value"
 
 
@@ -342,8 +428,9 @@ def test_gunicorn_access_log_lines_are_redacted_too():
     install_log_filters()
     access = logging.getLogger("gunicorn.access")
     assert any(isinstance(f, QueryRedactingFilter) for f in access.filters)
-    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, '%(h)s "%(r)s"',
-                               None, None)
+    record = logging.LogRecord(
+        "gunicorn.access", logging.INFO, __file__, 1, '%(h)s "%(r)s"', None, None
+    )
     # gunicorn passes its atoms as one mapping
     record.args = {"h": "10.0.0.1", "r": "POST /bitrix24/handler/x?member_id=m&key=SECRET HTTP/1.1"}
     for log_filter in access.filters:
@@ -377,8 +464,10 @@ def test_rotating_the_secret_key_keeps_old_handler_urls_working_until_synced(liv
     old_key = handler_key_of(portal, "smslog")
 
     # step 1: the new key, the old one still accepted (same database, restarted processes)
-    during = live_app(providers=LOG_ONLY, service={"secret_key": NEW_SECRET_KEY,
-                                              "previous_secret_keys": [SECRET_KEY]})
+    during = live_app(
+        providers=LOG_ONLY,
+        service={"secret_key": NEW_SECRET_KEY, "previous_secret_keys": [SECRET_KEY]},
+    )
     old_url_now = old_handler.replace(before.url, during.url)
     portal.senders["smslog"]["HANDLER"] = old_url_now  # Bitrix24 still calls the old URL
     message_id, response = portal.send_sms("smslog", "+14155550100", "during rotation")
@@ -389,15 +478,19 @@ def test_rotating_the_secret_key_keeps_old_handler_urls_working_until_synced(liv
     reports = sync_all(during.app.extensions["b24sms"])
     assert [r.ok for r in reports] == [True] and reports[0].updated == ["smslog"]
     new_key = handler_key_of(portal, "smslog")
-    assert new_key != old_key and new_key == handler_key(NEW_SECRET_KEY, portal.member_id,
-                                                         "smslog")
+    assert new_key != old_key and new_key == handler_key(NEW_SECRET_KEY, portal.member_id, "smslog")
     message_id, response = portal.send_sms("smslog", "+14155550101", "after sync")
     assert response.status_code == 200
 
     # step 3: the old key dropped — the old URL is refused, the new one works
     after = live_app(providers=LOG_ONLY, service={"secret_key": NEW_SECRET_KEY})
-    form = {"type": "SMS", "code": "smslog", "message_id": "a" * 32,
-            "message_to": "+14155550102", "message_body": "x"}
+    form = {
+        "type": "SMS",
+        "code": "smslog",
+        "message_id": "a" * 32,
+        "message_to": "+14155550102",
+        "message_body": "x",
+    }
     stale = old_handler.replace(before.url, after.url)
     assert requests.post(stale, data=form, timeout=10).status_code == 401
     fresh = portal.senders["smslog"]["HANDLER"].replace(during.url, after.url)

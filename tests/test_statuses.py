@@ -58,9 +58,15 @@ def test_out_of_order_reports_never_move_back(svc, portal_id, recorder):
     pk = sent_message(svc, portal_id)
     assert apply_reports(svc, CODE, [StatusReport("DELIVRD", external_id="ext-1")]) == 1
     # late reports: an earlier stage, and another final word
-    apply_reports(svc, CODE, [StatusReport("accepted", external_id="ext-1"),
-                              StatusReport("queued", external_id="ext-1"),
-                              StatusReport("UNDELIV", external_id="ext-1")])
+    apply_reports(
+        svc,
+        CODE,
+        [
+            StatusReport("accepted", external_id="ext-1"),
+            StatusReport("queued", external_id="ext-1"),
+            StatusReport("UNDELIV", external_id="ext-1"),
+        ],
+    )
     message = load(svc, pk)
     assert message.status == "delivered"
     assert message.raw_status == "DELIVRD"
@@ -107,8 +113,11 @@ def test_a_callback_that_overtakes_the_send_answer_still_applies(svc, portal_id)
     results: list[int] = []
 
     def slow_send(message):
-        worker = threading.Thread(target=lambda: results.append(apply_reports(
-            svc, CODE, [StatusReport("DELIVRD", external_id="early-1")])))
+        worker = threading.Thread(
+            target=lambda: results.append(
+                apply_reports(svc, CODE, [StatusReport("DELIVRD", external_id="early-1")])
+            )
+        )
         worker.start()
         time.sleep(0.3)  # the callback is already waiting for us
         arrived.set()
@@ -127,15 +136,26 @@ def test_a_callback_that_overtakes_the_send_answer_still_applies(svc, portal_id)
 
 def test_poll_source_and_explicit_status(svc, portal_id):
     pk = sent_message(svc, portal_id)
-    apply_reports(svc, CODE, [StatusReport("whatever", external_id="ext-1", status="undelivered")],
-                  source="poll")
+    apply_reports(
+        svc,
+        CODE,
+        [StatusReport("whatever", external_id="ext-1", status="undelivered")],
+        source="poll",
+    )
     assert load(svc, pk).status == "undelivered"
     assert history(svc, pk)[-1] == ("undelivered", "poll", True)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(reports=st.lists(st.sampled_from(["queued", "sent", "delivered", "undelivered", "failed"]),
-                        min_size=1, max_size=8))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    reports=st.lists(
+        st.sampled_from(["queued", "sent", "delivered", "undelivered", "failed"]),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_any_sequence_of_reports_only_moves_forward(svc, portal_id, reports):
     pk = add_message(svc, portal_id)
     external_id = f"hyp-{pk}"

@@ -106,33 +106,41 @@ class Workers:
                 proc.wait()
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-4000:]
-                         for p in sorted(self.log_dir.glob("worker-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-4000:] for p in sorted(self.log_dir.glob("worker-*.log"))
+        )
 
 
 @pytest.fixture
 def setup(tmp_path, emulator) -> Iterator[tuple[Service, Workers, Path]]:
     control = tmp_path / "control"
     control.mkdir()
-    config_path = write_config(tmp_path / "b24sms.toml", {
-        "service": {
-            "public_url": "http://127.0.0.1:9",
-            "secret_key": SECRET_KEY,
-            "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
-            "queue_url": f"sqlite:///{tmp_path}/queue.sqlite3",
-            "max_attempts": 5,
-            "retry_base_delay": 0.05,
-            "retry_max_delay": 0.2,
-            "stuck_after": 2,
-            "sweep_interval": 1,
+    config_path = write_config(
+        tmp_path / "b24sms.toml",
+        {
+            "service": {
+                "public_url": "http://127.0.0.1:9",
+                "secret_key": SECRET_KEY,
+                "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
+                "queue_url": f"sqlite:///{tmp_path}/queue.sqlite3",
+                "max_attempts": 5,
+                "retry_base_delay": 0.05,
+                "retry_max_delay": 0.2,
+                "stuck_after": 2,
+                "sweep_interval": 1,
+            },
+            "bitrix24": {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "oauth_url": emulator.oauth_url,
+            },
+            f"providers.{CODE}": {
+                "plugin": "blocking",
+                "name": "Blocking",
+                "control": str(control),
+            },
         },
-        "bitrix24": {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "oauth_url": emulator.oauth_url,
-        },
-        f"providers.{CODE}": {"plugin": "blocking", "name": "Blocking", "control": str(control)},
-    })
+    )
     svc = build(config_path)
     create_schema(svc)
     workers = Workers(config_path, tmp_path)
@@ -162,14 +170,20 @@ def test_burst_of_500_delivered_and_reported_by_a_worker_process(setup, emulator
     for pk in pks:
         svc.queue.enqueue_send(pk)
     workers.start()
-    wait_until(lambda: all(portal.final_status(m) == "delivered" for m in ids), 60, workers,
-               "500 final statuses at the emulator")
+    wait_until(
+        lambda: all(portal.final_status(m) == "delivered" for m in ids),
+        60,
+        workers,
+        "500 final statuses at the emulator",
+    )
     elapsed = time.monotonic() - started
     stats = portal.stats_snapshot()
     per_request = stats["status_updates"] / stats["batches"]
-    print(f"worker burst: 500 messages final in {elapsed:.1f}s; {stats['status_updates']} "
-          f"updates in {stats['batches']} batches ({per_request:.1f}/request), "
-          f"{stats['rejected_rate_limit']} rejected")
+    print(
+        f"worker burst: 500 messages final in {elapsed:.1f}s; {stats['status_updates']} "
+        f"updates in {stats['batches']} batches ({per_request:.1f}/request), "
+        f"{stats['rejected_rate_limit']} rejected"
+    )
     assert stats["rejected_rate_limit"] == 0
     assert per_request >= 40
     with svc.db.session() as session:
@@ -204,8 +218,12 @@ def test_worker_killed_mid_send_loses_nothing(setup, emulator):
     workers.start()
     for pk in (first, second):
         mid = load(svc, pk).message_id
-        wait_until(lambda mid=mid: portal.final_status(mid) == "delivered", 30, workers,
-                   f"message {pk} to be reported delivered")
+        wait_until(
+            lambda mid=mid: portal.final_status(mid) == "delivered",
+            30,
+            workers,
+            f"message {pk} to be reported delivered",
+        )
     recovered = load(svc, first)
     assert recovered.status == "delivered"
     assert recovered.attempts == 2  # the killed attempt counts

@@ -78,8 +78,6 @@ def user_agent(settings: Mapping[str, Any]) -> str:
     return settings.get("user_agent") or f"b24sms/{__version__}"
 
 
-
-
 @dataclass
 class BatchResult:
     """What a ``batch`` answered, per command key.
@@ -159,8 +157,9 @@ class Bitrix24Client:
         outer = outer if isinstance(outer, dict) else {}
         answered = _keyed(outer.get("result"))
         failed = _keyed(outer.get("result_error"))
-        batch = BatchResult(time=payload.get("time") if isinstance(payload.get("time"), dict)
-                            else None)
+        batch = BatchResult(
+            time=payload.get("time") if isinstance(payload.get("time"), dict) else None
+        )
         for wire_key, key in keys.items():
             if wire_key in failed:
                 error = failed[wire_key]
@@ -243,8 +242,11 @@ class Bitrix24Client:
             payload = None
         if isinstance(payload, dict) and isinstance(payload.get("time"), dict):
             self.last_time = payload["time"]
-        if 200 <= response.status_code < 300 and isinstance(payload, dict) \
-                and not payload.get("error"):
+        if (
+            200 <= response.status_code < 300
+            and isinstance(payload, dict)
+            and not payload.get("error")
+        ):
             return payload
         if 200 <= response.status_code < 300 and not isinstance(payload, dict):
             error: Bitrix24Error = TransientError(

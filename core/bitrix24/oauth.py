@@ -7,7 +7,8 @@ the portal's row (``SELECT … FOR UPDATE`` on PostgreSQL; on SQLite every trans
 :meth:`b24sms.db.Database.session` is ``BEGIN IMMEDIATE``, a database-wide write lock). Whoever
 waited on the lock finds a newer access token stored and uses it without calling OAuth.
 
-Refresh only on ``expired_token``, never on a timer: Bitrix24 may block apps that refresh needlessly.
+Refresh only on ``expired_token``, never on a timer: Bitrix24 may block apps that refresh
+needlessly.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def refresh_tokens(
         # state survives the exception raised below.
         portal.state = PortalState.NEEDS_REINSTALL
         portal.last_error = f"token refresh refused: {revoked}"
-        log.warning("portal %s: token refresh refused (%s); needs re-install",
-                    portal.domain, revoked.code)
+        log.warning(
+            "portal %s: token refresh refused (%s); needs re-install", portal.domain, revoked.code
+        )
     metrics.count_token_refresh("refused")
     raise revoked
 
@@ -146,8 +148,9 @@ def _exchange(
     if response.status_code != 200 or not isinstance(payload, dict):
         raise from_response(response.status_code, None)
     if not payload.get("access_token") or not payload.get("refresh_token"):
-        raise TransientError("ERROR_UNEXPECTED_ANSWER", "OAuth answer without tokens",
-                             response.status_code)
+        raise TransientError(
+            "ERROR_UNEXPECTED_ANSWER", "OAuth answer without tokens", response.status_code
+        )
     return payload
 
 

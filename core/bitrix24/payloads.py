@@ -62,7 +62,9 @@ def parse_bracketed(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise PayloadError(raw_key, f"{'.'.join(parts[: i + 1])} is both a value and a table")
+                raise PayloadError(
+                    raw_key, f"{'.'.join(parts[: i + 1])} is both a value and a table"
+                )
             node = child
         last = parts[-1]
         if last == "":
@@ -208,16 +210,29 @@ def load_handler_call(payload: Any) -> dict[str, Any] | None:
     code, message_id = get("code"), get("message_id")
     to, body = get("message_to"), get("message_body")
     if (
-        type(code) is not str or type(message_id) is not str
-        or type(to) is not str or type(body) is not str
-        or not CODE_PATTERN.match(code) or not MESSAGE_ID_PATTERN.match(message_id)
-        or not 0 < len(to) <= MAX_NUMBER or not 0 < len(body) <= MAX_BODY
+        type(code) is not str
+        or type(message_id) is not str
+        or type(to) is not str
+        or type(body) is not str
+        or not CODE_PATTERN.match(code)
+        or not MESSAGE_ID_PATTERN.match(message_id)
+        or not 0 < len(to) <= MAX_NUMBER
+        or not 0 < len(body) <= MAX_BODY
     ):
         return None
     data: dict[str, Any] = {
-        "code": code, "message_id": message_id, "message_to": to, "message_body": body,
-        "type": "SMS", "ts": None, "module_id": None, "workflow_id": None, "bindings": None,
-        "document_id": None, "document_type": None, "auth": None,
+        "code": code,
+        "message_id": message_id,
+        "message_to": to,
+        "message_body": body,
+        "type": "SMS",
+        "ts": None,
+        "module_id": None,
+        "workflow_id": None,
+        "bindings": None,
+        "document_id": None,
+        "document_type": None,
+        "auth": None,
     }
     for key in ("type", "ts", "module_id", "workflow_id"):
         if key in payload:
@@ -246,8 +261,10 @@ def load_handler_call(payload: Any) -> dict[str, Any] | None:
         if type(auth) is not dict:
             return None
         loaded = {}
-        for key, most in (("member_id", MAX_MEMBER_ID),
-                          ("application_token", MAX_APPLICATION_TOKEN)):
+        for key, most in (
+            ("member_id", MAX_MEMBER_ID),
+            ("application_token", MAX_APPLICATION_TOKEN),
+        ):
             if key in auth:
                 value = auth[key]
                 if type(value) is not str or not 0 < len(value) <= most:
@@ -287,4 +304,3 @@ class InstallFormSchema(Schema):
     DOMAIN = _Text(required=True, validate=validate.Regexp(r"^[A-Za-z0-9.-]+(:\d{1,5})?$"))
     PROTOCOL = _Text(load_default="1", validate=validate.OneOf(["0", "1"]))
     LANG = _Text(load_default=None)
-

@@ -19,8 +19,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an emulated Bitrix24 portal (and its OAuth server) on 127.0.0.1.",
     )
     parser.add_argument("--app-url", help="the app's base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--install", choices=("event", "ui", "none"), default="event",
-                        help="how to install the app at start when --app-url is given")
+    parser.add_argument(
+        "--install",
+        choices=("event", "ui", "none"),
+        default="event",
+        help="how to install the app at start when --app-url is given",
+    )
     parser.add_argument("--client-id", default="local.emulator")
     parser.add_argument("--client-secret", default="secret")
     parser.add_argument("--member-id", help="default: 32 random hex characters")
@@ -52,8 +56,9 @@ def main(
         port=args.oauth_port,
     )
     with emulator:
-        portal = emulator.add_portal(domain=args.domain, member_id=args.member_id,
-                                     port=args.portal_port)
+        portal = emulator.add_portal(
+            domain=args.domain, member_id=args.member_id, port=args.portal_port
+        )
         print(f"member_id:       {portal.member_id}", file=out)
         print(f"domain:          {portal.domain}", file=out)
         print(f"client_endpoint: {portal.client_endpoint}", file=out)

@@ -61,8 +61,9 @@ class HttpRequest:
         if not self.body.strip():
             return params
         ctype = self.content_type.split(";", 1)[0].strip().lower()
-        if ctype == "application/json" or (ctype != "application/x-www-form-urlencoded"
-                                           and self.body.lstrip()[:1] in (b"{", b"[")):
+        if ctype == "application/json" or (
+            ctype != "application/x-www-form-urlencoded" and self.body.lstrip()[:1] in (b"{", b"[")
+        ):
             try:
                 decoded = json.loads(self.body)
             except ValueError as exc:
@@ -103,8 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
         # log the path only, and only at debug. A request line too broken to parse leaves no
         # command or path behind, hence getattr.
         path = (getattr(self, "path", None) or "").split("?", 1)[0]
-        log.debug("%s %s %s", getattr(self, "command", None), path,
-                  " ".join(str(arg) for arg in args[1:]))
+        log.debug(
+            "%s %s %s", getattr(self, "command", None), path, " ".join(str(arg) for arg in args[1:])
+        )
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -143,16 +145,19 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = exc.status, exc.body()
         except Exception:
             log.exception("emulator failed on %s %s", self.command, self.path.split("?", 1)[0])
-            status, payload = 500, RestError(
-                "INTERNAL_SERVER_ERROR", "Internal server error", 500).body()
+            status, payload = (
+                500,
+                RestError("INTERNAL_SERVER_ERROR", "Internal server error", 500).body(),
+            )
         self._write_json(status, payload)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # The stdlib answers unsupported verbs and malformed requests with HTML; callers of the
         # emulator may rely on every answer being JSON.
         self.close_connection = True
-        self._write_json(code, {"error": "INVALID_REQUEST",
-                                "error_description": message or explain or str(code)})
+        self._write_json(
+            code, {"error": "INVALID_REQUEST", "error_description": message or explain or str(code)}
+        )
 
     def _write_json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -183,7 +188,8 @@ class _LoopbackServer(ThreadingHTTPServer):
 
 
 class ServerThread:
-    """A :class:`ThreadingHTTPServer` bound to ``host:port`` (0 = free port), served from a thread."""
+    """A :class:`ThreadingHTTPServer` bound to ``host:port`` (0 = free port), served from a
+    thread."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, name: str = "") -> None:
         self._server = _LoopbackServer(host, port, app)

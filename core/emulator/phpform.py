@@ -27,7 +27,7 @@ def _split_key(key: str) -> list[str] | None:
         return [key] if key else None
     if "]" not in key[open_at:]:
         # PHP reads a name whose first bracket never closes as a plain name, "[" turned "_".
-        return [key[:open_at] + "_" + key[open_at + 1:]]
+        return [key[:open_at] + "_" + key[open_at + 1 :]]
     parts = [key[:open_at]]
     pos = open_at
     while pos < len(key):

@@ -49,7 +49,9 @@ _DESCRIPTIONS = {
     "OVERLOAD_LIMIT": "REST API is blocked due to overload",
     "OPERATION_TIME_LIMIT": "Method is blocked due to operation time limit",
     "ACCESS_DENIED": "Access denied!",
-    "insufficient_scope": "The request requires higher privileges than provided by the access token",
+    "insufficient_scope": (
+        "The request requires higher privileges than provided by the access token"
+    ),
     "user_access_error": "The user does not have access to the application",
     "ERROR_METHOD_NOT_FOUND": "Method not found!",
     "INTERNAL_SERVER_ERROR": "Internal server error",
@@ -292,10 +294,16 @@ class EmulatedPortal:
             methods = [methods]
         chosen = frozenset(m.lower() for m in methods) if methods is not None else None
         with self._lock:
-            self._injections.append(_Injection(
-                error, status, count, chosen,
-                description or _DESCRIPTIONS.get(error, error), reset_in,
-            ))
+            self._injections.append(
+                _Injection(
+                    error,
+                    status,
+                    count,
+                    chosen,
+                    description or _DESCRIPTIONS.get(error, error),
+                    reset_in,
+                )
+            )
 
     def _take_injection_locked(self, method: str, top_level: bool) -> _Injection | None:
         for injection in self._injections:
@@ -326,7 +334,7 @@ class EmulatedPortal:
         """Answer one HTTP request to this portal (called by the server thread)."""
         if not request.path.startswith("/rest/"):
             return 404, _method_not_found().body()
-        method = request.path[len("/rest/"):].strip("/").lower()
+        method = request.path[len("/rest/") :].strip("/").lower()
         method = method.removesuffix(".json")
         delay = self.rest_delays.get(method, 0.0)
         if delay > 0:
@@ -356,7 +364,9 @@ class EmulatedPortal:
             self.stats["methods"][method] += 1
             if not self._admit_locked():
                 self.stats["rejected_rate_limit"] += 1
-                error = RestError("QUERY_LIMIT_EXCEEDED", _DESCRIPTIONS["QUERY_LIMIT_EXCEEDED"], 503)
+                error = RestError(
+                    "QUERY_LIMIT_EXCEEDED", _DESCRIPTIONS["QUERY_LIMIT_EXCEEDED"], 503
+                )
                 return error.status, error.body(), commands
             injection = self._take_injection_locked(method, top_level=True)
         try:
@@ -395,6 +405,7 @@ class EmulatedPortal:
                 errors[key] = exc.body()
                 if halt:
                     break
+
         # PHP's json_encode writes an empty array as [], and Bitrix24 batches show it.
         def shaped(part: dict[str, Any]) -> dict[str, Any] | list[Any]:
             return [] if self.php_empty_arrays and not part else part
@@ -417,8 +428,9 @@ class EmulatedPortal:
             self.stats["methods"][name] += 1
             injection = self._take_injection_locked(name, top_level=False)
         if name == "batch":
-            raise RestError("ERROR_BATCH_METHOD_NOT_ALLOWED",
-                            "Method is not allowed for batch usage", 400)
+            raise RestError(
+                "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage", 400
+            )
         if injection is not None:
             raise injection.answer()
         params = php_form_decode(parse_qsl(query, keep_blank_values=True))
@@ -439,9 +451,16 @@ class EmulatedPortal:
         if method == "app.info":
             return self._app_info()
         if method == "profile":
-            return {"ID": "1", "ADMIN": True, "NAME": "Emulated", "LAST_NAME": "Administrator",
-                    "PERSONAL_GENDER": "", "PERSONAL_PHOTO": "", "TIME_ZONE": "",
-                    "TIME_ZONE_OFFSET": 0}
+            return {
+                "ID": "1",
+                "ADMIN": True,
+                "NAME": "Emulated",
+                "LAST_NAME": "Administrator",
+                "PERSONAL_GENDER": "",
+                "PERSONAL_PHOTO": "",
+                "TIME_ZONE": "",
+                "TIME_ZONE_OFFSET": 0,
+            }
         if method == "scope":
             return SCOPE.split(",")
         raise _method_not_found()
@@ -492,11 +511,17 @@ class EmulatedPortal:
         code = params.get("CODE")
         if _php_empty(code):
             raise RestError("ERROR_SENDER_CODE_REQUIRED", "CODE is required!", 400)
-        changes = {key: params[key] for key in ("HANDLER", "NAME", "DESCRIPTION")
-                   if params.get(key) is not None}
+        changes = {
+            key: params[key]
+            for key in ("HANDLER", "NAME", "DESCRIPTION")
+            if params.get(key) is not None
+        }
         if not changes:
-            raise RestError("ERROR_SENDER_OTHER_PARAMS_REQUIRED",
-                            "At least one other parameter is required!", 400)
+            raise RestError(
+                "ERROR_SENDER_OTHER_PARAMS_REQUIRED",
+                "At least one other parameter is required!",
+                400,
+            )
         if "HANDLER" in changes:
             changes["HANDLER"] = _check_handler(changes["HANDLER"])
         with self._lock:
@@ -541,8 +566,13 @@ class EmulatedPortal:
     def _post(
         self, url: str, fields: Mapping[str, str], params: Mapping[str, str] | None = None
     ) -> requests.Response:
-        return requests.post(url, data=list(fields.items()), params=params,
-                             headers={"User-Agent": USER_AGENT}, timeout=HTTP_TIMEOUT)
+        return requests.post(
+            url,
+            data=list(fields.items()),
+            params=params,
+            headers={"User-Agent": USER_AGENT},
+            timeout=HTTP_TIMEOUT,
+        )
 
     def _auth_block_locked(self) -> dict[str, str]:
         """The ``auth[...]`` of an install/update event, which carries the refresh token."""
@@ -588,9 +618,15 @@ class EmulatedPortal:
             self.install_finished = mode == "event"
             self._issue_pair_locked()
             if mode == "event":
-                fields = self._app_event_locked("ONAPPINSTALL", {
-                    "VERSION": self.app_version, "ACTIVE": "Y", "INSTALLED": "Y",
-                    "LANGUAGE_ID": "en"})
+                fields = self._app_event_locked(
+                    "ONAPPINSTALL",
+                    {
+                        "VERSION": self.app_version,
+                        "ACTIVE": "Y",
+                        "INSTALLED": "Y",
+                        "LANGUAGE_ID": "en",
+                    },
+                )
                 query = None
             else:
                 fields = {
@@ -605,8 +641,12 @@ class EmulatedPortal:
                     "PLACEMENT": "DEFAULT",
                     "PLACEMENT_OPTIONS": "{}",
                 }
-                query = {"DOMAIN": self.domain, "PROTOCOL": "0", "LANG": "en",
-                         "APP_SID": token_hex(16)}
+                query = {
+                    "DOMAIN": self.domain,
+                    "PROTOCOL": "0",
+                    "LANG": "en",
+                    "APP_SID": token_hex(16),
+                }
         response = self._post(f"{app_url}/bitrix24/install", fields, query)
         if mode == "ui":
             # Without a browser, a page that would call BX24.installFinish() is the best signal.
@@ -622,9 +662,16 @@ class EmulatedPortal:
             self.senders.clear()
             previous, self.app_version = self.app_version, version
             self._issue_pair_locked()
-            fields = self._app_event_locked("ONAPPUPDATE", {
-                "VERSION": version, "PREVIOUS_VERSION": previous, "ACTIVE": "Y",
-                "INSTALLED": "Y", "LANGUAGE_ID": "en"})
+            fields = self._app_event_locked(
+                "ONAPPUPDATE",
+                {
+                    "VERSION": version,
+                    "PREVIOUS_VERSION": previous,
+                    "ACTIVE": "Y",
+                    "INSTALLED": "Y",
+                    "LANGUAGE_ID": "en",
+                },
+            )
         return self._post(f"{app_url}/bitrix24/events", fields)
 
     def uninstall(self, clean: bool = False) -> requests.Response:
@@ -736,11 +783,13 @@ class EmulatedPortal:
                 return status
             if time.monotonic() >= deadline:
                 with self._lock:
-                    seen = [s["status"] for s in
-                            self.messages.get(message_id, {}).get("statuses", [])]
+                    seen = [
+                        s["status"] for s in self.messages.get(message_id, {}).get("statuses", [])
+                    ]
                 raise TimeoutError(
                     f"message {message_id}: no status in {sorted(statuses)} after {timeout}s; "
-                    f"seen {seen}")
+                    f"seen {seen}"
+                )
             time.sleep(0.02)
 
     def placement_auth(self) -> dict[str, str]:

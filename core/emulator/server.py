@@ -153,8 +153,9 @@ class Emulator:
         with self._lock:
             if member_id is not None and member_id in self.portals:
                 raise ValueError(f"a portal with member_id {member_id} exists already")
-            portal = EmulatedPortal(self, domain=domain, member_id=member_id, host=self.host,
-                                    port=port)
+            portal = EmulatedPortal(
+                self, domain=domain, member_id=member_id, host=self.host, port=port
+            )
             self.portals[portal.member_id] = portal
         return portal
 
@@ -195,8 +196,10 @@ class Emulator:
         return answer
 
     def _refresh(self, params: Mapping[str, Any]) -> JSONAnswer:
-        if (params.get("client_id") != self.client_id
-                or params.get("client_secret") != self.client_secret):
+        if (
+            params.get("client_id") != self.client_id
+            or params.get("client_secret") != self.client_secret
+        ):
             return _oauth_error(401, "invalid_client", "Invalid client credentials")
         if params.get("grant_type") != "refresh_token":
             return _oauth_error(400, "unsupported_grant_type", "Only refresh_token is supported")

@@ -97,8 +97,12 @@ def _serializer(salt: str) -> URLSafeTimedSerializer:
 def issue_session(session: PageSession) -> str:
     """A signed token for ``session`` (not encrypted: it holds nothing secret)."""
     return _serializer(_SESSION_SALT).dumps(
-        {"m": session.member_id, "p": session.portal_id, "l": session.lang,
-         "a": session.verified_at}
+        {
+            "m": session.member_id,
+            "p": session.portal_id,
+            "l": session.lang,
+            "a": session.verified_at,
+        }
     )
 
 
@@ -147,8 +151,9 @@ def authenticate() -> tuple[PageSession, str]:
             portal = _active_portal(db_session, member_id)
             portal_id, endpoint, domain = portal.id, portal.client_endpoint, portal.domain
         # Outside the transaction: the probe is an HTTP call and may take a while.
-        if not probe_token(endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"],
-                           ttl=PROBE_TTL):
+        if not probe_token(
+            endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"], ttl=PROBE_TTL
+        ):
             raise Unauthorized(
                 "Bitrix24 did not confirm your sign-in for this account. "
                 "Open the app again from Bitrix24."
@@ -357,8 +362,9 @@ def message_rows(
             .order_by(StatusEvent.id)
         ):
             history[event.message_pk].append(
-                HistoryItem(event.status, event.created_at, event.source, event.applied,
-                            event.detail)
+                HistoryItem(
+                    event.status, event.created_at, event.source, event.applied, event.detail
+                )
             )
     rows = [
         MessageRow(
@@ -415,9 +421,11 @@ def render_page(
         codes = [p.code for p in providers]
         known_codes = sorted(
             set(codes)
-            | set(db_session.scalars(
-                select(Message.code).where(Message.portal_id == session.portal_id).distinct()
-            ))
+            | set(
+                db_session.scalars(
+                    select(Message.code).where(Message.portal_id == session.portal_id).distinct()
+                )
+            )
         )
         filters = filters or read_filters(request.form, known_codes)
         messages, more = message_rows(
@@ -498,8 +506,12 @@ def test_message() -> Response:
         svc,
         session.member_id,
         code,
-        {"message_id": message_id, "message_to": to, "message_body": text,
-         "module_id": TEST_MODULE_ID},
+        {
+            "message_id": message_id,
+            "message_to": to,
+            "message_body": text,
+            "module_id": TEST_MODULE_ID,
+        },
         report=False,
     )
     if accepted.result == "duplicate":
@@ -522,7 +534,11 @@ def _read_send_token(token: str, session: PageSession) -> str:
     except BadSignature:  # SignatureExpired included
         raise Unauthorized("The form has expired. Open the app again from Bitrix24.") from None
     nonce = data.get("n") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("m") != session.member_id \
-            or not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
+    if (
+        not isinstance(data, dict)
+        or data.get("m") != session.member_id
+        or not isinstance(nonce, str)
+        or not _NONCE_RE.match(nonce)
+    ):
         raise Unauthorized("The form does not belong to this account.")
     return nonce

@@ -122,7 +122,11 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
         if event["event"].upper() != "ONAPPINSTALL":
             raise ApiError(400, "unsupported_event", f"event: {event['event']} is not ONAPPINSTALL")
         auth = _require_install_auth(event["auth"])
-        member_id, app_token, access = auth["member_id"], auth["application_token"], auth["access_token"]
+        member_id, app_token, access = (
+            auth["member_id"],
+            auth["application_token"],
+            auth["access_token"],
+        )
 
     # A re-install of an active portal must prove itself first, outside any transaction: the
     # proof may be a call to the portal, and a SQLite transaction would hold every writer.
@@ -147,8 +151,9 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
         else:
             portal, created = install_from_event(session, auth, event["data"])
         portal_id, domain = portal.id, portal.domain
-    log.info("portal %s %s (member %s)", domain, "installed" if created else "re-installed",
-             member_id)
+    log.info(
+        "portal %s %s (member %s)", domain, "installed" if created else "re-installed", member_id
+    )
     registration = _sync_after_commit(portal_id)
     # Statuses that waited while the portal's tokens were dead can go now.
     enqueue_quietly(svc.queue.enqueue_flush, portal_id)
@@ -181,7 +186,9 @@ def events():
         raise ApiError(400, "invalid_field", "auth[member_id]: missing")
     with svc.db.session() as session:
         portal = find_portal(session, member_id, lock=True)
-        if portal is None or not tokens_match(portal.application_token, auth.get("application_token")):
+        if portal is None or not tokens_match(
+            portal.application_token, auth.get("application_token")
+        ):
             raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
         portal_id, domain = portal.id, portal.domain
         if name == "ONAPPUNINSTALL":

@@ -168,8 +168,10 @@ class RateLimiter:
                 if self._spend_lease(member_id):
                     return None
                 if not self.buckets.take(key, self.portal, self.lease_size):
-                    self._leases[member_id] = (self.lease_size - 1.0,
-                                               time.monotonic() + LEASE_SECONDS)
+                    self._leases[member_id] = (
+                        self.lease_size - 1.0,
+                        time.monotonic() + LEASE_SECONDS,
+                    )
                     return None
         wait = self.buckets.take(key, self.portal)
         if wait:
@@ -221,12 +223,16 @@ class RateLimiter:
                 "rate limit: refused %d HANDLER call(s) of portal %s (429); Bitrix24 does not "
                 "retry them, so those messages are lost; raise rate_limit.portal_rate / "
                 "portal_burst if this is genuine traffic",
-                refused, decision.key,
+                refused,
+                decision.key,
             )
         else:
             log.warning(
                 "rate limit: refused %d request(s) from %s (429, %s), latest %s",
-                refused, decision.key, decision.reason, path,
+                refused,
+                decision.key,
+                decision.reason,
+                path,
             )
 
 
@@ -236,9 +242,7 @@ def _limiter() -> RateLimiter | None:
 
 def _too_many(decision: Decision) -> Response:
     seconds = max(1, math.ceil(decision.wait))
-    response = error_response(
-        429, "rate_limited", f"{decision.reason}; retry after {seconds} s"
-    )
+    response = error_response(429, "rate_limited", f"{decision.reason}; retry after {seconds} s")
     response.headers["Retry-After"] = str(seconds)
     return response
 
@@ -251,9 +255,7 @@ def request_key_generation(
     checked = g.setdefault("b24sms_handler_keys", {})
     asked = (member_id, code, key)
     if asked not in checked:
-        checked[asked] = handler_key_generation(
-            handler_secret_keys(settings), member_id, code, key
-        )
+        checked[asked] = handler_key_generation(handler_secret_keys(settings), member_id, code, key)
     return checked[asked]
 
 
@@ -273,9 +275,11 @@ def before_request() -> Response | None:
         member_id = request.args.get("member_id", "")
         code = (request.view_args or {}).get("code", "")
         settings = current_app.extensions["b24sms"].settings
-        if member_id and request_key_generation(
-            settings, member_id, code, request.args.get("key")
-        ) is not None:
+        if (
+            member_id
+            and request_key_generation(settings, member_id, code, request.args.get("key"))
+            is not None
+        ):
             decision = limiter.check_portal(member_id)
             if decision is not None:
                 limiter.note_refusal(decision, request.path)
