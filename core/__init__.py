@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 try:
     __version__ = version("b24sms")
@@ -24,11 +27,12 @@ def create_app(
     *,
     config_path: str | None = None,
     environ: Mapping[str, str] | None = None,
-) -> Any:
+) -> Flask:
     """Build the Flask app.
 
     :param test_config: a whole configuration as a dict (the TOML's shape); used instead of the
-        file. Tests pass one; production reads ``B24SMS_CONFIG`` or ``config/default.toml``.
+        file. Tests pass one; production reads ``B24SMS_CONFIG`` or the package's
+        ``default.toml``.
     :param config_path: a TOML file to read instead of ``B24SMS_CONFIG``.
     :raises b24sms.config.ConfigError, b24sms.plugins.PluginError: the service cannot start.
     """

@@ -6,10 +6,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from . import errors, logs, migrate
-from .config import load_config, validate_config
+from .config import load_config, prepare_instance, validate_config
 from .service import Service
+
+
+class _JSONProvider(DefaultJSONProvider):
+    # Answers keep their keys in the order the code wrote them (error, then message).
+    sort_keys = False
 
 
 def build_app(
@@ -25,6 +31,8 @@ def build_app(
             config = validate_config(dict(test_config), environ)
         else:
             config = load_config(config_path, environ)
+        # Start-up, not validation, creates the instance folder and the generated secret key.
+        config = prepare_instance(config)
         logs.configure(config["service"])
         service = Service(config, environ=environ)
     if service.db.is_sqlite:
@@ -34,7 +42,7 @@ def build_app(
     app = Flask(__name__, instance_relative_config=False)
     app.config["SECRET_KEY"] = service.settings["secret_key"]
     app.config["MAX_CONTENT_LENGTH"] = service.settings["max_body_bytes"]
-    app.json.sort_keys = False
+    app.json = _JSONProvider(app)
     app.extensions["b24sms"] = service
 
     errors.init_app(app)

@@ -24,12 +24,12 @@ class Context:
     def service(self) -> Any:
         if self._service is None:
             from . import logs
-            from .config import ConfigError, load_config
+            from .config import ConfigError, load_config, prepare_instance
             from .plugins import PluginError
             from .service import Service
 
             try:
-                config = load_config(self.config_path)
+                config = prepare_instance(load_config(self.config_path))
                 logs.configure(config["service"])
                 # The plugins main() loaded for their commands serve the service too.
                 self._service = Service(config, plugin_manager=_plugin_manager)
@@ -48,7 +48,7 @@ pass_ctx = click.make_pass_decorator(Context)
     "config_path",
     envvar="B24SMS_CONFIG",
     type=click.Path(dir_okay=False),
-    help="TOML config (default: $B24SMS_CONFIG or config/default.toml).",
+    help="TOML config (default: $B24SMS_CONFIG or the built-in default.toml).",
 )
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:

@@ -1,8 +1,12 @@
 """Configuration: one TOML file, ``${VAR}`` expansion, validated as a whole at start-up.
 
-The path comes from ``B24SMS_CONFIG``, else ``config/default.toml``. Any problem is raised as
+The path comes from ``B24SMS_CONFIG``, else the package's own ``default.toml`` (shipped inside
+the package, so a wheel install starts from any directory). Any problem is raised as
 :class:`ConfigError` naming the file, the key and what is wrong, and the service does not start.
 Plugin options are validated later, by each plugin's own schema (see :mod:`b24sms.plugins`).
+
+Loading and validating write nothing: the instance folder and the generated secret key are made
+at start-up, by :func:`prepare_instance` (called by ``create_app`` and the CLI).
 """
 
 from __future__ import annotations
@@ -10,14 +14,19 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+#: the embedded default (SQLite under instance/, one log-only provider), package data
+DEFAULT_CONFIG = resources.files(__package__ or "b24sms").joinpath("default.toml")
+#: owner-only: the instance folder holds the secret key, the SQLite database and its tokens
+INSTANCE_FOLDER_MODE = 0o700
+INSTANCE_FILE_MODE = 0o600
 CODE_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -58,7 +67,7 @@ def _empty_or_16_characters(value: str) -> None:
         raise ValidationError("must be at least 16 characters")
 
 
-def _url(schemes: tuple[str, ...]):
+def _url(schemes: tuple[str, ...]) -> Callable[[str], None]:
     def check(value: str) -> None:
         scheme = urlsplit(value).scheme.split("+", 1)[0]
         if scheme not in schemes:
@@ -254,15 +263,20 @@ def load_config(
 ) -> dict[str, Any]:
     """Read, expand and validate the configuration file; return a plain dict.
 
-    :param path: the TOML file; default ``B24SMS_CONFIG`` or ``config/default.toml``.
+    :param path: the TOML file; default ``B24SMS_CONFIG`` or the package's ``default.toml``.
     :param environ: variables for ``${VAR}``; default ``os.environ``.
     :raises ConfigError: naming the file, the key and the problem.
     """
     environ = os.environ if environ is None else environ
-    filename = str(path or environ.get("B24SMS_CONFIG") or DEFAULT_CONFIG)
+    source = path or environ.get("B24SMS_CONFIG") or DEFAULT_CONFIG
+    filename = str(source)
     try:
-        with open(filename, "rb") as fh:
-            raw = tomllib.load(fh)
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as fh:
+                raw = tomllib.load(fh)
+        else:
+            # package data: a real file in a wheel install, but only a resource in a zip
+            raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{filename}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
@@ -273,7 +287,11 @@ def load_config(
 def validate_config(
     raw: dict[str, Any], environ: Mapping[str, str] | None = None, filename: str = "<config>"
 ) -> dict[str, Any]:
-    """Expand and validate an already parsed configuration (tests build these as dicts)."""
+    """Expand and validate an already parsed configuration (tests build these as dicts).
+
+    Pure: writes nothing. An empty ``service.secret_key`` stays empty here; start-up fills it
+    with :func:`prepare_instance`.
+    """
     environ = os.environ if environ is None else environ
     expanded = expand_variables(raw, environ, "", filename)
     try:
@@ -303,8 +321,6 @@ def validate_config(
     config["service"]["previous_secret_keys"] = [
         key for key in config["service"]["previous_secret_keys"] if key
     ]
-    if not config["service"]["secret_key"]:
-        config["service"]["secret_key"] = instance_secret_key()
     config["filename"] = filename
     return config
 
@@ -329,23 +345,49 @@ def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     path = Path(rest)
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_instance_folder(path.parent)
     return prefix + str(path)
+
+
+def make_instance_folder(folder: Path) -> Path:
+    """Create ``folder`` (and its parents) if missing, the folder itself owner-only (0700).
+
+    An existing folder keeps the mode its owner gave it.
+    """
+    folder.mkdir(mode=INSTANCE_FOLDER_MODE, parents=True, exist_ok=True)
+    return folder
 
 
 def instance_secret_key(instance: Path | None = None) -> str:
     """The generated secret key of this machine, created on first use in ``instance/secret_key``.
 
     Fine for one machine; several machines must share one key, so set ``secret_key`` there.
+    The file is created owner-only (0600) and exclusively, so two processes starting at once
+    agree on one key.
     """
     import secrets
 
-    path = (instance or Path.cwd() / "instance") / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_instance_folder(instance or Path.cwd() / "instance") / "secret_key"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, INSTANCE_FILE_MODE)
     except FileExistsError:
         return path.read_text().strip()
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def prepare_instance(config: Mapping[str, Any], instance: Path | None = None) -> dict[str, Any]:
+    """The start-up step after validation: the config with an empty ``secret_key`` replaced by
+    this machine's generated one (created on first start in ``instance/secret_key``).
+
+    Returns a new dict; ``config`` is not changed. A config with a key set writes nothing.
+
+    :param instance: the instance folder; default ``instance/`` in the working directory.
+    """
+    prepared = dict(config)
+    service = dict(config["service"])
+    if not service["secret_key"]:
+        service["secret_key"] = instance_secret_key(instance)
+    prepared["service"] = service
+    return prepared

@@ -42,7 +42,7 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
     """Run the demo; 0 when the message reached a final status at the portal."""
     import secrets
 
-    import waitress
+    from waitress.server import create_server
 
     from .app import build_app
     from .config import validate_config
@@ -62,8 +62,9 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
         portal = emu.add_portal()
         say(f"emulated portal {portal.domain} (member_id {portal.member_id})")
         dispatcher = _Dispatcher()
-        server = waitress.create_server(dispatcher, host="127.0.0.1", port=0, threads=4)
-        public_url = f"http://127.0.0.1:{server.effective_port}"
+        server = create_server(dispatcher, host="127.0.0.1", port=0, threads=4)
+        # waitress's type stubs leave out effective_port (the port it bound for port=0)
+        public_url = f"http://127.0.0.1:{server.effective_port}"  # type: ignore[union-attr]
         config = validate_config(
             {
                 "service": {

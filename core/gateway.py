@@ -163,19 +163,24 @@ class Gateway:
 
     - ``name`` — the gateway type name used in config (``plugin = "<name>"``); unique.
     - ``options_schema`` — a marshmallow ``Schema`` class for the provider's own options.
+    - ``example_options`` — a minimal valid options table pointing at nothing real; the contract
+      test (``tests/test_gateway_contract.py``) builds every registered type with it.
+
+    Attributes with a class default that an instance may change from its options in
+    ``__init__`` (the ``http`` gateway's status map, Twilio's callbacks-or-polling):
+
     - ``statuses`` — the gateway's status words mapped to queued/sent/delivered/undelivered/failed.
     - ``callbacks`` — True when the gateway posts delivery reports to ``callback_url``.
     - ``poll_interval`` — seconds between :meth:`poll` calls for messages not final, or None.
-    - ``example_options`` — a minimal valid options table pointing at nothing real; the contract
-      test (``tests/test_gateway_contract.py``) builds every registered type with it.
     """
 
     name: ClassVar[str] = ""
     options_schema: ClassVar[type[Schema] | None] = None
-    statuses: ClassVar[Mapping[str, str]] = {}
-    callbacks: ClassVar[bool] = False
-    poll_interval: ClassVar[float | None] = None
     example_options: ClassVar[Mapping[str, Any] | None] = None
+    # Instance attributes (not ClassVar): a provider's options may set them per instance.
+    statuses: Mapping[str, str] = {}
+    callbacks: bool = False
+    poll_interval: float | None = None
 
     def __init__(self, options: Mapping[str, Any], context: GatewayContext) -> None:
         self.options = options

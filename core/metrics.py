@@ -50,16 +50,11 @@ from .models import Message, OutboxEntry, Portal, utcnow
 from .statuses import FINAL_STATUSES, STATUSES
 
 if TYPE_CHECKING:
-    import pluggy
-
     from .events import MessageInfo
     from .gateway import GatewayError
     from .service import Service
 
 log = logging.getLogger(__name__)
-
-# The ``*_created`` series double the output and no dashboard of ours uses them.
-disable_created_metrics()
 
 #: the registry of this module's in-process metrics (not prometheus-client's global one, so a
 #: host application's own metrics never mix with ours)
@@ -181,7 +176,7 @@ def observe_gateway_send(code: str, seconds: float, error: BaseException | None)
 
 
 class MetricsHooks:
-    """Counts from the event hooks; registered on the service's plugin manager."""
+    """Counts from the event hooks; one of :data:`b24sms.plugins.DEFAULT_PLUGINS`."""
 
     @hookimpl
     def b24sms_status_changed(self, message: MessageInfo, status: str, source: str) -> None:
@@ -194,15 +189,6 @@ class MetricsHooks:
         SEND_FAILURES.labels(message.code, "true" if error.retryable else "false").inc()
         if will_retry:
             SEND_RETRIES.labels(message.code).inc()
-
-
-HOOKS_PLUGIN_NAME = "b24sms.metrics"
-
-
-def register_hooks(pm: pluggy.PluginManager) -> None:
-    """Register :class:`MetricsHooks` on ``pm`` once (idempotent: apps may share a service)."""
-    if pm.get_plugin(HOOKS_PLUGIN_NAME) is None:
-        pm.register(MetricsHooks(), name=HOOKS_PLUGIN_NAME)
 
 
 # -- counts from the database --------------------------------------------------------------------
@@ -361,7 +347,7 @@ def exposition(service: Service) -> bytes:
         sources.append(REGISTRY)
     if service.config.get("metrics", {}).get("database", True):
         sources.append(DatabaseCollector(service))
-    return generate_latest(_Scrape(sources))  # type: ignore[arg-type]
+    return generate_latest(_Scrape(sources))
 
 
 bp = Blueprint("metrics", __name__)
@@ -416,7 +402,10 @@ def _observe_handler(response: Response) -> Response:
 
 
 def init_app(app: Flask, service: Service) -> None:
-    """Time HANDLER calls and serve ``GET /metrics`` (the Service registers the hook counters)."""
+    """Time HANDLER calls and serve ``GET /metrics`` (the hook counters are a default plugin)."""
+    # The ``*_created`` series double the output and no dashboard of ours uses them. A
+    # prometheus-client switch for the whole process, read at scrape time: set here, not at import.
+    disable_created_metrics()
     app.before_request(_start_timer)
     app.after_request(_observe_handler)
     app.register_blueprint(bp)

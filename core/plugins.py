@@ -1,12 +1,17 @@
 """The plugin manager: discovery through entry points, gateway types, provider instances.
 
-Every plugin, built-in or third-party, is an entry point in the group ``b24sms`` and is loaded
-the same way. ``B24SMS_LOAD_PLUGINS`` limits loading to a comma-separated list of entry-point
-names (an empty value loads none); unset, all installed plugins load.
+Every gateway plugin, built-in or third-party, is an entry point in the group ``b24sms`` and is
+loaded the same way. ``B24SMS_LOAD_PLUGINS`` limits loading to a comma-separated list of
+entry-point names (an empty value loads none); unset, all installed plugins load.
+
+The core's own observers of the event hooks (the state-change log line, the metrics counters)
+are ordinary plugins too, listed in :data:`DEFAULT_PLUGINS` and registered on the service's
+plugin manager by :func:`register_default_plugins`.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -23,6 +28,16 @@ from .gateway import Gateway, GatewayContext
 
 ENTRY_POINT_GROUP = "b24sms"
 LOAD_ENV = "B24SMS_LOAD_PLUGINS"
+
+#: The core's internal plugins, as (plugin name, ``module:class``), like datasette's
+#: ``DEFAULT_PLUGINS``. Every process (web or worker) needs them whatever
+#: ``B24SMS_LOAD_PLUGINS`` says, so they are not entry points; the class is instantiated once
+#: per plugin manager. The built-in gateways stay entry points: they are switchable and listed
+#: with their distribution by ``b24sms plugins``.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("b24sms.status_log", "b24sms.logs:StatusLog"),
+    ("b24sms.metrics", "b24sms.metrics:MetricsHooks"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,19 @@ def make_plugin_manager(environ: Mapping[str, str] | None = None) -> pluggy.Plug
                 pm.register(ep.load(), name=ep.name)
     pm.check_pending()
     return pm
+
+
+def register_default_plugins(pm: pluggy.PluginManager) -> None:
+    """Register every :data:`DEFAULT_PLUGINS` entry on ``pm`` that is not registered yet.
+
+    Idempotent, because several apps may share one service's plugin manager.
+    """
+    for name, target in DEFAULT_PLUGINS:
+        if pm.get_plugin(name) is not None:
+            continue
+        module_name, _, attribute = target.partition(":")
+        factory = getattr(importlib.import_module(module_name), attribute)
+        pm.register(factory(), name=name)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,13 @@ import pluggy
 
 from .db import Database
 from .gateway import Gateway
-from .plugins import GatewayType, build_gateways, gateway_types, make_plugin_manager
+from .plugins import (
+    GatewayType,
+    build_gateways,
+    gateway_types,
+    make_plugin_manager,
+    register_default_plugins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,7 @@ class Service:
         self.settings = config["service"]
         self.pm = plugin_manager or make_plugin_manager(environ)
         # Observers every process needs, web or worker: the state-change log line and metrics.
-        from . import logs, metrics
-
-        logs.register_status_log(self.pm)
-        metrics.register_hooks(self.pm)
+        register_default_plugins(self.pm)
         self.gateway_types: dict[str, GatewayType] = gateway_types(self.pm)
         self.providers: dict[str, dict[str, Any]] = dict(config["providers"])
         self.gateways: dict[str, Gateway] = build_gateways(

@@ -134,7 +134,7 @@ class EmailGateway(Gateway):
     name: ClassVar[str] = "email"
     options_schema: ClassVar[type[Schema]] = EmailOptions
     #: only the SMTP server's "taken"; never delivered (see the module docstring)
-    statuses: ClassVar[Mapping[str, str]] = {"250": SENT}
+    statuses: Mapping[str, str] = {"250": SENT}
     example_options: ClassVar[dict[str, Any]] = {
         "smtp_host": "127.0.0.1",
         "smtp_port": 9,

@@ -191,7 +191,7 @@ class HttpGateway(Gateway):
     name: ClassVar[str] = "http"
     options_schema: ClassVar[type[Schema]] = HttpOptions
     #: the five statuses stand for themselves; the ``statuses`` option adds the gateway's words
-    statuses: ClassVar[Mapping[str, str]] = {word: word for word in STATUSES}
+    statuses: Mapping[str, str] = {word: word for word in STATUSES}
     example_options: ClassVar[dict[str, Any]] = {
         "url": "http://127.0.0.1:9/send",
         "response_id": "id",

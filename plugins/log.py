@@ -13,6 +13,7 @@ Options (``[providers.<CODE>]``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from marshmallow import Schema, fields, validate
@@ -36,7 +37,7 @@ class LogGateway(Gateway):
 
     name: ClassVar[str] = "log"
     options_schema: ClassVar[type[Schema]] = LogOptions
-    statuses: ClassVar[dict[str, str]] = {word: word for word in OUTCOMES}
+    statuses: Mapping[str, str] = {word: word for word in OUTCOMES}
     example_options: ClassVar[dict[str, Any]] = {"outcome": "delivered"}
 
     def send(self, message: OutgoingMessage) -> SendResult:

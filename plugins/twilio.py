@@ -120,8 +120,8 @@ class TwilioGateway(Gateway):
 
     name: ClassVar[str] = "twilio"
     options_schema: ClassVar[type[Schema]] = TwilioOptions
-    statuses: ClassVar[Mapping[str, str]] = TWILIO_STATUSES
-    callbacks: ClassVar[bool] = True
+    statuses: Mapping[str, str] = TWILIO_STATUSES
+    callbacks: bool = True
     example_options: ClassVar[dict[str, Any]] = {
         "account_sid": "AC" + "0" * 32,
         "auth_token": "example-auth-token",

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 
-from b24sms.config import ConfigError, load_config, validate_config
+import b24sms
+from b24sms import create_app
+from b24sms.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    load_config,
+    prepare_instance,
+    validate_config,
+)
 
 GOOD = """
 [service]
@@ -107,10 +118,51 @@ def test_default_config_runs_with_no_edits(tmp_path, monkeypatch):
     config = load_config(environ={})
     assert config["service"]["database_url"].startswith("sqlite:///")
     assert [p["plugin"] for p in config["providers"].values()] == ["log"]
+    # loading and validating write nothing; start-up generates the secret key
+    assert config["service"]["secret_key"] == ""
+    assert list(tmp_path.iterdir()) == []
+    prepared = prepare_instance(config)
+    assert config["service"]["secret_key"] == ""
     # the generated secret key is kept, not regenerated on the next start
-    key = config["service"]["secret_key"]
+    key = prepared["service"]["secret_key"]
     assert len(key) >= 32 and (tmp_path / "instance" / "secret_key").read_text() == key
-    assert load_config(environ={})["service"]["secret_key"] == key
+    assert prepare_instance(load_config(environ={}))["service"]["secret_key"] == key
+    # owner-only: the key signs every HANDLER URL
+    assert stat.S_IMODE((tmp_path / "instance").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "instance" / "secret_key").stat().st_mode) == 0o600
+
+
+def test_the_default_config_is_package_data():
+    # read through importlib.resources, so a wheel install finds it from any directory
+    assert DEFAULT_CONFIG.is_file()
+    assert Path(str(DEFAULT_CONFIG)).parent == Path(b24sms.__file__).parent
+
+
+def test_a_configured_secret_key_writes_nothing_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = validate_config(
+        {"service": {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}}, environ={}
+    )
+    assert prepare_instance(config)["service"]["secret_key"] == "s" * 16
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_create_app_generates_the_secret_key_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = create_app(
+        {
+            "service": {
+                "public_url": "http://127.0.0.1:1",
+                "secret_key": "",
+                "database_url": f"sqlite:///{tmp_path}/db.sqlite3",
+                "queue_url": "memory://",
+            }
+        },
+        environ={"B24SMS_LOAD_PLUGINS": ""},
+    )
+    key = (tmp_path / "instance" / "secret_key").read_text()
+    assert app.config["SECRET_KEY"] == key and len(key) >= 32
+    app.extensions["b24sms"].close()
 
 
 def test_example_config_is_valid(tmp_path):

@@ -184,6 +184,8 @@ def _reset_at(payload: dict[str, Any]) -> dt.datetime | None:
     if not isinstance(time_block, dict):
         return None
     value = time_block.get("operating_reset_at")
+    if value is None:
+        return None
     try:
         stamp = float(value)
     except (TypeError, ValueError):

@@ -86,7 +86,7 @@ class ExampleCarrierGateway(Gateway):
     name: ClassVar[str] = "example-carrier"
     options_schema: ClassVar[type[Schema]] = CarrierOptions
     #: the carrier's words → queued | sent | delivered | undelivered | failed
-    statuses: ClassVar[Mapping[str, str]] = {
+    statuses: Mapping[str, str] = {
         "accepted": "queued",
         "enroute": "sent",
         "delivered": "delivered",
@@ -94,7 +94,7 @@ class ExampleCarrierGateway(Gateway):
         "undeliverable": "undelivered",
         "rejected": "failed",
     }
-    callbacks: ClassVar[bool] = True
+    callbacks: bool = True
     #: a minimal valid configuration, used by b24sms's contract tests (a closed local port)
     example_options: ClassVar[dict[str, Any]] = {
         "api_url": "http://127.0.0.1:9",
