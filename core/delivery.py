@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, contains_eager
 
 from . import metrics
-from .events import MessageInfo, notify
+from .event_hooks import MessageInfo, notify
 from .gateway import (
     Gateway,
     GatewayError,

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from . import metrics
 from .errors import ApiError
-from .events import MessageInfo, notify
+from .event_hooks import MessageInfo, notify
 from .messages import (
     StatusChange,
     insert_message_rows,

@@ -52,7 +52,7 @@ from .statuses import FINAL_STATUSES, STATUSES
 if TYPE_CHECKING:
     import pluggy
 
-    from .events import MessageInfo
+    from .event_hooks import MessageInfo
     from .gateway import GatewayError
     from .service import Service
 

@@ -175,11 +175,11 @@ def test_a_burst_of_handler_calls_shares_transactions_and_loses_nothing(installe
 def test_a_burst_on_postgresql(live_app, emulator, postgres_url):
     """Needs PostgreSQL on 127.0.0.1:5432 (skipped with the reason when it is not running):
     the multi-row INSERT … ON CONFLICT DO NOTHING RETURNING is spelt for it too."""
-    from b24sms import migrate
+    from b24sms import schema
     from b24sms.db import Database
 
     database = Database(postgres_url)
-    migrate.upgrade(database)
+    schema.upgrade(database)
     database.dispose()
     server = live_app(service={"database_url": postgres_url}, providers=LOG)
     portal = emulator.add_portal()

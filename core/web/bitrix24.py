@@ -33,7 +33,7 @@ from ..portals import (
 )
 from ..registration import key_accepted, sync_portal
 from ..service import Service
-from .ratelimit import request_key_generation
+from .rate_limits import request_key_generation
 
 bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, current_app, g, request
 
 from ..errors import error_response
-from ..ratelimit import Buckets, Limit, make_buckets
+from ..rate_limit_store import Buckets, Limit, make_buckets
 from ..registration import handler_key_generation, handler_secret_keys
 
 if TYPE_CHECKING:
