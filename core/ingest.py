@@ -220,7 +220,7 @@ def accept_message(
     message is committed before this returns (Bitrix24 never retries a HANDLER call), then
     queued for sending, and ``b24sms_message_stored`` is called.
 
-    :param data: the HANDLER fields as :class:`HandlerSchema` loads them (``message_id``,
+    :param data: the HANDLER fields as :func:`load_handler_call` loads them (``message_id``,
         ``message_to``, ``message_body``, ``module_id``, context fields).
     :param auth: the call's ``auth[…]``; when it holds ``application_token``, that must be the
         portal's.

@@ -12,7 +12,6 @@ from marshmallow import Schema, ValidationError
 
 from ..bitrix24.payloads import (
     EventSchema,
-    HandlerSchema,
     InstallFormSchema,
     PayloadError,
     load_handler_call,
@@ -37,9 +36,6 @@ from .rate_limits import request_key_generation
 
 bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
 log = logging.getLogger(__name__)
-#: built once: a schema instance costs more to build than a HANDLER call's load (loading keeps
-#: no state on it, so threads share it)
-HANDLER_SCHEMA = HandlerSchema()
 
 INSTALL_FINISH_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
@@ -211,9 +207,10 @@ def handler(code: str):
     if provider is None or not provider["enabled"]:
         raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
     payload = read_payload()
-    data = load_handler_call(payload)
-    if data is None:
-        data = load(HANDLER_SCHEMA, payload)  # the schema names what is wrong
+    try:
+        data = load_handler_call(payload)
+    except PayloadError as exc:
+        raise ApiError(400, "invalid_field", f"{exc.field}: {exc}") from None
     if data["code"] != code:
         raise ApiError(400, "invalid_field", "code: does not match the provider in the URL")
     auth = data.get("auth") or {}
