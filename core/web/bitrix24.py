@@ -19,8 +19,8 @@ from ..bitrix24.payloads import (
     parse_urlencoded,
 )
 from ..config import first_error
-from ..errors import ApiError
-from ..ingest import accept_message, enqueue_quietly
+from ..errors import ApiError, error_response
+from ..ingest import Refused, accept_message, enqueue_quietly
 from ..models import Portal, PortalState
 from ..portals import (
     find_portal,
@@ -45,6 +45,13 @@ INSTALL_FINISH_PAGE = """<!doctype html>
 they will be retried){% endif %}.</p>
 <script>if (window.BX24) { BX24.init(function () { BX24.installFinish(); }); }</script>
 </body></html>"""
+
+
+@bp.app_errorhandler(Refused)
+def refused(exc: Refused):
+    """Storage refused a message for its portal (unknown, or a wrong application_token): the
+    caller is not who it says it is, so 401 (app-wide: the app page stores messages too)."""
+    return error_response(401, "unauthorized", str(exc))
 
 
 def service() -> Service:
