@@ -159,19 +159,19 @@ def test_storage_follows_the_queue(tmp_path):
 
 def test_the_handler_key_is_checked_once_per_call(live_app, emulator, monkeypatch):
     """The rate limit and the HANDLER both need the key's verdict: one HMAC pass serves both."""
-    import b24sms.web.rate_limits as web_rate_limits
+    import b24sms.web.bitrix24 as web_bitrix24
 
     server = live_app(providers=LOG)
     portal = emulator.add_portal()
     portal.install(server.url)
     checks = []
-    real = web_rate_limits.handler_key_generation
+    real = web_bitrix24.check_key
 
     def counted(*args, **kwargs):
         checks.append(args[1:3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(web_rate_limits, "handler_key_generation", counted)
+    monkeypatch.setattr(web_bitrix24, "check_key", counted)
     assert portal.send_sms("smslog", "+14155550100", "hi")[1].status_code == 200
     assert checks == [(portal.member_id, "smslog")]
 
