@@ -38,6 +38,7 @@ from .gateway import (
 )
 from .messages import StatusChange, enqueue_report, record_status
 from .models import Message, OutboxEntry, Portal, PortalState, utcnow
+from .queue import enqueue_or_log
 from .statuses import FAILED, FINAL_STATUSES, is_final
 
 if TYPE_CHECKING:
@@ -138,17 +139,11 @@ def _after_commit(
 def request_flush(service: Service, portal_id: int) -> None:
     """Ask for a flush of the portal's outbox; a queue that is down is logged, not raised
     (the entries are committed, and the sweep asks again)."""
-    try:
-        service.queue.enqueue_flush(portal_id)
-    except Exception:
-        log.exception("could not enqueue the outbox flush of portal %s; the sweep will", portal_id)
+    enqueue_or_log(service.queue.enqueue_flush, portal_id)
 
 
 def _requeue(service: Service, message_pk: int, delay: float | None = None) -> None:
-    try:
-        service.queue.enqueue_send(message_pk, delay=delay)
-    except Exception:
-        log.exception("could not enqueue message %s; the sweep will", message_pk)
+    enqueue_or_log(service.queue.enqueue_send, message_pk, delay=delay)
 
 
 # -- sending ------------------------------------------------------------------------------------
@@ -592,12 +587,8 @@ def sweep(service: Service) -> SweepReport:
         delay = None
         if paused_until is not None and paused_until > now:
             delay = (paused_until - now).total_seconds()
-        try:
-            service.queue.enqueue_flush(portal_id, delay=delay)
-        except Exception:
-            log.exception("sweep: could not enqueue the flush of portal %s", portal_id)
-            continue
-        flushes.append(portal_id)
+        if enqueue_or_log(service.queue.enqueue_flush, portal_id, delay=delay):
+            flushes.append(portal_id)
     return SweepReport(requeued=lost_ids, stuck=stuck_ids, flushes=tuple(flushes))
 
 

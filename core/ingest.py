@@ -17,7 +17,7 @@ nothing is stored).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from .messages import (
 )
 from .models import Message, Portal, PortalState, utcnow
 from .portals import tokens_match
+from .queue import enqueue_or_log
 from .statuses import FAILED, QUEUED
 
 if TYPE_CHECKING:
@@ -336,23 +337,9 @@ def _after_commit(svc: Service, batch: Sequence[Submission]) -> None:
         else:
             to_send.append(info.id)
     if to_send:
-        enqueue_quietly(svc.queue.enqueue_sends, to_send)
+        enqueue_or_log(svc.queue.enqueue_sends, to_send)
     for portal_id in sorted(to_flush):
-        enqueue_quietly(svc.queue.enqueue_flush, portal_id)
-
-
-def enqueue_quietly(enqueue: Callable[[Any], Any], argument: Any) -> None:
-    """Call ``enqueue(argument)``; a queue that is down is logged: the sweep takes over."""
-    try:
-        enqueue(argument)
-    except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
-        # Stored is what matters: the sweep finds work whose trigger was lost.
-        log.warning(
-            "queue unavailable; %s(%s) is left to the sweep: %s",
-            getattr(enqueue, "__name__", "enqueue"),
-            argument,
-            type(exc).__name__,
-        )
+        enqueue_or_log(svc.queue.enqueue_flush, portal_id)
 
 
 __all__ = [
@@ -361,7 +348,6 @@ __all__ = [
     "Refused",
     "Submission",
     "accept_message",
-    "enqueue_quietly",
     "normalise_number",
     "store_batch",
     "UnknownPortal",

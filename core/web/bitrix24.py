@@ -21,7 +21,7 @@ from ..bitrix24.payloads import (
 from ..config import first_error
 from ..errors import ApiError, error_response
 from ..handler_keys import check_key
-from ..ingest import Refused, accept_message, enqueue_quietly
+from ..ingest import Refused, accept_message
 from ..models import Portal, PortalState
 from ..portals import (
     find_portal,
@@ -31,6 +31,7 @@ from ..portals import (
     uninstall,
     update_from_event,
 )
+from ..queue import enqueue_or_log
 from ..registration import sync_portal
 from ..service import Service
 from .rate_limits import limit_handler_call
@@ -160,7 +161,7 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
     )
     registration = _sync_after_commit(portal_id)
     # Statuses that waited while the portal's tokens were dead can go now.
-    enqueue_quietly(svc.queue.enqueue_flush, portal_id)
+    enqueue_or_log(svc.queue.enqueue_flush, portal_id)
     if ui:
         return render_template_string(INSTALL_FINISH_PAGE, failed=registration.get("failed", 0))
     return jsonify({"result": "installed", "portal": domain, **registration})
