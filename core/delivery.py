@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, contains_eager
 
 from . import metrics
+from .backoff import retry_delay, retry_while_unreachable
 from .event_hooks import MessageInfo, notify
 from .gateway import (
     Gateway,
@@ -83,27 +83,6 @@ class SweepReport:
     requeued: tuple[int, ...] = ()
     stuck: tuple[int, ...] = ()
     flushes: tuple[int, ...] = ()
-
-
-def retry_delay(
-    attempt: int,
-    base: float,
-    cap: float,
-    retry_after: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential backoff with full jitter.
-
-    A uniform draw from ``[0, min(cap, base * 2 ** (attempt - 1))]`` spreads the retries of a
-    burst that failed together (AWS "full jitter"). A gateway's ``retry_after`` is a floor: it
-    asked us not to come back sooner, even beyond the cap.
-    """
-    exponent = min(max(attempt - 1, 0), 60)
-    ceiling = min(cap, base * (2.0**exponent))
-    delay = (rng or random).uniform(0.0, ceiling)
-    if retry_after is not None and retry_after > delay:
-        delay = float(retry_after)
-    return delay
 
 
 def _seconds(value: float) -> dt.timedelta:
@@ -277,29 +256,30 @@ def _record_persistently(
     """Run ``record`` (one transaction), again and again while the database cannot be reached,
     until ``time.monotonic()`` passes ``deadline``; then the error propagates (the sweep
     re-queues the attempt later)."""
-    delay = 0.1
-    while True:
-        try:
-            return record()
-        except OperationalError as exc:
-            reason = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
-            if time.monotonic() + delay > deadline:
-                log.error(
-                    "message %s: the outcome of its send could not be recorded (%s); "
-                    "the sweep will re-queue it",
-                    message_pk,
-                    reason,
-                )
-                raise
-            log.warning(
-                "message %s: database unavailable while recording the outcome of its send "
-                "(%s); trying again in %.1fs",
-                message_pk,
-                reason,
-                delay,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def waiting(exc: OperationalError, delay: float) -> None:
+        log.warning(
+            "message %s: database unavailable while recording the outcome of its send "
+            "(%s); trying again in %.1fs",
+            message_pk,
+            _reason(exc),
+            delay,
+        )
+
+    try:
+        return retry_while_unreachable(record, deadline, on_retry=waiting)
+    except OperationalError as exc:
+        log.error(
+            "message %s: the outcome of its send could not be recorded (%s); "
+            "the sweep will re-queue it",
+            message_pk,
+            _reason(exc),
+        )
+        raise
+
+
+def _reason(exc: OperationalError) -> str:
+    return type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
 
 
 def _map(gateway: Gateway, report: StatusReport | SendResult) -> str | None:
