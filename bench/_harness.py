@@ -490,12 +490,12 @@ def scratch_postgres() -> Iterator[str]:
     base = admin.rsplit("/", 1)[0]
     url = f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
     try:
-        from b24sms import migrate
+        from b24sms import schema
         from b24sms.db import Database
 
         db = Database(url)
         try:
-            migrate.upgrade(db)
+            schema.upgrade(db)
         finally:
             db.dispose()
         yield url

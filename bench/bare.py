@@ -45,13 +45,15 @@ def add_bare_routes(app: Any) -> Any:
         service.queue.huey.storage.put_data("bench-store", b"x")
         return app.response_class(BARE_BODY, mimetype="application/json")
 
-    from b24sms.bitrix24.payloads import load_handler_call
+    from b24sms.bitrix24.payloads import PayloadError, load_handler_call
     from b24sms.web.bitrix24 import read_payload
 
     @app.post("/bench/parse")
     def bench_parse() -> Any:
         # What every HANDLER call costs before it touches the database: read the form, check it.
-        if load_handler_call(read_payload()) is None:
+        try:
+            load_handler_call(read_payload())
+        except PayloadError:
             return app.response_class(b'{"error":"invalid"}', status=400)
         return app.response_class(BARE_BODY, mimetype="application/json")
 

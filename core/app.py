@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
-from . import errors, logs, migrate
+from . import errors, logs, schema
 from .config import load_config, prepare_instance, validate_config
 from .service import Service
 
@@ -37,7 +37,7 @@ def build_app(
         service = Service(config, environ=environ)
     if service.db.is_sqlite:
         # The embedded database upgrades itself; a shared server is upgraded by `b24sms db upgrade`.
-        migrate.upgrade(service.db)
+        schema.upgrade(service.db)
 
     app = Flask(__name__, instance_relative_config=False)
     app.config["SECRET_KEY"] = service.settings["secret_key"]
@@ -47,12 +47,12 @@ def build_app(
 
     errors.init_app(app)
     from . import metrics
-    from .web import app_page, bitrix24, gateways, health, ratelimit
+    from .web import app_page, bitrix24, gateways, health, rate_limits
 
     app.register_blueprint(bitrix24.bp)
     app.register_blueprint(gateways.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(app_page.bp)
     metrics.init_app(app, service)
-    ratelimit.init_app(app, service)
+    rate_limits.init_app(app, service)
     return app

@@ -111,10 +111,10 @@ def db() -> None:
 @pass_ctx
 def db_upgrade(obj: Context, revision: str) -> None:
     """Apply the Alembic migrations."""
-    from . import migrate
+    from . import schema
 
-    migrate.upgrade(obj.service.db, revision)
-    click.echo(f"database at revision {migrate.current_revision(obj.service.db)}")
+    schema.upgrade(obj.service.db, revision)
+    click.echo(f"database at revision {schema.current_revision(obj.service.db)}")
 
 
 @cli.group()

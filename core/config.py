@@ -163,7 +163,7 @@ def _check_network(value: Any) -> None:
 
 
 class RateLimitSchema(Schema):
-    """``[rate_limit]``: token buckets on the public routes (see b24sms.web.ratelimit)."""
+    """``[rate_limit]``: token buckets on the public routes (see b24sms.web.rate_limits)."""
 
     class Meta:
         unknown = RAISE

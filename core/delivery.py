@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, contains_eager
 
 from . import metrics
-from .events import MessageInfo, notify
+from .backoff import retry_delay, retry_while_unreachable
+from .event_hooks import MessageInfo, notify
 from .gateway import (
     Gateway,
     GatewayError,
@@ -38,6 +38,7 @@ from .gateway import (
 )
 from .messages import StatusChange, enqueue_report, record_status
 from .models import Message, OutboxEntry, Portal, PortalState, utcnow
+from .queue import enqueue_or_log
 from .statuses import FAILED, FINAL_STATUSES, is_final
 
 if TYPE_CHECKING:
@@ -84,27 +85,6 @@ class SweepReport:
     flushes: tuple[int, ...] = ()
 
 
-def retry_delay(
-    attempt: int,
-    base: float,
-    cap: float,
-    retry_after: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential backoff with full jitter.
-
-    A uniform draw from ``[0, min(cap, base * 2 ** (attempt - 1))]`` spreads the retries of a
-    burst that failed together (AWS "full jitter"). A gateway's ``retry_after`` is a floor: it
-    asked us not to come back sooner, even beyond the cap.
-    """
-    exponent = min(max(attempt - 1, 0), 60)
-    ceiling = min(cap, base * (2.0**exponent))
-    delay = (rng or random).uniform(0.0, ceiling)
-    if retry_after is not None and retry_after > delay:
-        delay = float(retry_after)
-    return delay
-
-
 def _seconds(value: float) -> dt.timedelta:
     return dt.timedelta(seconds=value)
 
@@ -138,17 +118,11 @@ def _after_commit(
 def request_flush(service: Service, portal_id: int) -> None:
     """Ask for a flush of the portal's outbox; a queue that is down is logged, not raised
     (the entries are committed, and the sweep asks again)."""
-    try:
-        service.queue.enqueue_flush(portal_id)
-    except Exception:
-        log.exception("could not enqueue the outbox flush of portal %s; the sweep will", portal_id)
+    enqueue_or_log(service.queue.enqueue_flush, portal_id)
 
 
 def _requeue(service: Service, message_pk: int, delay: float | None = None) -> None:
-    try:
-        service.queue.enqueue_send(message_pk, delay=delay)
-    except Exception:
-        log.exception("could not enqueue message %s; the sweep will", message_pk)
+    enqueue_or_log(service.queue.enqueue_send, message_pk, delay=delay)
 
 
 # -- sending ------------------------------------------------------------------------------------
@@ -282,29 +256,30 @@ def _record_persistently(
     """Run ``record`` (one transaction), again and again while the database cannot be reached,
     until ``time.monotonic()`` passes ``deadline``; then the error propagates (the sweep
     re-queues the attempt later)."""
-    delay = 0.1
-    while True:
-        try:
-            return record()
-        except OperationalError as exc:
-            reason = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
-            if time.monotonic() + delay > deadline:
-                log.error(
-                    "message %s: the outcome of its send could not be recorded (%s); "
-                    "the sweep will re-queue it",
-                    message_pk,
-                    reason,
-                )
-                raise
-            log.warning(
-                "message %s: database unavailable while recording the outcome of its send "
-                "(%s); trying again in %.1fs",
-                message_pk,
-                reason,
-                delay,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def waiting(exc: OperationalError, delay: float) -> None:
+        log.warning(
+            "message %s: database unavailable while recording the outcome of its send "
+            "(%s); trying again in %.1fs",
+            message_pk,
+            _reason(exc),
+            delay,
+        )
+
+    try:
+        return retry_while_unreachable(record, deadline, on_retry=waiting)
+    except OperationalError as exc:
+        log.error(
+            "message %s: the outcome of its send could not be recorded (%s); "
+            "the sweep will re-queue it",
+            message_pk,
+            _reason(exc),
+        )
+        raise
+
+
+def _reason(exc: OperationalError) -> str:
+    return type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
 
 
 def _map(gateway: Gateway, report: StatusReport | SendResult) -> str | None:
@@ -592,12 +567,8 @@ def sweep(service: Service) -> SweepReport:
         delay = None
         if paused_until is not None and paused_until > now:
             delay = (paused_until - now).total_seconds()
-        try:
-            service.queue.enqueue_flush(portal_id, delay=delay)
-        except Exception:
-            log.exception("sweep: could not enqueue the flush of portal %s", portal_id)
-            continue
-        flushes.append(portal_id)
+        if enqueue_or_log(service.queue.enqueue_flush, portal_id, delay=delay):
+            flushes.append(portal_id)
     return SweepReport(requeued=lost_ids, stuck=stuck_ids, flushes=tuple(flushes))
 
 

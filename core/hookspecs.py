@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from .events import MessageInfo
+    from .event_hooks import MessageInfo
     from .gateway import Gateway, GatewayError
 
 hookspec = pluggy.HookspecMarker("b24sms")

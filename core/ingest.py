@@ -2,28 +2,24 @@
 
 Bitrix24 never retries a HANDLER call, so a message is stored durably before we say 200. One
 transaction per call would make the commit (and the queue write after it) the cost of every
-call; instead calls that arrive together share one, the way databases commit their logs
-("group commit"): the first caller to find no commit running becomes the *leader* and stores
-every message waiting at that moment in one transaction — portals looked up in one query,
-messages in one multi-row ``INSERT``, one trigger on the queue for the batch — while the others
-wait for it. Whoever arrives during that commit goes into the next batch, led by the first of
-them. A lone call is a batch of one and waits for nobody; under load the batches grow by
-themselves, and the database and queue are asked once per batch instead of once per message.
+call; instead calls that arrive together share one (:mod:`b24sms.group_commit`): portals looked
+up in one query, messages in one multi-row ``INSERT``, one trigger on the queue for the batch,
+so the database and queue are asked once per batch instead of once per message.
 
 Each caller gets its own answer: ``accepted``, ``duplicate``, or its own error (an unknown
-portal is a 401 for that call only). When a batch cannot be stored, each of its messages is
-tried again alone before anyone is told it failed, so one message the database refuses never
-fails the calls it happened to share a transaction with; a database that is down fails the
-batch at once (each call answers 503 and nothing is stored).
+portal is :class:`UnknownPortal` for that call only, which the web layer answers 401). When a
+batch cannot be stored, each of its messages is tried again alone before anyone is told it
+failed, so one message the database refuses never fails the calls it happened to share a
+transaction with; a database that is down fails the batch at once (each call answers 503 and
+nothing is stored).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 from sqlalchemy import bindparam, select
@@ -31,8 +27,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from . import metrics
-from .errors import ApiError
-from .events import MessageInfo, notify
+from .event_hooks import MessageInfo, notify
+from .group_commit import GroupCommit
 from .messages import (
     StatusChange,
     insert_message_rows,
@@ -41,6 +37,7 @@ from .messages import (
 )
 from .models import Message, Portal, PortalState, utcnow
 from .portals import tokens_match
+from .queue import enqueue_or_log
 from .statuses import FAILED, QUEUED
 
 if TYPE_CHECKING:
@@ -48,108 +45,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: messages one transaction stores at most; the rest wait for the next one
-MAX_BATCH = 100
 
-T = TypeVar("T")
-
-
-# -- group commit -------------------------------------------------------------------------------
+class Refused(Exception):
+    """A message this portal may not store; the message says why (the web layer answers 401)."""
 
 
-class _Slot(Generic[T]):
-    """One caller's place in the line: its item, then its outcome."""
-
-    __slots__ = ("_event", "done", "error", "item", "promoted")
-
-    def __init__(self, item: T) -> None:
-        self.item = item
-        self.done = False
-        self.error: BaseException | None = None
-        self.promoted = False
-        self._event = threading.Event()
-
-    def wake(self) -> None:
-        self._event.set()
-
-    def wait(self) -> None:
-        self._event.wait()
+class UnknownPortal(Refused):
+    """No installed portal has this ``member_id``."""
 
 
-class GroupCommit(Generic[T]):
-    """Runs ``run_batch`` over items submitted from many threads, many items per call.
-
-    ``run_batch(items)`` is called by one of the submitting threads (the leader) and records
-    each item's outcome on the item itself; an exception it raises is every item's error.
-    ``submit`` returns when the item's batch has run, and raises that error if there was one.
-    """
-
-    def __init__(self, run_batch: Callable[[Sequence[T]], None], max_batch: int = MAX_BATCH):
-        self._run_batch = run_batch
-        self._max_batch = max_batch
-        self._lock = threading.Lock()
-        self._pending: list[_Slot[T]] = []
-        self._leading = False
-        self._leader = threading.local()
-
-    def submit(self, item: T) -> None:
-        if getattr(self._leader, "active", False):
-            # Called from inside a batch (an inline queue running a task that stores a
-            # message): waiting for ourselves would never end, so this one goes alone.
-            self._run_batch([item])
-            return
-        slot = _Slot(item)
-        with self._lock:
-            self._pending.append(slot)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            slot.wait()
-            if not slot.promoted:
-                self._raise_for(slot)
-                return
-        self._lead(slot)
-        self._raise_for(slot)
-
-    @staticmethod
-    def _raise_for(slot: _Slot[T]) -> None:
-        if slot.error is not None:
-            raise slot.error
-
-    def _lead(self, own: _Slot[T]) -> None:
-        """Run batches until our own item's has run, then hand the lead to the next waiter."""
-        try:
-            while not own.done:
-                with self._lock:
-                    batch = self._pending[: self._max_batch]
-                    del self._pending[: self._max_batch]
-                self._run(batch)
-        finally:
-            with self._lock:
-                if self._pending:
-                    successor = self._pending[0]
-                    successor.promoted = True
-                    successor.wake()
-                else:
-                    self._leading = False
-
-    def _run(self, batch: list[_Slot[T]]) -> None:
-        self._leader.active = True
-        try:
-            self._run_batch([slot.item for slot in batch])
-        except BaseException as exc:
-            for slot in batch:
-                slot.error = exc
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._leader.active = False
-            for slot in batch:
-                slot.done = True
-                slot.wake()
-
-
-# -- taking a message in ------------------------------------------------------------------------
+class WrongApplicationToken(Refused):
+    """The call's ``auth[application_token]`` is not the portal's."""
 
 
 @dataclass(frozen=True)
@@ -220,13 +126,14 @@ def accept_message(
     message is committed before this returns (Bitrix24 never retries a HANDLER call), then
     queued for sending, and ``b24sms_message_stored`` is called.
 
-    :param data: the HANDLER fields as :class:`HandlerSchema` loads them (``message_id``,
+    :param data: the HANDLER fields as :func:`load_handler_call` loads them (``message_id``,
         ``message_to``, ``message_body``, ``module_id``, context fields).
     :param auth: the call's ``auth[…]``; when it holds ``application_token``, that must be the
         portal's.
     :param report: whether a failure decided here (an unusable number) goes to the portal's
         outbox; False for messages Bitrix24 does not know (app-page tests).
-    :raises ApiError: 401 when the portal is not installed or the application_token differs.
+    :raises UnknownPortal: the portal is not installed.
+    :raises WrongApplicationToken: the call's application_token is not the portal's.
     """
     submission = Submission(
         member_id=member_id,
@@ -323,13 +230,13 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
         for submission in batch:
             portal = portals.get(submission.member_id)
             if portal is None or portal.state == PortalState.UNINSTALLED:
-                submission.error = ApiError(401, "unauthorized", "portal not installed")
+                submission.error = UnknownPortal("portal not installed")
                 continue
             auth = submission.auth
             if "application_token" in auth and not tokens_match(
                 portal.application_token, auth["application_token"]
             ):
-                submission.error = ApiError(401, "unauthorized", "application_token mismatch")
+                submission.error = WrongApplicationToken("application_token mismatch")
                 continue
             submission.portal_id = portal.id
             storing.append(submission)
@@ -430,32 +337,19 @@ def _after_commit(svc: Service, batch: Sequence[Submission]) -> None:
         else:
             to_send.append(info.id)
     if to_send:
-        enqueue_quietly(svc.queue.enqueue_sends, to_send)
+        enqueue_or_log(svc.queue.enqueue_sends, to_send)
     for portal_id in sorted(to_flush):
-        enqueue_quietly(svc.queue.enqueue_flush, portal_id)
-
-
-def enqueue_quietly(enqueue: Callable[[Any], Any], argument: Any) -> None:
-    """Call ``enqueue(argument)``; a queue that is down is logged: the sweep takes over."""
-    try:
-        enqueue(argument)
-    except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
-        # Stored is what matters: the sweep finds work whose trigger was lost.
-        log.warning(
-            "queue unavailable; %s(%s) is left to the sweep: %s",
-            getattr(enqueue, "__name__", "enqueue"),
-            argument,
-            type(exc).__name__,
-        )
+        enqueue_or_log(svc.queue.enqueue_flush, portal_id)
 
 
 __all__ = [
     "Accepted",
-    "GroupCommit",
     "Ingest",
+    "Refused",
     "Submission",
     "accept_message",
-    "enqueue_quietly",
     "normalise_number",
     "store_batch",
+    "UnknownPortal",
+    "WrongApplicationToken",
 ]

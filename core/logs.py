@@ -15,7 +15,7 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:
     import pluggy
 
-    from .events import MessageInfo
+    from .event_hooks import MessageInfo
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 

@@ -50,7 +50,7 @@ from .models import Message, OutboxEntry, Portal, utcnow
 from .statuses import FINAL_STATUSES, STATUSES
 
 if TYPE_CHECKING:
-    from .events import MessageInfo
+    from .event_hooks import MessageInfo
     from .gateway import GatewayError
     from .service import Service
 

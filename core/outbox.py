@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from .backoff import retry_delay, retry_while_unreachable
 from .bitrix24.errors import (
     Bitrix24Error,
     OperationTimeLimit,
@@ -46,7 +46,6 @@ from .bitrix24.errors import (
     TokensRevoked,
     TransientError,
 )
-from .delivery import retry_delay
 from .models import OutboxEntry, Portal, PortalPacing, PortalState, utcnow
 
 if TYPE_CHECKING:
@@ -298,34 +297,28 @@ def _release(service: Service, portal_id: int, owner: str) -> int:
     seconds: a lease left behind by a live process holds every other flusher of the portal off
     until it expires (``timeout + LEASE_MARGIN``), however short the outage was.
     """
-    deadline = time.monotonic() + RELEASE_PERSISTENCE
-    delay = 0.1
-    while True:
-        try:
-            with service.db.session() as session:
-                state = session.get(PortalPacing, portal_id)
-                if state is not None and state.lease_owner == owner:
-                    state.lease_owner = None
-                    state.lease_until = None
-                return int(
-                    session.scalar(
-                        select(func.count())
-                        .select_from(OutboxEntry)
-                        .where(OutboxEntry.portal_id == portal_id)
-                    )
-                    or 0
+
+    def release() -> int:
+        with service.db.session() as session:
+            state = session.get(PortalPacing, portal_id)
+            if state is not None and state.lease_owner == owner:
+                state.lease_owner = None
+                state.lease_until = None
+            return int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(OutboxEntry)
+                    .where(OutboxEntry.portal_id == portal_id)
                 )
-        except OperationalError:
-            if time.monotonic() + delay <= deadline:
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            log.exception("portal %s: could not release the flush lease", portal_id)
-            return 0
-        except Exception:
-            # The lease expires by itself; the flush's outcome is already committed.
-            log.exception("portal %s: could not release the flush lease", portal_id)
-            return 0
+                or 0
+            )
+
+    try:
+        return retry_while_unreachable(release, time.monotonic() + RELEASE_PERSISTENCE)
+    except Exception:
+        # The lease expires by itself; the flush's outcome is already committed.
+        log.exception("portal %s: could not release the flush lease", portal_id)
+        return 0
 
 
 # -- one round: decide, then send ---------------------------------------------------------------

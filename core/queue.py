@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -125,6 +126,27 @@ def make_huey(queue_url: str, name: str = QUEUE_NAME) -> Huey:
         # The priority variant: plain RedisHuey refuses tasks with a priority (flush, sweep).
         return PriorityRedisHuey(name, url=queue_url, results=False)
     raise QueueError(f"unsupported queue_url scheme {scheme!r}")
+
+
+def enqueue_or_log(enqueue: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Call ``enqueue(*args, **kwargs)`` (a :class:`Queue` method); a queue that is down is
+    logged, not raised: what the task would work on is committed already, and the sweep finds
+    work whose trigger was lost.
+
+    :returns: False when the queue refused.
+    """
+    try:
+        enqueue(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any queue failure: the sweep takes over
+        # The type only: a queue error's text can hold its URL, password included.
+        log.warning(
+            "queue unavailable; %s(%s) is left to the sweep: %s",
+            getattr(enqueue, "__name__", "enqueue"),
+            ", ".join(map(repr, args)),
+            type(exc).__name__,
+        )
+        return False
+    return True
 
 
 def _flush_marker(portal_id: int) -> str:

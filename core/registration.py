@@ -6,35 +6,32 @@ nothing registered by other apps is ever touched). Then, in as few ``batch`` req
 no longer enabled for the portal. Portals without ``sender.update`` get delete + add instead.
 What was sent is remembered as a fingerprint on :class:`~b24sms.models.ProviderRegistration`.
 
-Handler URLs carry a key (:func:`handler_key`) binding them to one portal and one CODE, because
-Bitrix24 leaves ``auth[…]`` out of some handler calls.
+Handler URLs carry a key binding them to one portal and one CODE, because Bitrix24 leaves
+``auth[…]`` out of some handler calls; :mod:`b24sms.handler_keys` signs and checks it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from . import handler_keys
 from .bitrix24.client import MAX_BATCH, Bitrix24Client
 from .bitrix24.errors import Bitrix24Error, MethodNotFound
 from .db import Database
+from .handler_keys import handler_key, verify_handler_key
 from .models import Portal, PortalState, ProviderRegistration, RegistrationState
 
 __all__ = [
     "SyncReport",
     "desired_providers",
     "handler_key",
-    "handler_key_generation",
-    "handler_secret_keys",
     "handler_url",
-    "key_accepted",
     "sync_all",
     "sync_portal",
     "verify_handler_key",
@@ -42,8 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HANDLER_KEY_LENGTH = 32
 
 # Answers that mean the wanted state is already there.
 _ALREADY_INSTALLED = "ERROR_SENDER_ALREADY_INSTALLED"
@@ -61,64 +56,12 @@ class _ServiceLike(Protocol):
     def public_url(self) -> str: ...
 
 
-def handler_key(secret_key: str, member_id: str, code: str) -> str:
-    """The key in a HANDLER URL: hex HMAC-SHA256 of ``"{member_id}:{code}"``, 32 characters."""
-    digest = hmac.new(secret_key.encode(), f"{member_id}:{code}".encode(), hashlib.sha256)
-    return digest.hexdigest()[:HANDLER_KEY_LENGTH]
-
-
-def handler_secret_keys(settings: Mapping[str, Any]) -> tuple[str, ...]:
-    """The keys HANDLER URLs are checked against: ``secret_key`` first, then the
-    ``previous_secret_keys`` of a rotation in progress (see docs/operations.md)."""
-    return (settings["secret_key"], *settings.get("previous_secret_keys", ()))
-
-
-def handler_key_generation(
-    secret_keys: str | Sequence[str], member_id: str, code: str, key: str | None
-) -> int | None:
-    """Which of ``secret_keys`` issued ``key`` for this portal and CODE: 0 for the current one,
-    1… for previous ones, None for none. Every candidate is compared, in constant time each."""
-    if not key:
-        return None
-    candidates = (secret_keys,) if isinstance(secret_keys, str) else tuple(secret_keys)
-    found = None
-    for index, secret_key in enumerate(candidates):
-        if hmac.compare_digest(handler_key(secret_key, member_id, code), str(key)):
-            found = index if found is None else found
-    return found
-
-
-def verify_handler_key(
-    secret_keys: str | Sequence[str], member_id: str, code: str, key: str | None
-) -> bool:
-    """Whether ``key`` is the HANDLER key of this portal and CODE under the current secret key
-    or one of the previous ones (``secret_keys``: one key, or current first then previous).
-
-    A key issued under a previous secret key is accepted and logged: that portal's HANDLER URL
-    is still the old one until ``b24sms providers sync`` updates it.
-    """
-    return key_accepted(handler_key_generation(secret_keys, member_id, code, key), member_id, code)
-
-
-def key_accepted(generation: int | None, member_id: str, code: str) -> bool:
-    """Whether a key of this :func:`handler_key_generation` is accepted; one of a previous
-    secret key is, and logged (see :func:`verify_handler_key`)."""
-    if generation is not None and generation > 0:
-        log.info(
-            "HANDLER call of portal %s (code %s) used a key of a previous secret_key; "
-            "run `b24sms providers sync` before dropping it from previous_secret_keys",
-            member_id,
-            code,
-        )
-    return generation is not None
-
-
 def handler_url(service: _ServiceLike, member_id: str, code: str) -> str:
-    """The HANDLER URL registered for ``code`` on the portal ``member_id``."""
-    key = handler_key(service.config["service"]["secret_key"], member_id, code)
-    # member_id travels in the URL because Bitrix24 leaves auth[...] out of some handler calls,
-    # and the key proves the URL was issued by us for this very portal and CODE.
-    return f"{service.public_url}/bitrix24/handler/{code}?member_id={member_id}&key={key}"
+    """The HANDLER URL registered for ``code`` on the portal ``member_id`` (signed by
+    :mod:`b24sms.handler_keys`)."""
+    return handler_keys.handler_url(
+        service.public_url, service.config["service"]["secret_key"], member_id, code
+    )
 
 
 def wanted_codes(service: _ServiceLike, member_id: str) -> list[str]:

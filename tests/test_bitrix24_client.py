@@ -31,8 +31,8 @@ from b24sms.bitrix24.errors import (
 from b24sms.bitrix24.oauth import refresh_tokens
 from b24sms.db import Database
 from b24sms.emulator import EmulatedPortal, Emulator, php_form_decode
-from b24sms.migrate import upgrade
 from b24sms.models import Portal, PortalState
+from b24sms.schema import upgrade
 
 from .conftest import CLIENT_ID, CLIENT_SECRET
 

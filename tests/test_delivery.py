@@ -29,7 +29,6 @@ from b24sms.gateway import (
     SendResult,
     StatusReport,
 )
-from b24sms.migrate import upgrade
 from b24sms.models import (
     Message,
     OutboxEntry,
@@ -39,6 +38,7 @@ from b24sms.models import (
     utcnow,
 )
 from b24sms.plugins import make_plugin_manager
+from b24sms.schema import upgrade
 from b24sms.service import Service
 from tests.conftest import base_config
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from b24sms import logs
-from b24sms.events import MessageInfo
+from b24sms.event_hooks import MessageInfo
 from b24sms.models import utcnow
 
 PROVIDERS = {

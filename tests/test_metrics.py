@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 
 from b24sms import metrics
 from b24sms.config import ConfigError, validate_config
-from b24sms.events import MessageInfo
+from b24sms.event_hooks import MessageInfo
 from b24sms.gateway import PermanentGatewayError, RetryableGatewayError
 from b24sms.messages import enqueue_report
 from b24sms.models import Message, Portal, utcnow
@@ -344,7 +344,7 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
     )
     # Migrated once up front, so the two workers do not race to create the schema.
     from b24sms.db import Database
-    from b24sms.migrate import upgrade
+    from b24sms.schema import upgrade
 
     database = Database(f"sqlite:///{tmp_path}/b24sms.sqlite3")
     upgrade(database)

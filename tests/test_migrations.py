@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, Table, func, select, types
 
-from b24sms import migrate
+from b24sms import schema
 from b24sms.db import Database
 from b24sms.models import Base
 from tests.deployment import reset_schema
@@ -43,7 +43,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
 
 def revisions_in_order(db: Database) -> list[str]:
     """Every revision from the first to head."""
-    script = ScriptDirectory.from_config(migrate.alembic_config(db))
+    script = ScriptDirectory.from_config(schema.alembic_config(db))
     return [rev.revision for rev in reversed(list(script.walk_revisions("base", "heads")))]
 
 
@@ -87,15 +87,15 @@ def insert_portal(db: Database) -> None:
 def test_upgrade_from_the_first_revision_to_head(database: Database) -> None:
     revisions = revisions_in_order(database)
     assert revisions, "no migrations found"
-    assert migrate.current_revision(database) is None
-    migrate.upgrade(database, revisions[0])
-    assert migrate.current_revision(database) == revisions[0]
+    assert schema.current_revision(database) is None
+    schema.upgrade(database, revisions[0])
+    assert schema.current_revision(database) == revisions[0]
     insert_portal(database)
     for revision in revisions[1:]:
-        migrate.upgrade(database, revision)
-        assert migrate.current_revision(database) == revision
-    migrate.upgrade(database)  # head, and idempotent when already there
-    assert migrate.current_revision(database) == revisions[-1]
+        schema.upgrade(database, revision)
+        assert schema.current_revision(database) == revision
+    schema.upgrade(database)  # head, and idempotent when already there
+    assert schema.current_revision(database) == revisions[-1]
     assert schema_differences(database) == []
     with database.engine.connect() as conn:
         portals = Table("portals", MetaData(), autoload_with=conn)
@@ -104,8 +104,8 @@ def test_upgrade_from_the_first_revision_to_head(database: Database) -> None:
 
 
 def test_upgrade_twice_changes_nothing(database: Database) -> None:
-    migrate.upgrade(database)
-    head = migrate.current_revision(database)
-    migrate.upgrade(database)
-    assert migrate.current_revision(database) == head
+    schema.upgrade(database)
+    head = schema.current_revision(database)
+    schema.upgrade(database)
+    assert schema.current_revision(database) == head
     assert schema_differences(database) == []

@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 
 from b24sms.config import ConfigError, validate_config
 from b24sms.models import Message
-from b24sms.ratelimit import Limit, MemoryBuckets, RedisBuckets, make_buckets
-from b24sms.web.ratelimit import client_ip, ip_key, parse_networks
+from b24sms.rate_limit_store import Limit, MemoryBuckets, RedisBuckets, make_buckets
+from b24sms.web.rate_limits import client_ip, ip_key, parse_networks
 from tests.conftest import base_config
 from tests.fakes.http_gateway import FakeSmsApi, post_callback
 
@@ -159,19 +159,19 @@ def test_storage_follows_the_queue(tmp_path):
 
 def test_the_handler_key_is_checked_once_per_call(live_app, emulator, monkeypatch):
     """The rate limit and the HANDLER both need the key's verdict: one HMAC pass serves both."""
-    import b24sms.web.ratelimit as web_ratelimit
+    import b24sms.web.bitrix24 as web_bitrix24
 
     server = live_app(providers=LOG)
     portal = emulator.add_portal()
     portal.install(server.url)
     checks = []
-    real = web_ratelimit.handler_key_generation
+    real = web_bitrix24.check_key
 
     def counted(*args, **kwargs):
         checks.append(args[1:3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(web_ratelimit, "handler_key_generation", counted)
+    monkeypatch.setattr(web_bitrix24, "check_key", counted)
     assert portal.send_sms("smslog", "+14155550100", "hi")[1].status_code == 200
     assert checks == [(portal.member_id, "smslog")]
 
@@ -189,7 +189,7 @@ def test_a_noisy_portal_is_refused_while_another_portal_goes_on(live_app, emulat
     # the other portal, calling from the very same address, has its own budget
     for i in range(3):
         assert quiet.send_sms("smslog", "+14155550101", f"q{i}")[1].status_code == 200
-    refusals = [r.getMessage() for r in caplog.records if r.name == "b24sms.web.ratelimit"]
+    refusals = [r.getMessage() for r in caplog.records if r.name == "b24sms.web.rate_limits"]
     assert any(noisy.member_id in line and "lost" in line for line in refusals)
 
 
@@ -357,7 +357,7 @@ def test_processes_lease_portal_tokens_from_redis_and_the_limit_still_holds():
     """Two limiters on one Redis (two web processes): a HANDLER burst costs a Redis round trip
     per lease, not per call, and the portal's budget is still what it says."""
     from b24sms.config import RateLimitSchema
-    from b24sms.web.ratelimit import RateLimiter
+    from b24sms.web.rate_limits import RateLimiter
 
     url = redis_url()
     settings = RateLimitSchema().load({"portal_rate": 0.01, "portal_burst": 2000})
@@ -388,7 +388,7 @@ def test_processes_lease_portal_tokens_from_redis_and_the_limit_still_holds():
 def test_concurrent_calls_of_one_process_share_its_lease():
     """16 threads of one process: no tokens are taken from Redis only to be dropped."""
     from b24sms.config import RateLimitSchema
-    from b24sms.web.ratelimit import RateLimiter
+    from b24sms.web.rate_limits import RateLimiter
 
     settings = RateLimitSchema().load({"portal_rate": 0.01, "portal_burst": 2000})
     limiter = RateLimiter(settings, RedisBuckets(redis_url()))
@@ -404,7 +404,7 @@ def test_concurrent_calls_of_one_process_share_its_lease():
 
 def test_small_portal_budgets_are_counted_call_by_call_in_redis():
     from b24sms.config import RateLimitSchema
-    from b24sms.web.ratelimit import RateLimiter
+    from b24sms.web.rate_limits import RateLimiter
 
     settings = RateLimitSchema().load({"portal_rate": 0.01, "portal_burst": 5})
     first, second = (RateLimiter(settings, RedisBuckets(redis_url())) for _ in range(2))
@@ -419,7 +419,7 @@ def test_small_portal_budgets_are_counted_call_by_call_in_redis():
 
 
 def test_an_unreachable_redis_falls_back_to_this_process(caplog, monkeypatch):
-    caplog.set_level(logging.WARNING, logger="b24sms.ratelimit")
+    caplog.set_level(logging.WARNING, logger="b24sms.rate_limit_store")
     buckets = RedisBuckets(f"redis://127.0.0.1:{socket_port()}/0", timeout=0.2)
     calls = []
     script = buckets._script

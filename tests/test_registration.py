@@ -14,7 +14,6 @@ from b24sms.bitrix24.errors import RateLimited
 from b24sms.config import validate_config
 from b24sms.db import Database
 from b24sms.emulator import EmulatedPortal, Emulator
-from b24sms.migrate import upgrade
 from b24sms.models import Portal, PortalState, ProviderRegistration, RegistrationState
 from b24sms.registration import (
     SyncReport,
@@ -24,6 +23,7 @@ from b24sms.registration import (
     sync_portal,
     verify_handler_key,
 )
+from b24sms.schema import upgrade
 
 from .conftest import SECRET_KEY, base_config
 

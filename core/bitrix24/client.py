@@ -25,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from .. import __version__, metrics
 from ..db import Database
 from ..models import Portal, PortalState
-from ..phpform import php_urlencode
+from ..php_form import php_urlencode
 from .errors import (
     Bitrix24Error,
     PortalBlocked,

@@ -12,12 +12,12 @@ go through Bitrix24's side of the protocol without a real portal::
         portal.wait_for_status(message_id)              # until the app reports a final status
 
 Modules: ``server`` (the emulator and its OAuth server), ``portal`` (one portal: REST methods,
-state, the calls it makes to the app), ``httpd`` (the loopback HTTP plumbing), ``phpform``
+state, the calls it makes to the app), ``httpd`` (the loopback HTTP plumbing), ``php_lenient_form``
 (PHP bracket form encoding). ``python -m b24sms.emulator`` runs one portal from the shell.
 """
 
 from .httpd import RestError
-from .phpform import php_form_decode, php_form_encode
+from .php_lenient_form import php_form_decode, php_form_encode
 from .portal import FINAL_STATUSES, MESSAGE_STATUSES, SCOPE, EmulatedPortal
 from .server import Emulator
 

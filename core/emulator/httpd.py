@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from .phpform import php_form_decode
+from .php_lenient_form import php_form_decode
 
 log = logging.getLogger("b24sms.emulator")
 

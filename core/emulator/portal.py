@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 import requests
 
 from .httpd import HttpRequest, JSONAnswer, RestError, ServerThread, time_block
-from .phpform import php_form_decode
+from .php_lenient_form import php_form_decode
 
 if TYPE_CHECKING:
     from .server import Emulator

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection b24sms hands it (see b24sms.migrate)."""
+"""Alembic environment: runs on the connection b24sms hands it (see b24sms.schema)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from marshmallow import Schema, ValidationError
 
 from ..bitrix24.payloads import (
     EventSchema,
-    HandlerSchema,
     InstallFormSchema,
     PayloadError,
     load_handler_call,
@@ -20,8 +19,9 @@ from ..bitrix24.payloads import (
     parse_urlencoded,
 )
 from ..config import first_error
-from ..errors import ApiError
-from ..ingest import accept_message, enqueue_quietly
+from ..errors import ApiError, error_response
+from ..handler_keys import check_key
+from ..ingest import Refused, accept_message
 from ..models import Portal, PortalState
 from ..portals import (
     find_portal,
@@ -31,15 +31,13 @@ from ..portals import (
     uninstall,
     update_from_event,
 )
-from ..registration import key_accepted, sync_portal
+from ..queue import enqueue_or_log
+from ..registration import sync_portal
 from ..service import Service
-from .ratelimit import request_key_generation
+from .rate_limits import limit_handler_call
 
 bp = Blueprint("bitrix24", __name__, url_prefix="/bitrix24")
 log = logging.getLogger(__name__)
-#: built once: a schema instance costs more to build than a HANDLER call's load (loading keeps
-#: no state on it, so threads share it)
-HANDLER_SCHEMA = HandlerSchema()
 
 INSTALL_FINISH_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
@@ -49,6 +47,13 @@ INSTALL_FINISH_PAGE = """<!doctype html>
 they will be retried){% endif %}.</p>
 <script>if (window.BX24) { BX24.init(function () { BX24.installFinish(); }); }</script>
 </body></html>"""
+
+
+@bp.app_errorhandler(Refused)
+def refused(exc: Refused):
+    """Storage refused a message for its portal (unknown, or a wrong application_token): the
+    caller is not who it says it is, so 401 (app-wide: the app page stores messages too)."""
+    return error_response(401, "unauthorized", str(exc))
 
 
 def service() -> Service:
@@ -156,7 +161,7 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
     )
     registration = _sync_after_commit(portal_id)
     # Statuses that waited while the portal's tokens were dead can go now.
-    enqueue_quietly(svc.queue.enqueue_flush, portal_id)
+    enqueue_or_log(svc.queue.enqueue_flush, portal_id)
     if ui:
         return render_template_string(INSTALL_FINISH_PAGE, failed=registration.get("failed", 0))
     return jsonify({"result": "installed", "portal": domain, **registration})
@@ -207,25 +212,36 @@ def events():
 def handler(code: str):
     """A message from Bitrix24: verify, store durably, hand to delivery, answer at once."""
     svc = service()
+    # 1. The key in the URL proves which portal sent the call; the rate limit counts the call
+    #    against that portal, or against the address when the key proves nothing. Neither
+    #    needs the body, so a refused call costs no parsing.
+    member_id = request.args.get("member_id", "")
+    key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+    too_many = limit_handler_call(member_id if key_valid else None)
+    if too_many is not None:
+        return too_many
     provider = svc.providers.get(code)
     if provider is None or not provider["enabled"]:
         raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
-    payload = read_payload()
-    data = load_handler_call(payload)
-    if data is None:
-        data = load(HANDLER_SCHEMA, payload)  # the schema names what is wrong
+
+    # 2. The form: read, then every field checked.
+    try:
+        data = load_handler_call(read_payload())
+    except PayloadError as exc:
+        raise ApiError(400, "invalid_field", f"{exc.field}: {exc}") from None
     if data["code"] != code:
         raise ApiError(400, "invalid_field", "code: does not match the provider in the URL")
     auth = data.get("auth") or {}
-    member_id = request.args.get("member_id") or auth.get("member_id")
-    key = request.args.get("key")  # as the rate limit asked, so its answer is reused
-    if not member_id or not key_accepted(
-        request_key_generation(svc.settings, member_id, code, key), member_id, code
-    ):
+    if not member_id and auth.get("member_id"):
+        # A URL without member_id: the key may still be the one of auth[member_id].
+        member_id = auth["member_id"]
+        key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+    if not key_valid:
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
 
+    # 3. Stored durably (UnknownPortal / WrongApplicationToken answer 401), then answered.
     accepted = accept_message(svc, member_id, code, data, auth=auth)
     # Not jsonify: the same JSON for a fraction of its cost, on the busiest route.
     return current_app.response_class(json.dumps(accepted.answer()), mimetype="application/json")

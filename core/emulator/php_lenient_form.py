@@ -11,11 +11,12 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..phpform import php_form_encode
+from ..php_form import php_form_encode
 
 __all__ = ["php_form_decode", "php_form_encode"]
 
-# Encoding is shared with the REST client (b24sms.phpform); decoding here is PHP-lenient on purpose.
+# Encoding is shared with the REST client (b24sms.php_form); decoding here is PHP-lenient on
+# purpose.
 
 _SEGMENT = re.compile(r"\[([^\]]*)\]")
 

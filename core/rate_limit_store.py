@@ -2,7 +2,7 @@
 
 A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens a second; a request takes
 one, and is refused while the bucket is empty. Three operations cover what the web layer needs
-(:mod:`b24sms.web.ratelimit`):
+(:mod:`b24sms.web.rate_limits`):
 
 - :meth:`Buckets.take` — take tokens if there are enough (a request that may go ahead);
 - :meth:`Buckets.peek` — whether one token is there, without taking it (a failure budget that

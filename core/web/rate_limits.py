@@ -3,10 +3,12 @@
 Who is counted (``[rate_limit]`` in the config; the reasoning is in docs/operations.md):
 
 - **A HANDLER call with a valid key** counts against its *portal* (``member_id`` from the
-  URL, trusted only because the key proves it): ``portal_rate`` / ``portal_burst``, set far
-  above anything Bitrix24 sends — it never retries a refused call, so every refusal here is a
-  lost message. Such calls never count against the sending IP: Bitrix24 calls every portal's
-  handler from the same few servers, and one portal must not use up another's allowance.
+  URL, trusted only because the key proves it: the route checks it with
+  :mod:`b24sms.handler_keys` and passes the verdict to :func:`limit_handler_call`):
+  ``portal_rate`` / ``portal_burst``, set far above anything Bitrix24 sends — it never
+  retries a refused call, so every refusal here is a lost message. Such calls never count
+  against the sending IP: Bitrix24 calls every portal's handler from the same few servers,
+  and one portal must not use up another's allowance.
 - **Everything else** — install, events, gateway callbacks, the app page, HANDLER calls without
   a valid key, unknown URLs — counts against the *client IP*: every request against
   ``ip_rate`` / ``ip_burst``, and every answer 4xx (other than 429) against a much smaller
@@ -39,8 +41,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, current_app, g, request
 
 from ..errors import error_response
-from ..ratelimit import Buckets, Limit, make_buckets
-from ..registration import handler_key_generation, handler_secret_keys
+from ..rate_limit_store import Buckets, Limit, make_buckets
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -247,51 +248,60 @@ def _too_many(decision: Decision) -> Response:
     return response
 
 
-def request_key_generation(
-    settings: Mapping[str, Any], member_id: str, code: str, key: str | None
-) -> int | None:
-    """:func:`handler_key_generation` of this request's HANDLER key, computed once per request:
-    the rate limit asks before the HANDLER does (one HMAC per secret key each time)."""
-    checked = g.setdefault("b24sms_handler_keys", {})
-    asked = (member_id, code, key)
-    if asked not in checked:
-        checked[asked] = handler_key_generation(handler_secret_keys(settings), member_id, code, key)
-    return checked[asked]
-
-
-def before_request() -> Response | None:
-    """Refuse the request with 429 when its budget is spent (runs before the body is read)."""
+def _client() -> tuple[RateLimiter, str] | None:
+    """The app's limiter and this request's client address; None when nothing is limited."""
     limiter = _limiter()
-    if limiter is None or request.blueprint in EXEMPT_BLUEPRINTS:
-        return None
-    if request.endpoint in EXEMPT_ENDPOINTS:
+    if limiter is None:
         return None
     ip = client_ip(
         request.remote_addr, request.headers.getlist("X-Forwarded-For"), limiter.trusted_proxies
     )
     if _within(_address(ip), limiter.exempt):
         return None
-    if request.endpoint == HANDLER_ENDPOINT:
-        member_id = request.args.get("member_id", "")
-        code = (request.view_args or {}).get("code", "")
-        settings = current_app.extensions["b24sms"].settings
-        if (
-            member_id
-            and request_key_generation(settings, member_id, code, request.args.get("key"))
-            is not None
-        ):
-            decision = limiter.check_portal(member_id)
-            if decision is not None:
-                limiter.note_refusal(decision, request.path)
-                return _too_many(decision)
-            return None
+    return limiter, ip
+
+
+def _refuse(limiter: RateLimiter, decision: Decision | None) -> Response | None:
+    if decision is None:
+        return None
+    limiter.note_refusal(decision, request.path)
+    return _too_many(decision)
+
+
+def _check_address(limiter: RateLimiter, ip: str) -> Response | None:
     key = ip_key(ip)
-    g.b24sms_rate_limit_ip = key
-    decision = limiter.check_ip(key)
-    if decision is not None:
-        limiter.note_refusal(decision, request.path)
-        return _too_many(decision)
-    return None
+    g.b24sms_rate_limit_ip = key  # after_request spends its failure budget on a 4xx
+    return _refuse(limiter, limiter.check_ip(key))
+
+
+def limit_handler_call(member_id: str | None) -> Response | None:
+    """The HANDLER's limit, given the route's verdict on the call's key: ``member_id`` when the
+    key proved it (the portal's budget), None when not (the client address's, as any request).
+
+    :returns: the 429 answer, or None when the call may go ahead.
+    """
+    client = _client()
+    if client is None:
+        return None
+    limiter, ip = client
+    if member_id:
+        return _refuse(limiter, limiter.check_portal(member_id))
+    return _check_address(limiter, ip)
+
+
+def before_request() -> Response | None:
+    """Refuse the request with 429 when its budget is spent (runs before the body is read).
+
+    Not for the HANDLER: its route checks the key first and calls :func:`limit_handler_call`.
+    """
+    if request.blueprint in EXEMPT_BLUEPRINTS or request.endpoint in EXEMPT_ENDPOINTS:
+        return None
+    if request.endpoint == HANDLER_ENDPOINT:
+        return None
+    client = _client()
+    if client is None:
+        return None
+    return _check_address(*client)
 
 
 def after_request(response: Response) -> Response:

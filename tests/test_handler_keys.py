@@ -1,0 +1,44 @@
+"""HANDLER keys: signed for one portal and CODE, checked in constant time, never a 500."""
+
+from __future__ import annotations
+
+import requests
+
+from b24sms.handler_keys import check_key, handler_key, handler_url, verify_handler_key
+
+SECRET = "a-secret-key-of-some-length-0123"
+PREVIOUS = "the-previous-secret-key-01234567"
+SETTINGS = {"secret_key": SECRET, "previous_secret_keys": [PREVIOUS]}
+
+
+def test_the_url_carries_the_key_of_its_portal_and_code():
+    url = handler_url("https://sms.example", SECRET, "m1", "sms1")
+    key = handler_key(SECRET, "m1", "sms1")
+    assert url == f"https://sms.example/bitrix24/handler/sms1?member_id=m1&key={key}"
+    assert check_key(SETTINGS, "m1", "sms1", key)
+    assert not check_key(SETTINGS, "m2", "sms1", key)
+    assert not check_key(SETTINGS, "", "sms1", key)
+
+
+def test_a_previous_secret_keys_key_is_accepted_and_logged(caplog):
+    caplog.set_level("INFO", logger="b24sms.handler_keys")
+    old = handler_key(PREVIOUS, "m1", "sms1")
+    assert check_key(SETTINGS, "m1", "sms1", old)
+    assert any("previous secret_key" in r.getMessage() for r in caplog.records)
+    assert not verify_handler_key(SECRET, "m1", "sms1", old)
+
+
+def test_keys_nobody_issued_are_refused_not_errors():
+    good = handler_key(SECRET, "m1", "sms1")
+    for key in ("é" * 32, "\udc00" * 32, "\x00" * 32, good[:-1] + "ü", "", None, good + " "):
+        assert not check_key(SETTINGS, "m1", "sms1", key), key
+
+
+def test_a_non_ascii_key_on_the_handler_is_401_not_500(live_app, emulator):
+    server = live_app(providers={"smslog": {"plugin": "log", "name": "Log only"}})
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    handler = portal.senders["smslog"]["HANDLER"].rsplit("key=", 1)[0]
+    form = {"code": "smslog", "message_id": "m1", "message_to": "+14155550100", "message_body": "x"}
+    response = requests.post(handler + "key=%C3%A9%C3%A9", data=form, timeout=10)
+    assert response.status_code == 401 and response.json()["error"] == "unauthorized"
