@@ -486,9 +486,7 @@ def _apply_once(
     by_portal: dict[int, list[tuple[StatusChange, MessageInfo]]] = {}
     with service.db.session() as session:
         for report, status in reports:
-            messages = session.scalars(
-                queries.by_external_id(code, str(report.external_id))
-            ).all()
+            messages = session.scalars(queries.by_external_id(code, str(report.external_id))).all()
             if not messages:
                 unmatched.append((report, status))
                 continue
@@ -502,10 +500,7 @@ def _apply_once(
                     message.last_error = str(report.error)[:MAX_ERROR_TEXT]
                 if change is not None:
                     by_portal.setdefault(message.portal_id, []).append((change, _info(message)))
-        in_flight = (
-            bool(unmatched)
-            and session.scalar(queries.in_flight(code)) is not None
-        )
+        in_flight = bool(unmatched) and session.scalar(queries.in_flight(code)) is not None
     for portal_id, changes in by_portal.items():
         _after_commit(service, portal_id, changes)
     return matched, unmatched, in_flight

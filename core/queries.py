@@ -26,9 +26,6 @@ from .models import (
     StatusEvent,
 )
 
-#: messages of the app page's list per page
-PAGE_SIZE = 100
-
 
 def _literal_in(column: Any, values: Sequence[str]) -> Any:
     # Literals, not bound parameters: SQLite uses a partial index only when it can see that the
@@ -109,15 +106,24 @@ def by_external_id(code: str, external_id: str) -> Select[Any]:
 
 
 def page_of_messages(
-    portal_id: int, status: str, code: str, before_id: int | None, limit: int = PAGE_SIZE + 1
+    portal_id: int,
+    status: str,
+    code: str,
+    before_id: int | None,
+    limit: int,
+    *,
+    after_id: int | None = None,
 ) -> Select[Any]:
-    """The app page's list: the portal's messages newest first, optionally of one status and
-    CODE, older than ``before_id`` (keyset paging: the same cost for every page)."""
+    """The app page's list: the portal's messages, optionally of one status and CODE, newest
+    first and older than ``before_id``, or oldest first and newer than ``after_id`` (keyset
+    paging: every page costs the same, however deep)."""
     query = select(Message).where(Message.portal_id == portal_id)
     if status:
         query = query.where(Message.status == status)
     if code:
         query = query.where(Message.code == code)
+    if after_id is not None:
+        return query.where(Message.id > after_id).order_by(Message.id).limit(limit)
     if before_id is not None:
         query = query.where(Message.id < before_id)
     return query.order_by(Message.id.desc()).limit(limit)
@@ -172,9 +178,9 @@ def to_redact(cutoff: dt.datetime, limit: int) -> Select[Any]:
 
 
 def to_delete(cutoff: dt.datetime, limit: int) -> Select[Any]:
-    """Retention: final messages created before ``cutoff``, with their keys for the counts."""
+    """Retention: final messages created before ``cutoff``, oldest first."""
     return (
-        select(Message.id, Message.code, Message.status, Message.external_id)
+        select(Message.id)
         .where(final(), Message.created_at < cutoff)
         .order_by(Message.created_at)
         .limit(limit)
@@ -184,7 +190,7 @@ def to_delete(cutoff: dt.datetime, limit: int) -> Select[Any]:
 def portal_final_messages(portal_id: int, limit: int) -> Select[Any]:
     """Erasing a portal (uninstall with CLEAN): a batch of its final messages."""
     return (
-        select(Message.id, Message.code, Message.status, Message.external_id)
+        select(Message.id)
         .where(Message.portal_id == portal_id, final())
         .order_by(Message.id)
         .limit(limit)
@@ -221,11 +227,14 @@ RECURRING: dict[str, Callable[[dt.datetime], Select[Any]]] = {
     "poll_due": lambda now: poll_candidates("sms_a", _ago(now, seconds=60), 100),
     "callback: in flight": lambda now: in_flight("sms_a"),
     "callback: by external id": lambda now: by_external_id("sms_a", "ext-1000"),
-    "app page: list": lambda now: page_of_messages(1, "", "", None),
-    "app page: list, next page": lambda now: page_of_messages(1, "", "", 5000),
-    "app page: list by status": lambda now: page_of_messages(1, "failed", "", 5000),
-    "app page: list by CODE": lambda now: page_of_messages(1, "", "sms_a", 5000),
-    "app page: list by status and CODE": lambda now: page_of_messages(1, "failed", "sms_a", 5000),
+    "app page: list": lambda now: page_of_messages(1, "", "", None, 21),
+    "app page: list, older page": lambda now: page_of_messages(1, "", "", 5000, 21),
+    "app page: list, newer page": lambda now: page_of_messages(1, "", "", None, 21, after_id=5000),
+    "app page: list by status": lambda now: page_of_messages(1, "failed", "", 5000, 21),
+    "app page: list by CODE": lambda now: page_of_messages(1, "", "sms_a", 5000, 21),
+    "app page: list by status and CODE": lambda now: page_of_messages(
+        1, "failed", "sms_a", 5000, 21
+    ),
     "app page: history": lambda now: history_of([1, 2, 3]),
     "app page: statistics, 24 h": lambda now: portal_stats(1, _ago(now, days=1)),
     "app page: statistics, 7 days": lambda now: portal_stats(1, _ago(now, days=7)),

@@ -20,8 +20,26 @@ from typing import Any
 from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
+from b24sms import migrate
+from b24sms.db import Database
+
 CODES = ("sms_a", "sms_b", "sms_c")
 BATCH = 20_000
+
+
+def migrated_database(kind: str, path: Any, postgres_url: str | None = None) -> Database:
+    """A database at the newest revision: SQLite in the directory ``path``, or the emptied
+    PostgreSQL database ``postgres_url``."""
+    if kind == "sqlite":
+        db = Database(f"sqlite:///{path}/b24sms.sqlite3")
+    else:
+        from tests.deployment import reset_schema
+
+        assert postgres_url is not None
+        reset_schema(postgres_url)
+        db = Database(postgres_url)
+    migrate.upgrade(db)
+    return db
 
 
 def message_status(i: int) -> str:
@@ -218,4 +236,11 @@ def _copy(
         raw.close()
 
 
-__all__ = ["CODES", "add_portals", "analyze", "load_history", "message_status"]
+__all__ = [
+    "CODES",
+    "add_portals",
+    "analyze",
+    "load_history",
+    "message_status",
+    "migrated_database",
+]

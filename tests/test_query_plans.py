@@ -15,17 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Connection
 
-from b24sms import migrate
 from b24sms.db import Database
 from b24sms.queries import RECURRING
-from tests.deployment import reset_schema
-from tests.history import load_history
+from tests.history import load_history, migrated_database
 
 NOW = dt.datetime(2026, 12, 1, 12, 0)
 #: enough that a scan costs the planner far more than an index (PostgreSQL weighs that)
@@ -38,15 +35,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def history_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """A database at head holding a history, analyzed."""
-    if request.param == "sqlite":
-        path: Path = tmp_path_factory.mktemp("plans") / "plans.sqlite3"
-        db = Database(f"sqlite:///{path}")
-    else:
-        url = request.getfixturevalue("postgres_url")
-        reset_schema(url)
-        db = Database(url)
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    db = migrated_database(request.param, tmp_path_factory.mktemp("plans"), url)
     try:
-        migrate.upgrade(db)
         load_history(db.engine, MESSAGES[request.param], now=NOW)
         yield db
     finally:
