@@ -42,6 +42,18 @@ def migrated_database(kind: str, path: Any, postgres_url: str | None = None) -> 
     return db
 
 
+def each_database(request: Any, path: Any) -> Iterator[Database]:
+    """The body of a fixture parametrized with "sqlite" and "postgresql": a migrated database
+    of that kind (PostgreSQL through the module's ``postgres_url`` fixture, which skips when
+    the server is absent), disposed of afterwards."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    database = migrated_database(request.param, path, url)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
 def message_status(i: int) -> str:
     """The status of the ``i``-th message: 98 % final, spread like a real month."""
     share = i % 200
@@ -240,6 +252,7 @@ __all__ = [
     "CODES",
     "add_portals",
     "analyze",
+    "each_database",
     "load_history",
     "message_status",
     "migrated_database",

@@ -22,7 +22,7 @@ from b24sms import counts, migrate
 from b24sms.db import Database
 from b24sms.models import Message, ProviderRegistration
 from b24sms.web.app_page import PAGE_SIZE, Filters, message_rows
-from tests.history import add_portals, load_history, migrated_database
+from tests.history import add_portals, each_database, load_history, migrated_database
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = dt.datetime(2026, 12, 1, 12, 0)
@@ -30,12 +30,7 @@ NOW = dt.datetime(2026, 12, 1, 12, 0)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    database = migrated_database(request.param, tmp_path, url)
-    try:
-        yield database
-    finally:
-        database.dispose()
+    yield from each_database(request, tmp_path)
 
 
 def scanned_counts(db: Database) -> dict[tuple[str, str, bool], int]:
@@ -164,35 +159,27 @@ def test_counts_stay_right_with_processes_writing_at_once(db: Database) -> None:
     assert kept_counts(db) == scanned
 
 
+def queued_message(portal_id: int, code: str, message_id: str) -> Message:
+    return Message(
+        portal_id=portal_id,
+        code=code,
+        message_id=message_id,
+        to_raw="+14155550100",
+        body="hi",
+        context={},
+        status="queued",
+    )
+
+
 def test_a_rolled_back_transaction_leaves_the_counts_alone(db: Database) -> None:
     with db.connection() as conn:
         (portal_id,) = add_portals(conn, 1, NOW)
     with pytest.raises(RuntimeError), db.session() as session:
-        session.add(
-            Message(
-                portal_id=portal_id,
-                code="sms_a",
-                message_id="x",
-                to_raw="+14155550100",
-                body="hi",
-                context={},
-                status="queued",
-            )
-        )
+        session.add(queued_message(portal_id, "sms_a", "x"))
         session.flush()
         raise RuntimeError("rolled back")
     with db.session() as session:
-        session.add(
-            Message(
-                portal_id=portal_id,
-                code="sms_b",
-                message_id="y",
-                to_raw="+14155550100",
-                body="hi",
-                context={},
-                status="queued",
-            )
-        )
+        session.add(queued_message(portal_id, "sms_b", "y"))
     assert kept_counts(db) == scanned_counts(db) == {("sms_b", "queued", False): 1}
 
 

@@ -21,7 +21,7 @@ from b24sms.messages import insert_message_rows, message_row, record_status
 from b24sms.models import Message, Portal, PortalState, StatusEvent, utcnow
 from b24sms.portals import find_portal, uninstall
 from tests.conftest import base_config
-from tests.history import add_portals, migrated_database
+from tests.history import add_portals, each_database
 from tests.test_cli import b24sms
 
 NOW = dt.datetime(2026, 12, 1, 12, 0)
@@ -42,12 +42,7 @@ SHAPE = [
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    database = migrated_database(request.param, tmp_path, url)
-    try:
-        yield database
-    finally:
-        database.dispose()
+    yield from each_database(request, tmp_path)
 
 
 def store(
