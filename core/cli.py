@@ -131,7 +131,7 @@ def providers_list(obj: Context) -> None:
     from .models import Portal, ProviderRegistration
 
     svc = obj.service
-    with svc.db.session() as session:
+    with svc.db.read() as session:
         rows = session.execute(select(ProviderRegistration, Portal.domain).join(Portal)).all()
     by_code: dict[str, list[str]] = {}
     for registration, domain in rows:
@@ -188,7 +188,8 @@ def portals_list(obj: Context) -> None:
 
     from .models import Message, Portal
 
-    with obj.service.db.session() as session:
+    # Read transactions (Database.read): a listing never holds up the service's writes.
+    with obj.service.db.read() as session:
         counts = dict(
             session.execute(
                 select(Message.portal_id, func.count()).group_by(Message.portal_id)
@@ -225,7 +226,7 @@ def messages(
         query = query.where(Message.code == code)
     if member_id:
         query = query.where(Portal.member_id == member_id)
-    with obj.service.db.session() as session:
+    with obj.service.db.read() as session:
         for message, domain in session.execute(query):
             click.echo(
                 f"{message.created_at:%Y-%m-%d %H:%M:%S}  {message.message_id}  {message.code}  "
@@ -233,6 +234,26 @@ def messages(
                 f"attempts={message.attempts}"
                 + (f"  error={message.last_error}" if message.last_error else "")
             )
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only count what would be redacted and deleted.")
+@pass_ctx
+def purge(obj: Context, dry_run: bool) -> None:
+    """Apply [retention] now: redact and delete old final messages, finish erasing portals
+    uninstalled with CLEAN (in small batches, beside the running service)."""
+    from .retention import Settings, pending, run
+
+    svc = obj.service
+    settings = Settings.of(svc.config)
+    click.echo(
+        f"retention: redact after {settings.redact_after_days or 'never'} days, "
+        f"delete after {settings.delete_after_days or 'never'} days (final messages only)"
+    )
+    if dry_run:
+        click.echo(f"would have: {pending(svc.db, settings)}")
+        return
+    click.echo(f"done: {run(svc.db, settings)}")
 
 
 @cli.command()

@@ -218,6 +218,20 @@ class ProviderSchema(Schema):
 CORE_PROVIDER_KEYS = frozenset(ProviderSchema().fields)
 
 
+class RetentionSchema(Schema):
+    """``[retention]``: how long message data is kept (b24sms.retention, docs/operations.md)."""
+
+    class Meta:
+        unknown = RAISE
+
+    #: days after which a final message's body, numbers and context are erased (0: never)
+    redact_after_days = fields.Integer(load_default=30, validate=validate.Range(min=0))
+    #: days after which a final message and its history are deleted (0: never)
+    delete_after_days = fields.Integer(load_default=180, validate=validate.Range(min=0))
+    #: messages per transaction: small, so the HANDLER never waits long for the writer lock
+    batch_size = fields.Integer(load_default=500, validate=validate.Range(min=1, max=10_000))
+
+
 class ConfigSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -227,6 +241,7 @@ class ConfigSchema(Schema):
     providers = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
     rate_limit = fields.Nested(RateLimitSchema, load_default=lambda: RateLimitSchema().load({}))
+    retention = fields.Nested(RetentionSchema, load_default=lambda: RetentionSchema().load({}))
 
 
 def first_error(messages: Any, prefix: str = "", *, brackets: bool = False) -> tuple[str, str]:

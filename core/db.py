@@ -1,7 +1,10 @@
 """The database: engine, session factory, and the SQLite settings that make it safe to share.
 
 One :class:`Database` per app (``app.extensions["b24sms"].db``). Callers own their sessions:
-one per request, one per task (``with db.session() as session``).
+one per request, one per task (``with db.session() as session``). Work that only reads (the app
+page, ``/metrics``, ``/healthz``, the CLI's listings) uses ``with db.read() as session``: on
+SQLite a deferred read transaction outside the writer lock, which WAL lets run beside the
+writers without waiting for them or holding them up.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import counts
 from .config import resolve_sqlite_path
 
 #: seconds a SQLite writer waits for the lock before the transaction fails ("database is locked")
@@ -44,6 +48,9 @@ class Database:
         self.engine: Engine = create_engine(url, **engine_options)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
+        else:
+            _configure_postgresql(self.engine)
+        counts.install(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time, and every transaction here is a writer (BEGIN
         # IMMEDIATE). Threads of one process that find the file locked would sleep in SQLite's
@@ -74,9 +81,42 @@ class Database:
         try:
             with self.engine.begin() as conn:
                 yield conn
+                counts.apply(conn)
         finally:
             if locked:
                 lock.release()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only: a consistent snapshot, never the writer lock.
+
+        On SQLite the transaction starts deferred (``BEGIN``, not ``BEGIN IMMEDIATE``) and the
+        connection is ``query_only``, so it neither waits for the process's writers nor makes
+        them wait, and a write by mistake fails loudly instead of taking the lock unseen. On
+        PostgreSQL it is a ``READ ONLY`` transaction.
+        """
+        with self.engine.connect() as conn:
+            conn.info[_READ_ONLY] = True
+            try:
+                with conn.begin(), Session(conn) as session:
+                    yield session
+            finally:
+                conn.info.pop(_READ_ONLY, None)
+                if self.is_sqlite:
+                    # On the driver's connection: through SQLAlchemy it would begin a
+                    # transaction first, and a write transaction cannot begin while query_only.
+                    conn.connection.driver_connection.execute("PRAGMA query_only=0")
+
+    def optimize(self) -> None:
+        """Let SQLite refresh its planner statistics where they are stale (``PRAGMA optimize``,
+        cheap when nothing changed); at start-up and from the periodic retention task. A no-op
+        on PostgreSQL, whose autovacuum runs ANALYZE."""
+        if not self.is_sqlite:
+            return
+        with self.connection() as conn:
+            # 0x10002: also analyze tables that were never analyzed (a database made by
+            # migrations has no statistics at all; the planner then guesses and may scan).
+            conn.exec_driver_sql("PRAGMA optimize=0x10002")
 
     def ping(self) -> None:
         """Raise when the database cannot be reached."""
@@ -85,6 +125,10 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+#: ``Connection.info`` flag: this transaction only reads (see :meth:`Database.read`)
+_READ_ONLY = "b24sms_read_only"
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -103,4 +147,16 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.info.get(_READ_ONLY):
+            # Deferred: a reader takes no lock up front, and in WAL mode never waits for one.
+            conn.exec_driver_sql("PRAGMA query_only=1")
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Any) -> None:
+        if conn.info.get(_READ_ONLY):
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, contains_eager
 
-from . import metrics
+from . import metrics, queries
 from .backoff import retry_delay, retry_while_unreachable
 from .event_hooks import MessageInfo, notify
 from .gateway import (
@@ -39,7 +39,7 @@ from .gateway import (
 from .messages import StatusChange, enqueue_report, record_status
 from .models import Message, OutboxEntry, Portal, PortalState, utcnow
 from .queue import enqueue_or_log
-from .statuses import FAILED, FINAL_STATUSES, is_final
+from .statuses import FAILED, is_final
 
 if TYPE_CHECKING:
     from .service import Service
@@ -461,11 +461,7 @@ def _apply_once(
     by_portal: dict[int, list[tuple[StatusChange, MessageInfo]]] = {}
     with service.db.session() as session:
         for report, status in reports:
-            messages = session.scalars(
-                select(Message)
-                .where(Message.code == code, Message.external_id == str(report.external_id))
-                .with_for_update()
-            ).all()
+            messages = session.scalars(queries.by_external_id(code, str(report.external_id))).all()
             if not messages:
                 unmatched.append((report, status))
                 continue
@@ -479,15 +475,7 @@ def _apply_once(
                     message.last_error = str(report.error)[:MAX_ERROR_TEXT]
                 if change is not None:
                     by_portal.setdefault(message.portal_id, []).append((change, _info(message)))
-        in_flight = (
-            bool(unmatched)
-            and session.scalar(
-                select(Message.id)
-                .where(Message.code == code, Message.sending_since.is_not(None))
-                .limit(1)
-            )
-            is not None
-        )
+        in_flight = bool(unmatched) and session.scalar(queries.in_flight(code)) is not None
     for portal_id, changes in by_portal.items():
         _after_commit(service, portal_id, changes)
     return matched, unmatched, in_flight
@@ -512,15 +500,8 @@ def sweep(service: Service) -> SweepReport:
     stuck_after = float(service.settings["stuck_after"])
     now = utcnow()
     cutoff = now - _seconds(stuck_after)
-    not_final = Message.status.not_in(FINAL_STATUSES)
     with service.db.session() as session:
-        stuck = session.scalars(
-            select(Message)
-            .where(not_final, Message.sending_since.is_not(None), Message.sending_since <= cutoff)
-            .order_by(Message.sending_since)
-            .limit(SWEEP_LIMIT)
-            .with_for_update()
-        ).all()
+        stuck = session.scalars(queries.stuck_messages(cutoff, SWEEP_LIMIT)).all()
         for message in stuck:
             log.warning(
                 "message %s (%s): attempt %d stuck since %s (worker lost); re-queued",
@@ -532,18 +513,7 @@ def sweep(service: Service) -> SweepReport:
             message.last_error = f"attempt {message.attempts} was cut short (worker lost)"
             message.sending_since = None
             message.next_attempt_at = now
-        lost = session.scalars(
-            select(Message)
-            .where(
-                not_final,
-                Message.sending_since.is_(None),
-                Message.next_attempt_at.is_not(None),
-                Message.next_attempt_at <= cutoff,
-            )
-            .order_by(Message.next_attempt_at)
-            .limit(SWEEP_LIMIT)
-            .with_for_update()
-        ).all()
+        lost = session.scalars(queries.lost_messages(cutoff, SWEEP_LIMIT)).all()
         for message in lost:
             message.next_attempt_at = now
         stuck_ids = tuple(m.id for m in stuck)
@@ -586,18 +556,7 @@ def poll_due(service: Service) -> int:
         now = utcnow()
         with service.db.session() as session:
             rows = session.scalars(
-                select(Message)
-                .where(
-                    Message.code == code,
-                    Message.status.not_in(FINAL_STATUSES),
-                    Message.external_id.is_not(None),
-                    Message.next_attempt_at.is_(None),
-                    Message.sending_since.is_(None),
-                    Message.updated_at <= now - _seconds(float(interval)),
-                )
-                .order_by(Message.updated_at)
-                .limit(POLL_LIMIT)
-                .with_for_update()
+                queries.poll_candidates(code, now - _seconds(float(interval)), POLL_LIMIT)
             ).all()
             targets = [(m.id, str(m.external_id)) for m in rows]
             for message in rows:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from . import counts
 from .models import Message, OutboxEntry, StatusEvent, utcnow
 from .statuses import FINAL_STATUSES, QUEUED, moves_forward
 
@@ -200,6 +201,17 @@ def insert_message_rows(
     if stored and bulk.insert_history is not None:
         params["ids"] = json.dumps(list(stored.values()))
         conn.execute(bulk.insert_history, params)
+    if stored:
+        # The statement bypasses the ORM, whose flushes keep the counts: count here.
+        per_code: dict[str, int] = {}
+        counted: set[tuple[int, str]] = set()
+        for row in rows:
+            key = (row["portal_id"], row["message_id"])
+            if key in stored and key not in counted:  # a row sent twice is stored once
+                counted.add(key)
+                per_code[row["code"]] = per_code.get(row["code"], 0) + 1
+        for code, count in per_code.items():
+            counts.add(conn, (code, QUEUED, False), stored=count)
     return stored
 
 

@@ -8,12 +8,15 @@ Two sources, chosen by what each number must survive:
   gunicorn set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory, before the processes start):
   every process writes its values there and the scrape adds them up, queue workers of the same
   machine included.
-- **Computed from the database at scrape time** (:class:`DatabaseCollector`): messages received,
+- **Read from the database at scrape time** (:class:`DatabaseCollector`): messages received,
   accepted by a gateway and finished per CODE and status, messages per current status, outbox
   backlog per portal, portals per state. The database is the one truth shared by every process
   and machine, so these are right however many web and worker machines there are and whatever
-  restarted — an in-process counter would only count what this process saw. They drop when data
-  is deleted (an uninstall with ``CLEAN``), which Prometheus reads as a counter reset.
+  restarted — an in-process counter would only count what this process saw. The message counts
+  come from the ``message_counts`` table, kept in step by the transactions that store and move
+  messages (:mod:`b24sms.counts`), so a scrape costs the same at any history size; the counters
+  keep counting messages that retention or an uninstall with ``CLEAN`` deleted (they never go
+  down), while the ``b24sms_messages`` gauge counts what is stored now.
 
 Portals are labelled by their internal id, never by domain or member_id, so the endpoint does
 not tell the internet who the customers are. The endpoint itself is protected by a bearer token
@@ -41,12 +44,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import counts
 from .errors import ApiError
 from .hookspecs import hookimpl
-from .models import Message, OutboxEntry, Portal, utcnow
+from .models import OutboxEntry, Portal, utcnow
 from .statuses import FINAL_STATUSES, STATUSES
 
 if TYPE_CHECKING:
@@ -197,8 +201,8 @@ class MetricsHooks:
 class DatabaseCollector:
     """Counts computed from the shared database at each scrape (see the module docstring).
 
-    Three grouped queries per scrape: messages by CODE, status and "a gateway accepted it",
-    the outbox by portal, portals by state. A database that cannot be reached gives
+    Three grouped queries per scrape: the message counts table, the outbox by portal, portals
+    by state. A database that cannot be reached gives
     ``b24sms_database_up 0`` and no counts, rather than a failed scrape.
     """
 
@@ -247,20 +251,11 @@ class DatabaseCollector:
         yield states
 
     def _query(self) -> tuple[list[Any], list[Any], list[Any]]:
-        accepted = case(
-            (
-                Message.external_id.is_not(None)
-                | Message.status.in_(("sent", "delivered", "undelivered")),
-                1,
-            ),
-            else_=0,
-        )
-        with self.service.db.session() as session:
-            messages = session.execute(
-                select(Message.code, Message.status, accepted, func.count()).group_by(
-                    Message.code, Message.status, accepted
-                )
-            ).all()
+        # A read transaction (b24sms.db.Database.read): the scrape never waits for, or holds
+        # up, the HANDLER's writes; the message counts come from the counts table
+        # (b24sms.counts), a few rows, not from a scan of the messages.
+        with self.service.db.read() as session:
+            messages = counts.totals(session)
             outbox = session.execute(
                 select(OutboxEntry.portal_id, func.count(), func.min(OutboxEntry.created_at))
                 .group_by(OutboxEntry.portal_id)
@@ -278,11 +273,15 @@ class DatabaseCollector:
         by_status: dict[tuple[str, str], int] = {
             (code, status): 0 for code in codes for status in STATUSES
         }
-        for code, status, was_accepted, count in rows:
-            received[code] = received.get(code, 0) + count
+        ever: dict[tuple[str, str], int] = {}
+        for code, status, was_accepted, stored, removed in rows:
+            # Counters count every message ever stored (retention's deletions included, so
+            # they never go down); the gauge counts what is stored now.
+            received[code] = received.get(code, 0) + stored + removed
             if was_accepted:
-                sent[code] = sent.get(code, 0) + count
-            by_status[(code, status)] = by_status.get((code, status), 0) + count
+                sent[code] = sent.get(code, 0) + stored + removed
+            by_status[(code, status)] = by_status.get((code, status), 0) + stored
+            ever[(code, status)] = ever.get((code, status), 0) + stored + removed
         total = CounterMetricFamily(
             "b24sms_messages_received",
             "Messages stored (from Bitrix24 HANDLER calls and app-page tests), per CODE.",
@@ -310,7 +309,7 @@ class DatabaseCollector:
         for (code, status), count in sorted(by_status.items()):
             current.add_metric([code, status], count)
             if status in FINAL_STATUSES:
-                final.add_metric([code, status], count)
+                final.add_metric([code, status], ever.get((code, status), 0))
         yield from (total, accepted, final, current)
 
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -19,8 +20,27 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .statuses import FINAL_STATUSES, STATUSES
+
+#: the statuses a message can still leave, in the order of :data:`~b24sms.statuses.STATUSES`
+NOT_FINAL_STATUSES = tuple(s for s in STATUSES if s not in FINAL_STATUSES)
+FINAL_STATUS_LIST = tuple(s for s in STATUSES if s in FINAL_STATUSES)
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+#: The conditions of the partial indexes, as SQL text. SQLite uses a partial index only when
+#: the query's WHERE holds the same terms with the same *literal* values (a bound parameter
+#: proves nothing to its planner), so the queries in :mod:`b24sms.queries` spell these
+#: conditions with literals too (``literal_execute``).
+NOT_FINAL_SQL = _in_list("status", NOT_FINAL_STATUSES)
+FINAL_SQL = _in_list("status", FINAL_STATUS_LIST)
 
 
 def utcnow() -> dt.datetime:
@@ -39,6 +59,9 @@ class PortalState:
     NEEDS_REINSTALL = "needs_reinstall"
     #: OVERLOAD_LIMIT or PORTAL_DELETED: Bitrix24 asked us to stop
     BLOCKED = "blocked"
+    #: uninstalled with CLEAN: its data is being deleted in batches (b24sms.retention), then the
+    #: row itself; its member_id is freed at once so that a re-install gets a fresh row
+    ERASING = "erasing"
 
 
 class Portal(Base):
@@ -104,6 +127,51 @@ class Message(Base):
         Index("ix_messages_code_external_id", "code", "external_id"),
         Index("ix_messages_status_next_attempt", "status", "next_attempt_at"),
         Index("ix_messages_portal_created", "portal_id", "created_at"),
+        # -- 0002: every recurring query has an index it can search (b24sms.queries) --
+        # the app page's list, newest first, paged by id (keyset), unfiltered or by status/CODE
+        Index("ix_messages_portal_id", "portal_id", "id"),
+        Index("ix_messages_portal_status_id", "portal_id", "status", "id"),
+        Index("ix_messages_portal_code_id", "portal_id", "code", "id"),
+        # Partial indexes hold only the few rows that are in flight, due, pollable or waiting
+        # for retention, so the sweep, polling and retention cost the same at any history size.
+        Index(
+            "ix_messages_sending",
+            "sending_since",
+            sqlite_where=text("sending_since IS NOT NULL"),
+            postgresql_where=text("sending_since IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_code_sending",
+            "code",
+            "sending_since",
+            sqlite_where=text("sending_since IS NOT NULL"),
+            postgresql_where=text("sending_since IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_due",
+            "next_attempt_at",
+            sqlite_where=text("next_attempt_at IS NOT NULL AND sending_since IS NULL"),
+            postgresql_where=text("next_attempt_at IS NOT NULL AND sending_since IS NULL"),
+        ),
+        Index(
+            "ix_messages_not_final_code_updated",
+            "code",
+            "updated_at",
+            sqlite_where=text(NOT_FINAL_SQL),
+            postgresql_where=text(NOT_FINAL_SQL),
+        ),
+        Index(
+            "ix_messages_unredacted",
+            "created_at",
+            sqlite_where=text(f"{FINAL_SQL} AND redacted_at IS NULL"),
+            postgresql_where=text(f"{FINAL_SQL} AND redacted_at IS NULL"),
+        ),
+        Index(
+            "ix_messages_final_created",
+            "created_at",
+            sqlite_where=text(FINAL_SQL),
+            postgresql_where=text(FINAL_SQL),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -129,6 +197,8 @@ class Message(Base):
     sending_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    #: when retention erased its body and numbers (``[retention] redact_after_days``)
+    redacted_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     portal: Mapped[Portal] = relationship()
     history: Mapped[list[StatusEvent]] = relationship(
@@ -204,3 +274,23 @@ class PortalPacing(Base):
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
     #: consecutive failed batch requests (transient errors), for exponential backoff
     failures: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class MessageCount(Base):
+    """Messages per CODE, status and "a gateway accepted it": what ``/metrics`` reports, kept
+    in step by :mod:`b24sms.counts` inside the transactions that store, move or delete messages,
+    so a scrape reads a few rows instead of every message.
+
+    ``stored`` counts the messages in the table now; ``removed`` those retention or an erasure
+    deleted, so the totals (stored + removed) never go down. On PostgreSQL each key is spread
+    over a few ``slot`` rows, so concurrent transactions seldom wait for the same row.
+    """
+
+    __tablename__ = "message_counts"
+
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    accepted: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    removed: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,10 +11,10 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from .models import Message, OutboxEntry, Portal, PortalState, ProviderRegistration, utcnow
+from .models import Portal, PortalState, utcnow
 
 
 def tokens_match(stored: str | None, given: str | None) -> bool:
@@ -147,16 +147,14 @@ def uninstall(session: Session, portal: Portal, *, clean: bool) -> None:
     """ONAPPUNINSTALL: tokens are dead; with ``clean`` the portal's data is erased.
 
     Without ``clean`` the portal row and its messages stay (a re-install picks them up again);
-    its tokens are dropped because Bitrix24 revoked them.
+    its tokens are dropped because Bitrix24 revoked them. With ``clean`` the portal stops at
+    once and its data is deleted in batches (:func:`b24sms.retention.erase_portal`).
     """
     if clean:
-        session.execute(delete(OutboxEntry).where(OutboxEntry.portal_id == portal.id))
-        session.execute(delete(Message).where(Message.portal_id == portal.id))
-        session.execute(
-            delete(ProviderRegistration).where(ProviderRegistration.portal_id == portal.id)
-        )
-        session.execute(delete(Portal).where(Portal.id == portal.id))
-        session.expunge(portal)
+        # Stopped now, erased in batches after the commit (b24sms.retention.erase_portal).
+        from .retention import start_erasure
+
+        start_erasure(session, portal)
         return
     portal.state = PortalState.UNINSTALLED
     portal.uninstalled_at = utcnow()

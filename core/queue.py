@@ -285,10 +285,19 @@ class Queue:
             sweep(service)
             poll_due(service)
 
+        # Retention (b24sms.retention): redaction, deletion and erasing uninstalled portals in
+        # small batches for a few seconds per run, beside the sweep and off the HANDLER's path.
+        @huey.periodic_task(lambda timestamp: True, name="retention", priority=PRIORITY_SWEEP)
+        def retention_task() -> None:
+            from .retention import periodic
+
+            periodic(service)
+
         self.send_message: TaskWrapper = send_message
         self.send_messages: TaskWrapper = send_messages
         self.flush_outbox: TaskWrapper = flush_outbox
         self.sweep_task: TaskWrapper = sweep_task
+        self.retention_task: TaskWrapper = retention_task
 
     # -- enqueueing -----------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ def upgrade(db: Database, revision: str = "head") -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
         connection.commit()
+    # Planner statistics for the indexes the migrations made (SQLite; cheap when fresh).
+    db.optimize()
 
 
 def current_revision(db: Database) -> str | None:

@@ -297,7 +297,7 @@ def test_error_codes_from_outside_are_cleaned_and_capped(monkeypatch):
 
 def test_an_unreachable_database_is_reported_not_raised():
     class Broken:
-        def session(self):
+        def read(self):
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database down"))
 
     collector = metrics.DatabaseCollector(SimpleNamespace(providers={}, db=Broken()))

@@ -27,20 +27,21 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy import case, func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .. import queries
 from ..bitrix24.verify import probe_token
 from ..errors import ApiError
 from ..ingest import accept_message
 from ..logs import mask_number
 from ..messages import TEST_MESSAGE_PREFIX
-from ..models import Message, Portal, PortalState, ProviderRegistration, StatusEvent, utcnow
+from ..models import Message, Portal, PortalState, ProviderRegistration, utcnow
 from ..portals import find_portal
 from ..registration import wanted_codes
 from ..service import Service
@@ -147,7 +148,7 @@ def authenticate() -> tuple[PageSession, str]:
     if "AUTH_ID" in form:
         member_id = form.get("member_id", "")[:64]
         lang = _lang(request.args.get("LANG") or form.get("LANG"))
-        with svc.db.session() as db_session:
+        with svc.db.read() as db_session:
             portal = _active_portal(db_session, member_id)
             portal_id, endpoint, domain = portal.id, portal.client_endpoint, portal.domain
         # Outside the transaction: the probe is an HTTP call and may take a while.
@@ -163,7 +164,7 @@ def authenticate() -> tuple[PageSession, str]:
     if not token:
         raise Unauthorized("This page only opens inside Bitrix24: open the app from your account.")
     session = read_session(token)
-    with svc.db.session() as db_session:
+    with svc.db.read() as db_session:
         portal = _active_portal(db_session, session.member_id)
         if portal.id != session.portal_id:
             # Uninstalled with its data erased and installed again: a new portal row.
@@ -304,30 +305,14 @@ def provider_rows(svc: Service, db_session: Session, session: PageSession) -> li
     return rows
 
 
-def _accepted_expression() -> Any:
-    return case(
-        (
-            Message.external_id.is_not(None)
-            | Message.status.in_(("sent", "delivered", "undelivered")),
-            1,
-        ),
-        else_=0,
-    )
-
-
 def provider_stats(
     db_session: Session, portal_id: int, codes: list[str], now: dt.datetime
 ) -> list[tuple[str, list[StatsRow], int]]:
     """Per window: (label, one row per CODE, the largest total, to scale the chart by)."""
-    accepted = _accepted_expression()
     windows = []
     for label, span in WINDOWS:
         rows = {code: StatsRow(code) for code in codes}
-        found = db_session.execute(
-            select(Message.code, Message.status, accepted, func.count())
-            .where(Message.portal_id == portal_id, Message.created_at >= now - span)
-            .group_by(Message.code, Message.status, accepted)
-        ).all()
+        found = db_session.execute(queries.portal_stats(portal_id, now - span)).all()
         for code, status, was_accepted, count in found:
             row = rows.setdefault(code, StatsRow(code))
             row.total += count
@@ -339,28 +324,58 @@ def provider_stats(
     return windows
 
 
+@dataclass(frozen=True)
+class Filters:
+    """What the list shows: a status and a CODE (empty: all), and where the page is.
+
+    Pages are found by message id (keyset), not by counting rows from the newest (OFFSET):
+    ``before`` lists what is older than a message (the "Older" link), ``after`` what is newer
+    (the "Newer" link), so every page costs the same however deep. ``page`` is only the
+    number shown.
+    """
+
+    status: str = ""
+    code: str = ""
+    page: int = 1
+    before: int | None = None
+    after: int | None = None
+
+
 def message_rows(
-    db_session: Session, portal_id: int, status: str, code: str, page: int
-) -> tuple[list[MessageRow], bool]:
-    """One page of the portal's messages, newest first, with their histories; and whether
-    there are older ones."""
-    query = select(Message).where(Message.portal_id == portal_id)
-    if status:
-        query = query.where(Message.status == status)
-    if code:
-        query = query.where(Message.code == code)
-    found = db_session.scalars(
-        query.order_by(Message.id.desc()).offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE + 1)
-    ).all()
-    more = len(found) > PAGE_SIZE
-    found = found[:PAGE_SIZE]
+    db_session: Session, portal_id: int, filters: Filters
+) -> tuple[list[MessageRow], bool, bool]:
+    """One page of the portal's messages, newest first, with their histories; whether there
+    are older ones, and whether there are newer ones."""
+    status, code = filters.status, filters.code
+    found: list[Message] = []
+    newer = False
+    if filters.after is not None:
+        # Newer than a message: the oldest PAGE_SIZE of those, shown newest first.
+        found = list(
+            db_session.scalars(
+                queries.page_of_messages(
+                    portal_id, status, code, None, PAGE_SIZE + 1, after_id=filters.after
+                )
+            ).all()
+        )
+        newer = len(found) > PAGE_SIZE
+        found = found[:PAGE_SIZE][::-1] if newer else []
+        more = True  # the page the reader came from is older
+    if not found:
+        # The first page (or what was newer than a message fills less than a page: the first
+        # page, then, in full).
+        before = filters.before if filters.after is None else None
+        found = list(
+            db_session.scalars(
+                queries.page_of_messages(portal_id, status, code, before, PAGE_SIZE + 1)
+            ).all()
+        )
+        more = len(found) > PAGE_SIZE
+        found = found[:PAGE_SIZE]
+        newer = before is not None
     history: dict[int, list[HistoryItem]] = {m.id: [] for m in found}
     if found:
-        for event in db_session.scalars(
-            select(StatusEvent)
-            .where(StatusEvent.message_pk.in_(list(history)))
-            .order_by(StatusEvent.id)
-        ):
+        for event in db_session.scalars(queries.history_of(list(history))):
             history[event.message_pk].append(
                 HistoryItem(
                     event.status, event.created_at, event.source, event.applied, event.detail
@@ -380,28 +395,34 @@ def message_rows(
         )
         for m in found
     ]
-    return rows, more
+    return rows, more, newer
 
 
-@dataclass(frozen=True)
-class Filters:
-    status: str = ""
-    code: str = ""
-    page: int = 1
+def _cursor(value: str | None) -> int | None:
+    try:
+        number = int(value or "")
+    except ValueError:
+        return None
+    return number if number > 0 else None
 
 
 def read_filters(form: Mapping[str, str], codes: list[str]) -> Filters:
     """Filters from the form; anything unknown is ignored rather than trusted."""
     status = form.get("status", "")
     code = form.get("code", "")
+    before, after = _cursor(form.get("before")), _cursor(form.get("after"))
     try:
         page = min(max(int(form.get("page", "1")), 1), 10_000)
     except ValueError:
         page = 1
+    if before is None and after is None:
+        page = 1  # without a place in the list, the list starts at the newest
     return Filters(
         status=status if status in STATUSES else "",
         code=code if code in codes else "",
         page=page,
+        before=before,
+        after=None if before is not None else after,
     )
 
 
@@ -416,21 +437,17 @@ def render_page(
     """The whole page for ``session``'s portal."""
     svc = service()
     now = utcnow()
-    with svc.db.session() as db_session:
+    # Reads only: outside the writer lock, beside the HANDLER's writes (Database.read).
+    with svc.db.read() as db_session:
         providers = provider_rows(svc, db_session, session)
         codes = [p.code for p in providers]
         known_codes = sorted(
-            set(codes)
-            | set(
-                db_session.scalars(
-                    select(Message.code).where(Message.portal_id == session.portal_id).distinct()
-                )
-            )
+            set(codes) | set(db_session.scalars(queries.known_codes(session.portal_id)))
         )
         filters = filters or read_filters(request.form, known_codes)
-        messages, more = message_rows(
-            db_session, session.portal_id, filters.status, filters.code, filters.page
-        )
+        messages, more, newer = message_rows(db_session, session.portal_id, filters)
+        if not newer:
+            filters = replace(filters, page=1)
         stats = provider_stats(db_session, session.portal_id, codes, now)
     nonce = secrets.token_hex(16)
     send_token = _serializer(_SEND_SALT).dumps({"m": session.member_id, "n": nonce})
@@ -444,6 +461,7 @@ def render_page(
         stats=stats,
         messages=messages,
         more=more,
+        newer=newer,
         filters=filters,
         statuses=STATUSES,
         codes=known_codes,

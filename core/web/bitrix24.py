@@ -203,6 +203,10 @@ def events():
             update_from_event(session, portal, auth)
     if name == "ONAPPUNINSTALL":
         log.info("portal %s uninstalled (clean=%s)", domain, clean)
+        if clean:
+            from ..retention import erase_now
+
+            erase_now(svc, portal_id)
         return jsonify({"result": "uninstalled", "clean": clean})
     log.info("portal %s updated; registering providers again", domain)
     return jsonify({"result": "updated", **_sync_after_commit(portal_id)})

@@ -17,7 +17,7 @@ def healthz():
         checks["database"] = "ok"
         from ..outbox import outbox_backlog
 
-        with svc.db.session() as session:
+        with svc.db.read() as session:
             backlog = sum(outbox_backlog(session).values())
     except Exception as exc:  # noqa: BLE001 - any failure means "unavailable"
         checks["database"] = f"unavailable ({type(exc).__name__})"
