@@ -80,6 +80,9 @@ class ServiceSchema(Schema):
         fields.String(validate=_empty_or_16_characters),
         load_default=list,
     )
+    #: Fernet keys for secrets at rest: the first encrypts, all decrypt (b24sms.crypto); empty
+    #: strings are dropped; none left: one generated next to the SQLite database (or instance/)
+    encryption_keys = fields.List(fields.String(), load_default=list)
     database_url = fields.String(
         load_default="sqlite:///instance/b24sms.sqlite3", validate=_url(("sqlite", "postgresql"))
     )
@@ -305,6 +308,7 @@ def validate_config(
     ]
     if not config["service"]["secret_key"]:
         config["service"]["secret_key"] = instance_secret_key()
+    config["service"]["encryption_keys"] = _encryption_keys(config["service"], filename)
     config["filename"] = filename
     return config
 
@@ -319,6 +323,35 @@ def _check_rate_limit_storage(config: dict[str, Any], filename: str) -> None:
         )
 
 
+def _encryption_keys(service: dict[str, Any], filename: str) -> list[str]:
+    """The configured keys, checked; or the generated key of this machine when none is set."""
+    from .crypto import InvalidKey, KeySet
+
+    keys = [key for key in service["encryption_keys"] if key]
+    if not keys:
+        return [instance_encryption_key(service["database_url"])]
+    try:
+        KeySet(keys)
+    except InvalidKey as exc:
+        raise ConfigError(f"{filename}: service.encryption_keys: {exc}") from None
+    return keys
+
+
+def instance_encryption_key(database_url: str) -> str:
+    """The generated encryption key of this machine, created on first use (mode 0600) next to
+    the SQLite database (``instance/encryption_key`` by default), else in ``instance/``.
+
+    Fine for one machine; machines sharing a database must share the keys: set
+    ``encryption_keys`` there (docs/operations.md, "Secrets at rest").
+    """
+    from .crypto import generate_key
+    from .instance import ENCRYPTION_KEY_FILE, read_or_create_secret, sqlite_file
+
+    database = sqlite_file(resolve_sqlite_path(database_url))
+    folder = database.parent if database is not None else Path.cwd() / "instance"
+    return read_or_create_secret(folder / ENCRYPTION_KEY_FILE, generate_key)
+
+
 def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     """Make a relative ``sqlite:///relative/path`` absolute against ``base`` (default: cwd) and
     create its folder, so ``instance/`` appears on first run."""
@@ -329,7 +362,9 @@ def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     path = Path(rest)
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .instance import private_folder
+
+    private_folder(path.parent)  # a folder made here is ours: 0700
     return prefix + str(path)
 
 
@@ -340,12 +375,7 @@ def instance_secret_key(instance: Path | None = None) -> str:
     """
     import secrets
 
+    from .instance import read_or_create_secret
+
     path = (instance or Path.cwd() / "instance") / "secret_key"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    return read_or_create_secret(path, lambda: secrets.token_urlsafe(32))
