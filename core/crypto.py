@@ -218,9 +218,10 @@ class ColumnReport:
     #: rows another writer changed between our read and our write (already current)
     changed_meanwhile: int = 0
 
-    def __str__(self) -> str:
+    def describe(self, verb: str = "re-encrypted") -> str:
+        """One line for the CLI: ``portals.access_token: 3 stored, 1 re-encrypted …``."""
         text = (
-            f"{self.table}.{self.column}: {self.rows} stored, {self.rotated} re-encrypted "
+            f"{self.table}.{self.column}: {self.rows} stored, {self.rotated} {verb} "
             f"({self.plaintext} were plaintext), {self.rows - self.rotated - self.undecryptable} "
             "already under the first key"
         )
@@ -260,6 +261,7 @@ def rotate_stored_secrets(
     batch_size: int = ROTATE_BATCH,
     transaction: Callable[[], Any] | None = None,
     progress: Callable[[ColumnReport], None] | None = None,
+    dry_run: bool = False,
 ) -> RotationReport:
     """Re-encrypt every stored secret that is not under the first key of ``keys``.
 
@@ -271,6 +273,7 @@ def rotate_stored_secrets(
         (default ``engine.begin``; the service passes ``db.connection`` so SQLite writers
         take turns with the rest of the process).
     :param progress: called with the column's report after each batch.
+    :param dry_run: count what would be re-encrypted, write nothing (``keys rotate --check``).
     """
     begin = transaction or engine.begin
     report = RotationReport(key_id=keys.primary_id)
@@ -285,7 +288,7 @@ def rotate_stored_secrets(
                 if not rows:
                     break
                 last = rows[-1][0]
-                _rotate_rows(conn, table, column, primary, rows, keys, column_report)
+                _rotate_rows(conn, table, column, primary, rows, keys, column_report, dry_run)
             if progress is not None:
                 progress(column_report)
     return report
@@ -318,6 +321,7 @@ def _rotate_rows(
     rows: Iterable[Any],
     keys: KeySet,
     column_report: ColumnReport,
+    dry_run: bool,
 ) -> None:
     for row_id, stored in rows:
         column_report.rows += 1
@@ -333,6 +337,10 @@ def _rotate_rows(
                 column.name,
                 row_id,
             )
+            continue
+        if dry_run:
+            column_report.rotated += 1
+            column_report.plaintext += not is_encrypted(stored)
             continue
         written = conn.execute(
             update(table)
