@@ -275,6 +275,55 @@ def plugins(obj: Context) -> None:
         )
 
 
+@cli.group()
+def keys() -> None:
+    """Encryption keys of the secrets at rest (docs/operations.md)."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new random key for [service] encryption_keys."""
+    from .crypto import generate_key
+
+    click.echo(generate_key())
+
+
+@keys.command("rotate")
+@click.option(
+    "--batch-size",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Rows re-encrypted per transaction.",
+)
+@click.option("--check", is_flag=True, help="Only count what would be re-encrypted; exit 1 if any.")
+@pass_ctx
+def keys_rotate(obj: Context, batch_size: int, check: bool) -> None:
+    """Re-encrypt every stored secret with the first key of encryption_keys.
+
+    Rows already under the first key are left alone, so running it again is safe; it exits 1
+    when a stored secret opens with none of the configured keys.
+    """
+    from .crypto import rotate_stored_secrets
+    from .models import Base
+
+    svc = obj.service
+    report = rotate_stored_secrets(
+        svc.db.engine,
+        Base.metadata,
+        svc.keys,
+        batch_size=batch_size,
+        transaction=svc.db.connection,
+        dry_run=check,
+    )
+    click.echo(f"first key {report.key_id} ({len(svc.keys.ids)} configured)")
+    for column in report.columns:
+        click.echo("  " + column.describe("to re-encrypt" if check else "re-encrypted"))
+    pending = sum(column.rotated for column in report.columns)
+    if not report.ok or (check and pending):
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--to", "number", default="+14155550123", show_default=True)
 @click.option("--text", default="Your code: 1234", show_default=True)

@@ -89,6 +89,9 @@ class ServiceSchema(Schema):
         fields.String(validate=_empty_or_16_characters),
         load_default=list,
     )
+    #: Fernet keys for secrets at rest: the first encrypts, all decrypt (b24sms.crypto); empty
+    #: strings are dropped; none left: one generated next to the SQLite database (or instance/)
+    encryption_keys = fields.List(fields.String(), load_default=list)
     database_url = fields.String(
         load_default="sqlite:///instance/b24sms.sqlite3", validate=_url(("sqlite", "postgresql"))
     )
@@ -336,6 +339,7 @@ def validate_config(
     config["service"]["previous_secret_keys"] = [
         key for key in config["service"]["previous_secret_keys"] if key
     ]
+    config["service"]["encryption_keys"] = _encryption_keys(config["service"], filename)
     config["filename"] = filename
     return config
 
@@ -350,6 +354,36 @@ def _check_rate_limit_storage(config: dict[str, Any], filename: str) -> None:
         )
 
 
+def _encryption_keys(service: dict[str, Any], filename: str) -> list[str]:
+    """The configured keys, checked (empty strings dropped, so ``${KEY:-}`` works). None set:
+    :func:`prepare_instance` uses this machine's generated key at start-up."""
+    from .crypto import InvalidKey, KeySet
+
+    keys = [key for key in service["encryption_keys"] if key]
+    if not keys:
+        return []
+    try:
+        KeySet(keys)
+    except InvalidKey as exc:
+        raise ConfigError(f"{filename}: service.encryption_keys: {exc}") from None
+    return keys
+
+
+def instance_encryption_key(database_url: str) -> str:
+    """The generated encryption key of this machine, created on first use (mode 0600) next to
+    the SQLite database (``instance/encryption_key`` by default), else in ``instance/``.
+
+    Fine for one machine; machines sharing a database must share the keys: set
+    ``encryption_keys`` there (docs/operations.md, "Secrets at rest").
+    """
+    from .crypto import generate_key
+    from .instance import ENCRYPTION_KEY_FILE, read_or_create_secret, sqlite_file
+
+    database = sqlite_file(resolve_sqlite_path(database_url))
+    folder = database.parent if database is not None else Path.cwd() / "instance"
+    return read_or_create_secret(folder / ENCRYPTION_KEY_FILE, generate_key)
+
+
 def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     """Make a relative ``sqlite:///relative/path`` absolute against ``base`` (default: cwd) and
     create its folder, so ``instance/`` appears on first run."""
@@ -360,17 +394,10 @@ def resolve_sqlite_path(url: str, base: Path | None = None) -> str:
     path = Path(rest)
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
-    make_instance_folder(path.parent)
+    from .instance import private_folder
+
+    private_folder(path.parent)  # a folder made here is ours: 0700
     return prefix + str(path)
-
-
-def make_instance_folder(folder: Path) -> Path:
-    """Create ``folder`` (and its parents) if missing, the folder itself owner-only (0700).
-
-    An existing folder keeps the mode its owner gave it.
-    """
-    folder.mkdir(mode=INSTANCE_FOLDER_MODE, parents=True, exist_ok=True)
-    return folder
 
 
 def instance_secret_key(instance: Path | None = None) -> str:
@@ -382,21 +409,18 @@ def instance_secret_key(instance: Path | None = None) -> str:
     """
     import secrets
 
-    path = make_instance_folder(instance or Path.cwd() / "instance") / "secret_key"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, INSTANCE_FILE_MODE)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    from .instance import read_or_create_secret
+
+    path = (instance or Path.cwd() / "instance") / "secret_key"
+    return read_or_create_secret(path, lambda: secrets.token_urlsafe(32))
 
 
 def prepare_instance(config: Mapping[str, Any], instance: Path | None = None) -> dict[str, Any]:
-    """The start-up step after validation: the config with an empty ``secret_key`` replaced by
-    this machine's generated one (created on first start in ``instance/secret_key``).
+    """The start-up step after validation: the config with an empty ``secret_key`` and empty
+    ``encryption_keys`` replaced by this machine's generated ones (created on first start in
+    ``instance/secret_key`` and next to the SQLite database).
 
-    Returns a new dict; ``config`` is not changed. A config with a key set writes nothing.
+    Returns a new dict; ``config`` is not changed. A config with its keys set writes nothing.
 
     :param instance: the instance folder; default ``instance/`` in the working directory.
     """
@@ -404,5 +428,7 @@ def prepare_instance(config: Mapping[str, Any], instance: Path | None = None) ->
     service = dict(config["service"])
     if not service["secret_key"]:
         service["secret_key"] = instance_secret_key(instance)
+    if not service["encryption_keys"]:
+        service["encryption_keys"] = [instance_encryption_key(service["database_url"])]
     prepared["service"] = service
     return prepared

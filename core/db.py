@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import counts
 from .config import resolve_sqlite_path
+from .instance import private_file, sqlite_file
 
 #: seconds a SQLite writer waits for the lock before the transaction fails ("database is locked")
 SQLITE_BUSY_TIMEOUT = 30
@@ -34,6 +35,10 @@ class Database:
             url = "postgresql+psycopg://" + url[len("postgresql://") :]
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        database_file = sqlite_file(url)
+        if database_file is not None:
+            # Tokens live in this file: created 0600 before SQLite creates it with the umask.
+            private_file(database_file)
         if self.is_sqlite:
             engine_options.setdefault(
                 "connect_args", {"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False}

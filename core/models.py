@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .crypto import EncryptedText
 from .statuses import FINAL_STATUSES, STATUSES
 
 #: the statuses a message can still leave, in the order of :data:`~b24sms.statuses.STATUSES`
@@ -72,10 +73,11 @@ class Portal(Base):
     domain: Mapped[str] = mapped_column(String(255))
     client_endpoint: Mapped[str] = mapped_column(String(512))
     server_endpoint: Mapped[str | None] = mapped_column(String(512))
-    access_token: Mapped[str | None] = mapped_column(String(255))
-    refresh_token: Mapped[str | None] = mapped_column(String(255))
+    #: the tokens are encrypted at rest (b24sms.crypto); 255 is the longest plaintext accepted
+    access_token: Mapped[str | None] = mapped_column(EncryptedText(255))
+    refresh_token: Mapped[str | None] = mapped_column(EncryptedText(255))
     token_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
-    application_token: Mapped[str | None] = mapped_column(String(255))
+    application_token: Mapped[str | None] = mapped_column(EncryptedText(255))
     scope: Mapped[str | None] = mapped_column(String(512))
     language: Mapped[str | None] = mapped_column(String(8))
     state: Mapped[str] = mapped_column(String(32), default=PortalState.ACTIVE)
@@ -294,3 +296,18 @@ class MessageCount(Base):
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     stored: Mapped[int] = mapped_column(BigInteger, default=0)
     removed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Health (core/web/health.py): ``GET /healthz`` proves the database takes writes by updating a
+# row here, not only by reading.
+# ------------------------------------------------------------------------------------------------
+
+
+class HealthCheck(Base):
+    """One row per probe name; its ``checked_at`` is rewritten by every health check."""
+
+    __tablename__ = "health_checks"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    checked_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

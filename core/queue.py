@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -35,6 +36,7 @@ from huey.consumer import Consumer, Scheduler
 from huey.storage import SqliteStorage
 
 from .config import resolve_sqlite_path
+from .instance import private_file
 from .redaction import redact_query
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ def make_huey(queue_url: str, name: str = QUEUE_NAME) -> Huey:
         return MemoryHuey(name, immediate=True, results=False)
     if scheme == "sqlite":
         path = resolve_sqlite_path(queue_url)[len("sqlite:///") :]
+        private_file(Path(path))  # 0600, before huey's SQLite creates it with the umask
         # A generous busy timeout: the web process, the embedded consumer and any separate worker
         # all write to this one file during a burst.
         return SqliteHuey(

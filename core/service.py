@@ -12,6 +12,7 @@ from typing import Any
 
 import pluggy
 
+from .crypto import KeySet, bind_keys
 from .db import Database
 from .gateway import Gateway
 from .plugins import (
@@ -49,6 +50,9 @@ class Service:
             config.get("filename", "<config>"),
         )
         self.db = Database(self.settings["database_url"])
+        #: secrets at rest: the token columns encrypt and decrypt with these (b24sms.crypto)
+        self.keys = KeySet(self.settings["encryption_keys"])
+        bind_keys(self.db.engine, self.keys)
         # The queue imports delivery code that needs this object; built last.
         from .queue import Queue
 

@@ -14,6 +14,17 @@ from werkzeug.serving import make_server
 SECRET_KEY = "test-secret-key-0123456789abcdef"
 CLIENT_ID = "local.test0000000000.00000000"
 CLIENT_SECRET = "test-client-secret-XYZ"
+#: the encryption key of tests that open a Database without a Service (see ``keyed``)
+ENCRYPTION_KEY = "l6nA4xRVlzU7JJEbGpjlFTCMF8Wm9KQzlATdptgUwvQ="
+
+
+def keyed(db: Any) -> Any:
+    """``db`` (a :class:`b24sms.db.Database`) with ``ENCRYPTION_KEY`` bound for token columns,
+    as :class:`b24sms.service.Service` binds its configured keys."""
+    from b24sms.crypto import KeySet, bind_keys
+
+    bind_keys(db.engine, KeySet([ENCRYPTION_KEY]))
+    return db
 
 
 def base_config(tmp_path, public_url: str = "http://127.0.0.1:9", **sections: Any) -> dict:

@@ -192,6 +192,8 @@ def launcher():
         pages[path] = page.encode()
         return f"http://127.0.0.1:{server.server_port}{path}"
 
+    #: where the launcher pages are: the portal's domain, the only page that may frame the app
+    serve.host = f"127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
     try:
         yield serve
     finally:
@@ -207,7 +209,10 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     caplog.set_level(logging.INFO)
     started = time.monotonic()
     server = live_app(providers=PROVIDERS, metrics={"enabled": True, "token": METRICS_TOKEN})
-    portal = installed_portal(server, emulator)
+    # The launcher plays the portal's page around the frame: the portal's domain is its address
+    # (the app page's frame-ancestors allows the portal's own domain only).
+    portal = emulator.add_portal(domain=launcher.host)
+    assert portal.install(server.url).status_code == 200
     delivered_id, response = portal.send_sms("smslog", "+14155550123", "Your code: 1234")
     assert response.status_code == 200, response.text
     failed_id, response = portal.send_sms("second", "+14155550124", "Hello")
@@ -398,7 +403,8 @@ def test_the_session_token_carries_navigation_and_cannot_be_forged(live_app, emu
     token = session_token(page.text)
     assert portal.access_token not in page.text and portal.refresh_token not in page.text
     assert page.headers["Cache-Control"] == "no-store"
-    assert "frame-ancestors" not in page.headers["Content-Security-Policy"]
+    # framed by the portal's own pages only (tests/test_frame_ancestors.py)
+    assert f"frame-ancestors http://{portal.domain}" in page.headers["Content-Security-Policy"]
 
     filtered = requests.post(f"{server.url}/app", data={"s": token, "status": "failed"}, timeout=10)
     assert filtered.status_code == 200 and message_id in filtered.text

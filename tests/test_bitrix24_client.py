@@ -34,14 +34,14 @@ from b24sms.emulator import EmulatedPortal, Emulator, php_form_decode
 from b24sms.models import Portal, PortalState
 from b24sms.schema import upgrade
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from .conftest import CLIENT_ID, CLIENT_SECRET, ENCRYPTION_KEY, keyed
 
 SENDER = {"CODE": "sms1", "TYPE": "SMS", "HANDLER": "http://127.0.0.1:9/h/sms1", "NAME": "One"}
 
 
 @pytest.fixture
 def db(tmp_path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path}/b24sms.sqlite3")
+    database = keyed(Database(f"sqlite:///{tmp_path}/b24sms.sqlite3"))
     upgrade(database)
     yield database
     database.dispose()
@@ -295,8 +295,11 @@ import json, sys, threading
 from b24sms.db import Database
 from b24sms.bitrix24.client import Bitrix24Client
 
+from b24sms.crypto import KeySet, bind_keys
+
 url, portal_id, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 db = Database(url)
+bind_keys(db.engine, KeySet([sys.argv[4]]))
 clients = [Bitrix24Client(db, portal_id, settings) for _ in range(2)]
 print("ready", flush=True)
 sys.stdin.readline()
@@ -324,7 +327,15 @@ def test_concurrent_processes_refresh_exactly_once(db, settings, emulator):
     emulator.refresh_delay = 0.3
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, db.url, str(portal_id), json.dumps(settings)],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                db.url,
+                str(portal_id),
+                json.dumps(settings),
+                ENCRYPTION_KEY,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

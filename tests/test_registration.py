@@ -25,7 +25,7 @@ from b24sms.registration import (
 )
 from b24sms.schema import upgrade
 
-from .conftest import SECRET_KEY, base_config
+from .conftest import SECRET_KEY, base_config, keyed
 
 PUBLIC_URL = "http://127.0.0.1:9"
 PROVIDERS = {
@@ -43,7 +43,7 @@ class Services:
         self.tmp_path = tmp_path
         self.emulator = emulator
         config = self.config(PROVIDERS)
-        self.db = Database(config["service"]["database_url"])
+        self.db = keyed(Database(config["service"]["database_url"]))
         upgrade(self.db)
 
     def config(self, providers: dict[str, Any]) -> dict[str, Any]:

@@ -190,14 +190,38 @@ def unauthorized(reason: str) -> Response:
     return _html(render_template("app_unauthorized.html", reason=reason), 401)
 
 
-def _html(body: str, status: int = 200, nonce: str | None = None) -> Response:
+#: a host name or address, with an optional port: what a CSP source may hold of a domain
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?")
+
+
+def portal_origin(db_session: Session, portal_id: int) -> str:
+    """``scheme://domain`` of a portal, from what is stored (never from the request): the
+    only page allowed to frame its app page. The scheme is that of its REST endpoint (https on
+    Bitrix24's cloud; a self-hosted portal may serve http)."""
+    domain, endpoint = db_session.execute(
+        select(Portal.domain, Portal.client_endpoint).where(Portal.id == portal_id)
+    ).one()
+    if not _HOST_RE.fullmatch(domain or ""):
+        return "'none'"  # nothing a header could misread as another directive or source
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    return f"{scheme}://{domain}"
+
+
+def _html(
+    body: str, status: int = 200, nonce: str | None = None, framed_by: str | None = None
+) -> Response:
     response = Response(body, status=status, mimetype="text/html")
-    # The page is framed by the portal, so no X-Frame-Options; everything else is locked down.
+    # The page is framed by the portal, so no X-Frame-Options but CSP frame-ancestors, which
+    # Bitrix24 documents for app pages: only the portal's own address may frame it
+    # (b24restdocs local-integrations/site-does-not-allow-connection.md). A page for nobody
+    # known (not signed in) holds one sentence and no form or link: any page may show it, so
+    # a user whose session ran out reads why inside the portal.
     script = f"'nonce-{nonce}' " if nonce else ""
     response.headers["Content-Security-Policy"] = (
         f"default-src 'self'; script-src {script}https://api.bitrix24.com "
         "http://api.bitrix24.com; style-src 'self'; img-src 'self' data:; "
-        "form-action 'self'; base-uri 'none'; object-src 'none'"
+        "form-action 'self'; base-uri 'none'; object-src 'none'; "
+        f"frame-ancestors {framed_by or '*'}"
     )
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -449,6 +473,7 @@ def render_page(
         if not newer:
             filters = replace(filters, page=1)
         stats = provider_stats(db_session, session.portal_id, codes, now)
+        framed_by = portal_origin(db_session, session.portal_id)
     nonce = secrets.token_hex(16)
     send_token = _serializer(_SEND_SALT).dumps({"m": session.member_id, "n": nonce})
     csp_nonce = secrets.token_urlsafe(16)
@@ -473,7 +498,7 @@ def render_page(
         csp_nonce=csp_nonce,
         now=now,
     )
-    return _html(body, status, csp_nonce)
+    return _html(body, status, csp_nonce, framed_by)
 
 
 # -- routes --------------------------------------------------------------------------------------

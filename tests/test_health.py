@@ -1,0 +1,138 @@
+"""``GET /healthz`` proves the database and the queue take writes, not only reads.
+
+The service runs on a real file system that is made read-only, then full: as root, a small
+tmpfs mounted for the test, remounted read-only or filled up; otherwise (root ignores file
+modes) the files and their folder are made read-only. For read-only, the service's connections
+are closed first and opened anew by the probe, as after a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from b24sms.web.health import Probe
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 4 MB tmpfs of the test's own (skips without the right to mount one)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system for the test needs root")
+    try:
+        _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _mount("-o", "remount,rw", str(folder))
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
+
+
+def on_disk(folder: Path) -> dict:
+    return {
+        "database_url": f"sqlite:///{folder}/b24sms.sqlite3",
+        "queue_url": f"sqlite:///{folder}/b24sms-queue.sqlite3",
+    }
+
+
+def health(server) -> tuple[int, dict]:
+    response = requests.get(f"{server.url}/healthz", timeout=30)
+    return response.status_code, response.json()["checks"]
+
+
+def reopen_files(server) -> None:
+    """Close the service's database and queue connections: the next use opens them anew."""
+    svc = server.app.extensions["b24sms"]
+    svc.db.engine.dispose()
+    svc.queue.huey.storage.close()
+
+
+def test_a_read_only_disk_is_not_healthy(live_app, small_disk):
+    server = live_app(service=on_disk(small_disk))
+    assert health(server) == (200, {"database": "ok", "queue": "ok"})
+    # Linux refuses to remount a file system read-only while files on it are open for writing:
+    # the service's connections are closed first, as a restarted process would have none.
+    reopen_files(server)
+    _mount("-o", "remount,ro", str(small_disk))
+    try:
+        status, checks = health(server)
+        assert status == 503
+        assert checks["database"].startswith("unavailable") and checks["queue"].startswith(
+            "unavailable"
+        ), checks
+    finally:
+        _mount("-o", "remount,rw", str(small_disk))
+    assert health(server) == (200, {"database": "ok", "queue": "ok"})
+
+
+def test_a_full_disk_is_not_healthy(live_app, small_disk):
+    server = live_app(service=on_disk(small_disk))
+    assert health(server)[0] == 200
+    filler = small_disk / "filler"
+    with filler.open("wb") as fh, contextlib.suppress(OSError):
+        while True:  # until ENOSPC
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    try:
+        status, checks = health(server)
+        assert status == 503, checks
+        assert checks["database"].startswith("unavailable"), checks
+    finally:
+        filler.unlink()
+    assert health(server) == (200, {"database": "ok", "queue": "ok"})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only files: see small_disk")
+def test_read_only_files_are_not_healthy(live_app, tmp_path):
+    folder = tmp_path / "data"
+    server = live_app(service=on_disk(folder))
+    assert health(server)[0] == 200
+    for path in folder.iterdir():
+        path.chmod(0o400)
+    folder.chmod(0o500)
+    try:
+        reopen_files(server)
+        status, checks = health(server)
+        assert status == 503
+        assert checks["database"].startswith("unavailable") and checks["queue"].startswith(
+            "unavailable"
+        ), checks
+    finally:
+        folder.chmod(0o700)
+        for path in folder.iterdir():
+            path.chmod(0o600)
+
+
+def test_a_hanging_probe_times_out_and_is_not_started_twice():
+    import threading
+
+    release = threading.Event()
+    started: list[int] = []
+
+    def hanging() -> None:
+        started.append(1)
+        release.wait(10)
+
+    probe = Probe("test")
+    assert probe.run(hanging, timeout=0.2) == "unavailable (no write within 0.2 s)"
+    assert probe.run(hanging, timeout=0.2).startswith("unavailable (an earlier probe")
+    assert started == [1]
+    release.set()
+    probe._running.join(5)  # type: ignore[union-attr]
+    assert probe.run(lambda: None) == "ok"
+    assert probe.run(lambda: 1 / 0) == "unavailable (ZeroDivisionError)"
