@@ -12,6 +12,7 @@ from typing import Any
 
 import pluggy
 
+from .config import instance_encryption_key
 from .crypto import KeySet, bind_keys
 from .db import Database
 from .gateway import Gateway
@@ -51,7 +52,12 @@ class Service:
         )
         self.db = Database(self.settings["database_url"])
         #: secrets at rest: the token columns encrypt and decrypt with these (b24sms.crypto)
-        self.keys = KeySet(self.settings["encryption_keys"])
+        # A config straight from validate_config (the demo, tests) may still have no keys:
+        # this machine's generated key then, as prepare_instance would have given it.
+        self.keys = KeySet(
+            self.settings["encryption_keys"]
+            or [instance_encryption_key(self.settings["database_url"])]
+        )
         bind_keys(self.db.engine, self.keys)
         # The queue imports delivery code that needs this object; built last.
         from .queue import Queue

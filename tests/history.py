@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from b24sms import migrate
+from b24sms import schema
 from b24sms.db import Database
 
 CODES = ("sms_a", "sms_b", "sms_c")
@@ -38,7 +38,7 @@ def migrated_database(kind: str, path: Any, postgres_url: str | None = None) -> 
         assert postgres_url is not None
         reset_schema(postgres_url)
         db = Database(postgres_url)
-    migrate.upgrade(db)
+    schema.upgrade(db)
     return db
 
 

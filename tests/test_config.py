@@ -138,13 +138,21 @@ def test_the_default_config_is_package_data():
     assert Path(str(DEFAULT_CONFIG)).parent == Path(b24sms.__file__).parent
 
 
-def test_a_configured_secret_key_writes_nothing_at_start_up(tmp_path, monkeypatch):
+def test_configured_keys_write_nothing_at_start_up(tmp_path, monkeypatch):
+    from b24sms.crypto import generate_key
+
     monkeypatch.chdir(tmp_path)
-    config = validate_config(
-        {"service": {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}}, environ={}
-    )
-    assert prepare_instance(config)["service"]["secret_key"] == "s" * 16
+    key = generate_key()
+    service = {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}
+    config = validate_config({"service": {**service, "encryption_keys": [key]}}, environ={})
+    prepared = prepare_instance(config)["service"]
+    assert (prepared["secret_key"], prepared["encryption_keys"]) == ("s" * 16, [key])
     assert list(tmp_path.iterdir()) == []
+    # without encryption keys, start-up makes this machine's key (validation still writes nothing)
+    config = validate_config({"service": service}, environ={})
+    assert list(tmp_path.iterdir()) == []
+    assert prepare_instance(config)["service"]["encryption_keys"] != []
+    assert list(tmp_path.iterdir()) != []
 
 
 def test_create_app_generates_the_secret_key_at_start_up(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from b24sms import counts, migrate
+from b24sms import counts, schema
 from b24sms.db import Database
 from b24sms.models import Message, ProviderRegistration
 from b24sms.web.app_page import PAGE_SIZE, Filters, message_rows
@@ -186,9 +186,9 @@ def test_a_rolled_back_transaction_leaves_the_counts_alone(db: Database) -> None
 def test_the_migration_counts_the_messages_already_stored(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/old.sqlite3")
     try:
-        migrate.upgrade(db, "0001")
+        schema.upgrade(db, "0001")
         load_history(db.engine, 3000, now=NOW, portals=3)
-        migrate.upgrade(db)
+        schema.upgrade(db)
         assert kept_counts(db) == scanned_counts(db)
         assert sum(kept_counts(db).values()) == 3000
     finally:

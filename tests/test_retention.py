@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from b24sms import counts, migrate, retention
+from b24sms import counts, retention, schema
 from b24sms.config import ConfigError, validate_config
 from b24sms.db import Database
 from b24sms.messages import insert_message_rows, message_row, record_status
@@ -211,7 +211,7 @@ def test_uninstall_with_clean_fails_in_flight_messages_and_erases_in_batches(db:
 def test_purge_command_dry_run_then_purge(tmp_path: Path) -> None:
     database = tmp_path / "purge.sqlite3"
     db = Database(f"sqlite:///{database}")
-    migrate.upgrade(db)
+    schema.upgrade(db)
     with db.connection() as conn:
         (portal_id,) = add_portals(conn, 1, NOW)
     # Dated from the real clock: the command's retention runs at "now".

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from b24sms.config import ConfigError, validate_config
+from b24sms.config import ConfigError, prepare_instance, validate_config
 from b24sms.crypto import (
     PREFIX,
     InvalidKey,
@@ -26,8 +26,8 @@ from b24sms.crypto import (
     rotate_stored_secrets,
 )
 from b24sms.db import Database
-from b24sms.migrate import upgrade
 from b24sms.models import Base, Portal
+from b24sms.schema import upgrade
 from b24sms.service import Service
 from tests.conftest import ENCRYPTION_KEY, base_config, keyed
 from tests.test_cli import b24sms, write_config
@@ -100,7 +100,7 @@ def test_database_queue_and_key_files_are_private(tmp_path):
     }
     previous = os.umask(0o022)  # the usual umask: files 0644 unless we say otherwise
     try:
-        config = validate_config(base_config(tmp_path, service=service), {})
+        config = prepare_instance(validate_config(base_config(tmp_path, service=service), {}))
         svc = Service(config)
         try:
             upgrade(svc.db)
@@ -116,7 +116,7 @@ def test_database_queue_and_key_files_are_private(tmp_path):
         assert mode(path) == 0o600, f"{path.name} is {oct(mode(path))}"
     # the generated key is the one the service uses, and stays the same on the next start
     assert config["service"]["encryption_keys"] == [(instance / "encryption_key").read_text()]
-    again = validate_config(base_config(tmp_path, service=service), {})
+    again = prepare_instance(validate_config(base_config(tmp_path, service=service), {}))
     assert again["service"]["encryption_keys"] == config["service"]["encryption_keys"]
 
 
