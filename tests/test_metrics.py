@@ -396,6 +396,8 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
         stderr.close()
 
 
+@pytest.mark.slow
+@pytest.mark.deployment
 def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
     url, multiproc = gunicorn_app
     portal = emulator.add_portal()

@@ -168,6 +168,7 @@ def _schema_load(payload):
         return "refused"
 
 
+@pytest.mark.slow
 def test_fast_handler_load_never_accepts_what_the_schema_refuses():
     tally: Counter[str] = Counter()
 

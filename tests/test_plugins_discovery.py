@@ -275,6 +275,7 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_an_installed_third_party_plugin_is_discovered_and_works(tmp_path):
     # build from a copy, so the work tree gets no build/ or *.egg-info
     source = tmp_path / "src"
