@@ -222,20 +222,9 @@ class EmailGateway(Gateway):
         where = f"{self.options['smtp_host']}:{self.port}"
         if isinstance(exc, GatewayError):
             return exc
-        if isinstance(exc, smtplib.SMTPRecipientsRefused):
-            code, text = next(iter(exc.recipients.values()), (550, b""))
-            return _by_code(code, f"{where} refused the recipient: {_text(text)}")
-        if isinstance(exc, smtplib.SMTPAuthenticationError):
-            return _by_code(exc.smtp_code, f"{where} refused the login: {_text(exc.smtp_error)}")
-        if isinstance(exc, smtplib.SMTPResponseException):
-            return _by_code(exc.smtp_code, f"{where} answered {_text(exc.smtp_error)}")
-        if isinstance(exc, smtplib.SMTPNotSupportedError):
-            return PermanentGatewayError(f"{where}: {exc}", code="not-supported")
-        if isinstance(exc, smtplib.SMTPServerDisconnected):
-            # smtplib reports a read timeout as a disconnection; say which it was
-            if isinstance(exc.__context__, TimeoutError):
-                return RetryableGatewayError(f"{where} did not answer in time", code="timeout")
-            return RetryableGatewayError(f"{where} closed the connection", code="disconnected")
+        answered = _smtp_answer_error(exc, where)
+        if answered is not None:
+            return answered
         if isinstance(exc, ssl.SSLCertVerificationError):
             return PermanentGatewayError(
                 f"{where}: TLS certificate not trusted: {exc.verify_message}", code="tls"
@@ -252,6 +241,26 @@ class EmailGateway(Gateway):
         if isinstance(exc, smtplib.SMTPException):
             return RetryableGatewayError(f"{where}: {type(exc).__name__}", code="smtp")
         return RetryableGatewayError(f"{where}: unexpected {type(exc).__name__}")
+
+
+def _smtp_answer_error(exc: Exception, where: str) -> GatewayError | None:
+    """The error for what the SMTP server answered or how it hung up; None for other failures
+    (TLS, timeouts, connections), which :meth:`EmailGateway._error` classifies."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, text = next(iter(exc.recipients.values()), (550, b""))
+        return _by_code(code, f"{where} refused the recipient: {_text(text)}")
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return _by_code(exc.smtp_code, f"{where} refused the login: {_text(exc.smtp_error)}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _by_code(exc.smtp_code, f"{where} answered {_text(exc.smtp_error)}")
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return PermanentGatewayError(f"{where}: {exc}", code="not-supported")
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        # smtplib reports a read timeout as a disconnection; say which it was
+        if isinstance(exc.__context__, TimeoutError):
+            return RetryableGatewayError(f"{where} did not answer in time", code="timeout")
+        return RetryableGatewayError(f"{where} closed the connection", code="disconnected")
+    return None
 
 
 def _text(value: bytes | str) -> str:

@@ -201,6 +201,8 @@ def launcher():
         server.server_close()
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher, caplog):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC

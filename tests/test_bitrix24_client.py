@@ -320,6 +320,7 @@ print(json.dumps(outcomes), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_refresh_exactly_once(db, settings, emulator):
     portal = emulator.add_portal()
     portal_id = store_portal(db, portal)

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -497,7 +497,14 @@ def test_memory_queue_has_no_consumer(svc):
     handle.stop()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "postgresql", "redis"])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.deployment),
+        pytest.param("redis", marks=pytest.mark.deployment),
+    ],
+)
 def test_embedded_consumer_delivers_on_every_store(tmp_path, store, request):
     """PostgreSQL and Redis: a scratch database and a queue name of this module's own (the
     conftest fixtures; skipped with the reason when the server is not running)."""

@@ -41,6 +41,8 @@ BURST = 200
 
 
 @pytest.mark.parametrize("layout", ["serve", "sqlite", "postgresql", "redis"])
+@pytest.mark.slow
+@pytest.mark.deployment
 def test_burst_end_to_end(
     layout: str,
     request: pytest.FixtureRequest,

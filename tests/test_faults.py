@@ -41,6 +41,8 @@ from tests.deployment import (
 )
 from tests.fakes.http_gateway import FakeSmsApi
 
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
 STATUS_UPDATE = "messageservice.message.status.update"
 #: what the service logs when it answers 503 because the database cannot be reached
 REFUSAL_LINE = "database unavailable"

@@ -21,6 +21,8 @@ from b24sms.emulator import Emulator
 from b24sms.models import Message, OutboxEntry, Portal, StatusEvent
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, LiveServer, base_config
 
+pytestmark = pytest.mark.slow
+
 CASES = 300
 FIELDS = [
     "type",

@@ -86,11 +86,14 @@ def test_a_row_the_database_refuses_fails_only_its_own_call(installed):
     assert histories == {"good-1": ["queued", "sent", "delivered"], "good-2": ["queued", "failed"]}
 
 
+@pytest.mark.slow
 def test_a_burst_of_handler_calls_shares_transactions_and_loses_nothing(installed):
     server, portal = installed
     _burst(server, portal)
 
 
+@pytest.mark.deployment
+@pytest.mark.slow
 def test_a_burst_on_postgresql(live_app, emulator, postgres_url):
     """Needs PostgreSQL on 127.0.0.1:5432 (skipped with the reason when it is not running):
     the multi-row INSERT … ON CONFLICT DO NOTHING RETURNING is spelt for it too."""

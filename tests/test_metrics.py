@@ -396,6 +396,8 @@ def gunicorn_app(tmp_path, emulator) -> Iterator[tuple[str, Path]]:
         stderr.close()
 
 
+@pytest.mark.slow
+@pytest.mark.deployment
 def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
     url, multiproc = gunicorn_app
     portal = emulator.add_portal()
@@ -427,3 +429,23 @@ def test_gunicorn_workers_are_added_up(gunicorn_app, emulator):
             == 8
         )
         assert value(samples, "b24sms_messages_received_total", code="smslog") == 8
+
+
+def test_importing_metrics_changes_no_prometheus_setting_until_init_app():
+    # A fresh interpreter: in this one an app built earlier has already called init_app.
+    script = (
+        "from types import SimpleNamespace\n"
+        "from flask import Flask\n"
+        "from prometheus_client import generate_latest\n"
+        "from b24sms import metrics\n"
+        "metrics.count_token_refresh('refreshed')\n"
+        "print(b'b24sms_token_refreshes_created' in generate_latest(metrics.REGISTRY))\n"
+        "metrics.init_app(Flask('t'), SimpleNamespace(config={}))\n"
+        "print(b'b24sms_token_refreshes_created' in generate_latest(metrics.REGISTRY))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    # prometheus-client's default until the app is set up; the *_created series off after
+    assert done.stdout.split() == ["True", "False"]

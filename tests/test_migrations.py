@@ -26,7 +26,7 @@ from b24sms.models import Base
 from tests.deployment import reset_schema
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.deployment)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """An empty database of each kind."""
     if request.param == "sqlite":

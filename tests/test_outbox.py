@@ -204,6 +204,7 @@ def test_revoked_tokens_stop_calls_and_keep_the_work(svc, portal, portal_id):
     assert sweep(svc).flushes == ()
 
 
+@pytest.mark.slow
 def test_pacing_keeps_under_a_small_bucket(make_svc, emulator):
     svc = make_svc(bitrix24={"requests_per_second": 5, "burst": 4})
     portal = emulator.add_portal()
@@ -275,6 +276,7 @@ def test_flush_requests_are_deduplicated_until_the_flush_starts(make_svc, tmp_pa
     queue.ping()
 
 
+@pytest.mark.slow
 def test_burst_of_500_through_an_embedded_consumer(make_svc, tmp_path, emulator):
     svc = make_svc(service={"queue_url": f"sqlite:///{tmp_path}/queue.sqlite3"})
     portal = emulator.add_portal()

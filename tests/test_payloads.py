@@ -222,6 +222,7 @@ def _fast_load(payload):
         return "refused"
 
 
+@pytest.mark.slow
 def test_handler_validator_accepts_and_refuses_what_the_schema_did():
     tally: Counter[str] = Counter()
 

@@ -18,11 +18,13 @@ from marshmallow import Schema, fields
 from b24sms import hookimpl, hookspecs
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult
 from b24sms.plugins import (
+    DEFAULT_PLUGINS,
     LOAD_ENV,
     PluginError,
     build_gateways,
     gateway_types,
     make_plugin_manager,
+    register_default_plugins,
 )
 
 BUILT_INS = {"log", "http", "twilio", "email"}
@@ -275,6 +277,7 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_an_installed_third_party_plugin_is_discovered_and_works(tmp_path):
     # build from a copy, so the work tree gets no build/ or *.egg-info
     source = tmp_path / "src"
@@ -323,3 +326,14 @@ def test_an_installed_third_party_plugin_is_discovered_and_works(tmp_path):
     )
     assert contract.returncode == 0, contract.stdout + contract.stderr
     assert " passed" in contract.stdout and "failed" not in contract.stdout
+
+
+def test_the_cores_observers_come_from_default_plugins_once():
+    pm = make_plugin_manager({LOAD_ENV: ""})
+    register_default_plugins(pm)
+    # a second app on the same service registers again: nothing doubles
+    register_default_plugins(pm)
+    names = {name for name, _ in DEFAULT_PLUGINS}
+    assert {name for name, _ in pm.list_name_plugin()} == names
+    observers = pm.hook.b24sms_status_changed.get_hookimpls()
+    assert sorted(impl.plugin_name for impl in observers) == sorted(names)

@@ -305,6 +305,7 @@ def redis_url() -> str:
     return "redis://127.0.0.1:6379/15"
 
 
+@pytest.mark.deployment
 def test_redis_buckets_are_shared_by_every_process(live_app):
     url = redis_url()
     settings = {"storage": "redis", "redis_url": url, "failure_burst": 3, "failure_rate": 0.01}
@@ -323,6 +324,7 @@ def test_redis_buckets_are_shared_by_every_process(live_app):
         limiter.buckets.clear()
 
 
+@pytest.mark.deployment
 def test_redis_arithmetic_matches_memory():
     buckets = RedisBuckets(redis_url())
     key = f"test:{uuid.uuid4().hex}"
@@ -353,6 +355,7 @@ def _count_redis_calls(buckets: RedisBuckets) -> list[int]:
     return calls
 
 
+@pytest.mark.deployment
 def test_processes_lease_portal_tokens_from_redis_and_the_limit_still_holds():
     """Two limiters on one Redis (two web processes): a HANDLER burst costs a Redis round trip
     per lease, not per call, and the portal's budget is still what it says."""
@@ -385,6 +388,7 @@ def test_processes_lease_portal_tokens_from_redis_and_the_limit_still_holds():
         first.buckets.clear()
 
 
+@pytest.mark.deployment
 def test_concurrent_calls_of_one_process_share_its_lease():
     """16 threads of one process: no tokens are taken from Redis only to be dropped."""
     from b24sms.config import RateLimitSchema
@@ -402,6 +406,7 @@ def test_concurrent_calls_of_one_process_share_its_lease():
         limiter.buckets.clear()
 
 
+@pytest.mark.deployment
 def test_small_portal_budgets_are_counted_call_by_call_in_redis():
     from b24sms.config import RateLimitSchema
     from b24sms.web.rate_limits import RateLimiter

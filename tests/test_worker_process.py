@@ -29,6 +29,8 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 from tests.deployment import write_config
 from tests.test_delivery import add_message, add_portal, create_schema, load
 
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
 ROOT = Path(__file__).resolve().parent.parent
 CODE = "blocking"
 
