@@ -183,6 +183,19 @@ def test_a_rolled_back_transaction_leaves_the_counts_alone(db: Database) -> None
     assert kept_counts(db) == scanned_counts(db) == {("sms_b", "queued", False): 1}
 
 
+def test_a_rolled_back_savepoint_leaves_the_counts_alone(db: Database) -> None:
+    with db.connection() as conn:
+        (portal_id,) = add_portals(conn, 1, NOW)
+    with db.session() as session:
+        session.add(queued_message(portal_id, "sms_a", "kept"))
+        session.flush()
+        savepoint = session.begin_nested()
+        session.add(queued_message(portal_id, "sms_b", "undone"))
+        session.flush()
+        savepoint.rollback()
+    assert kept_counts(db) == scanned_counts(db) == {("sms_a", "queued", False): 1}
+
+
 def test_the_migration_counts_the_messages_already_stored(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/old.sqlite3")
     try:
