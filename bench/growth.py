@@ -3,6 +3,7 @@
     python bench/growth.py                                  # this tree only
     python bench/growth.py --before /tmp/d-base             # and a checkout of the baseline
     python bench/growth.py --sizes 10000,200000 --databases sqlite
+    python bench/growth.py --before /tmp/base --after /tmp/head   # two checkouts, frozen
 
 For each database (SQLite, PostgreSQL) and size, a fresh database is filled with the history of
 issue 18 (tests/history.py: 20 portals, 3 CODEs, 98 % final, 30 days; COPY on PostgreSQL, then
@@ -348,6 +349,9 @@ def report(kind: str, sizes: list[int], runs: dict[str, dict[int, dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", type=Path, help="a checkout of the baseline to compare with")
+    parser.add_argument(
+        "--after", type=Path, help="a checkout to measure instead of the installed b24sms"
+    )
     parser.add_argument("--sizes", default="10000,200000,1000000")
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--child", nargs=2, metavar=("DATABASE", "SIZE"), help=argparse.SUPPRESS)
@@ -364,7 +368,7 @@ def main() -> None:
     trees: dict[str, Path | None] = {}
     if args.before:
         trees["before"] = args.before.resolve()
-    trees["after" if args.before else "this tree"] = None
+    trees["after" if args.before else "this tree"] = args.after.resolve() if args.after else None
     for kind in kinds:
         runs: dict[str, dict[int, dict[str, float]]] = {label: {} for label in trees}
         for size in sizes:

@@ -7,6 +7,7 @@ SQLite and PostgreSQL (skipped with the reason when PostgreSQL is not running).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import sys
 import threading
@@ -15,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from b24sms import counts, migrate
 from b24sms.db import Database
-from b24sms.models import Message, ProviderRegistration
+from b24sms.messages import insert_message_rows, message_row
+from b24sms.models import Message, Portal, ProviderRegistration
 from b24sms.web.app_page import PAGE_SIZE, Filters, message_rows
 from tests.history import add_portals, each_database, load_history, migrated_database
 
@@ -236,3 +239,58 @@ def test_app_page_pages_by_message_id(db: Database) -> None:
         statuses = set(session.scalars(select(Message.status).where(Message.id.in_(failed))))
         portals = set(session.scalars(select(Message.portal_id).where(Message.id.in_(failed))))
     assert statuses == {"failed"} and portals == {1}
+
+
+def _pager_form(html: str, button: str) -> dict[str, str]:
+    """The hidden fields of the pager form whose button has the id ``button``."""
+    for form in re.findall(r"<form[^>]*>(.*?)</form>", html, re.DOTALL):
+        if f'id="{button}"' in form:
+            return dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form))
+    raise AssertionError(f"no {button} link on the page")
+
+
+def test_app_page_older_and_newer_links_walk_the_list(live_app, emulator) -> None:
+    from tests.test_app_page import open_page
+
+    server = live_app()
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    db = server.app.extensions["b24sms"].db
+    with db.read() as session:
+        portal_id = session.scalar(select(Portal.id).where(Portal.member_id == portal.member_id))
+    rows = [
+        message_row(
+            portal_id=portal_id,
+            code="smslog",
+            message_id=f"{n:032x}",
+            to_raw="+14155550100",
+            to="+14155550100",
+            body="hi",
+            module_id="crm",
+            context={},
+            now=NOW,
+        )
+        for n in range(PAGE_SIZE + 5)
+    ]
+    with db.connection() as conn:
+        insert_message_rows(conn, rows, now=NOW)
+
+    def shown(html: str) -> list[str]:
+        return re.findall(r'data-message-id="([0-9a-f]{32})"', html)
+
+    first = open_page(server, portal.placement_auth())
+    assert first.status_code == 200
+    newest_first = [f"{n:032x}" for n in reversed(range(PAGE_SIZE + 5))]
+    assert shown(first.text) == newest_first[:PAGE_SIZE]
+    assert 'id="page-newer"' not in first.text
+
+    older = requests.post(
+        f"{server.url}/app", data=_pager_form(first.text, "page-older"), timeout=10
+    )
+    assert shown(older.text) == newest_first[PAGE_SIZE:]
+    assert 'id="page-older"' not in older.text and "Page 2" in older.text
+
+    newer = requests.post(
+        f"{server.url}/app", data=_pager_form(older.text, "page-newer"), timeout=10
+    )
+    assert shown(newer.text) == newest_first[:PAGE_SIZE] and "Page 1" in newer.text
