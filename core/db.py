@@ -102,10 +102,11 @@ class Database:
                     yield session
             finally:
                 conn.info.pop(_READ_ONLY, None)
-                if self.is_sqlite:
+                if self.is_sqlite and not conn.invalidated:
                     # On the driver's connection: through SQLAlchemy it would begin a
                     # transaction first, and a write transaction cannot begin while query_only.
                     conn.connection.driver_connection.execute("PRAGMA query_only=0")
+                    conn.info.pop(_QUERY_ONLY, None)
 
     def optimize(self) -> None:
         """Let SQLite refresh its planner statistics where they are stale (``PRAGMA optimize``,
@@ -129,6 +130,8 @@ class Database:
 
 #: ``Connection.info`` flag: this transaction only reads (see :meth:`Database.read`)
 _READ_ONLY = "b24sms_read_only"
+#: ``Connection.info`` flag: the SQLite connection is still ``query_only``
+_QUERY_ONLY = "b24sms_query_only"
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -149,9 +152,13 @@ def _configure_sqlite(engine: Engine) -> None:
     def on_begin(conn: Any) -> None:
         if conn.info.get(_READ_ONLY):
             # Deferred: a reader takes no lock up front, and in WAL mode never waits for one.
+            conn.info[_QUERY_ONLY] = True
             conn.exec_driver_sql("PRAGMA query_only=1")
             conn.exec_driver_sql("BEGIN")
         else:
+            if conn.info.pop(_QUERY_ONLY, False):
+                # A read that could not switch its connection back (it failed midway).
+                conn.exec_driver_sql("PRAGMA query_only=0")
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 

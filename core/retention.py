@@ -112,7 +112,7 @@ def start_erasure(session: Session, portal: Portal) -> None:
         message.sending_since = None
         message.last_error = ERASED_DETAIL
         record_status(
-            session, message, FAILED, source="handler", detail=ERASED_DETAIL, report=False
+            session, message, FAILED, source="uninstall", detail=ERASED_DETAIL, report=False
         )
     session.execute(delete(OutboxEntry).where(OutboxEntry.portal_id == portal.id))
     portal.state = PortalState.ERASING
