@@ -23,6 +23,8 @@ from .config import resolve_sqlite_path
 
 #: seconds a SQLite writer waits for the lock before the transaction fails ("database is locked")
 SQLITE_BUSY_TIMEOUT = 30
+#: rows of each index that SQLite's ANALYZE samples (PRAGMA analysis_limit)
+SQLITE_ANALYSIS_LIMIT = 1000
 
 
 class Database:
@@ -115,9 +117,20 @@ class Database:
         if not self.is_sqlite:
             return
         with self.connection() as conn:
-            # 0x10002: also analyze tables that were never analyzed (a database made by
-            # migrations has no statistics at all; the planner then guesses and may scan).
-            conn.exec_driver_sql("PRAGMA optimize=0x10002")
+            # Statistics from a sample of each index: seconds saved on a large database, and
+            # as good for choosing between our indexes.
+            conn.exec_driver_sql(f"PRAGMA analysis_limit={SQLITE_ANALYSIS_LIMIT}")
+            analyzed = (
+                conn.exec_driver_sql(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"
+                ).first()
+                and conn.exec_driver_sql(
+                    "SELECT 1 FROM sqlite_stat1 WHERE tbl = 'messages' LIMIT 1"
+                ).first()
+            )
+            # PRAGMA optimize only refreshes statistics that exist (SQLite before 3.46 leaves
+            # a table that was never analyzed alone): the first time, ANALYZE.
+            conn.exec_driver_sql("PRAGMA optimize" if analyzed else "ANALYZE")
 
     def ping(self) -> None:
         """Raise when the database cannot be reached."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from b24sms import counts, migrate
@@ -207,6 +207,25 @@ def test_the_migration_counts_the_messages_already_stored(tmp_path: Path) -> Non
         migrate.upgrade(db)
         assert kept_counts(db) == scanned_counts(db)
         assert sum(kept_counts(db).values()) == 3000
+    finally:
+        db.dispose()
+
+
+def test_sqlite_gets_planner_statistics(tmp_path: Path) -> None:
+    """A database that was never analyzed gets statistics from the first optimize (SQLite's
+    PRAGMA optimize alone skips such tables); later runs refresh them."""
+    db = migrated_database("sqlite", tmp_path)
+    try:
+        load_history(db.engine, 2000, now=NOW, portals=2)
+        with db.connection() as conn:
+            conn.exec_driver_sql("DROP TABLE sqlite_stat1")  # as the migrations leave it
+        db.optimize()
+        db.optimize()
+        with db.read() as session:
+            indexes = set(
+                session.scalars(text("SELECT idx FROM sqlite_stat1 WHERE tbl = 'messages'"))
+            )
+        assert {"ix_messages_portal_id", "ix_messages_due"} <= indexes
     finally:
         db.dispose()
 
