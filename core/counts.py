@@ -84,10 +84,10 @@ def apply(conn: Connection) -> None:
         for (code, status, accepted), (stored, removed) in sorted(pending.items())
         if stored or removed
     ]
-    statement = _upsert(conn.dialect.name)
-    # One statement per row, in key order: the same lock order in every transaction.
-    for row in rows:
-        conn.execute(statement, row)
+    if rows:
+        # In key order, the same in every transaction, so their row locks cannot deadlock; as
+        # one executemany (psycopg pipelines it: one round trip).
+        conn.execute(_upsert(conn.dialect.name), rows)
 
 
 def discard(conn: Connection) -> None:
