@@ -19,7 +19,8 @@ the transaction's last statements: by the session's ``before_commit`` hook, or b
 the counter rows are locked for the shortest time and always in the same order, so two
 transactions cannot deadlock over them; on PostgreSQL each transaction picks one of
 :data:`SLOTS` rows per key at random, so concurrent HANDLER transactions seldom wait for each
-other. A transaction that rolls back drops its changes (the ``begin`` and ``rollback`` hooks).
+other. A transaction that rolls back drops its changes (the ``begin`` and ``rollback`` hooks),
+and a savepoint rolled back drops what was noted since it was taken.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SLOTS = 8
 #: statuses that say a gateway took the message, even when we never learnt its id
 _ACCEPTED_STATUSES = frozenset({SENT, DELIVERED, UNDELIVERED})
 _PENDING = "b24sms_message_counts"
+_SAVED = "b24sms_message_counts_savepoints"
 
 Key = tuple[str, str, bool]
 
@@ -82,10 +84,10 @@ def apply(conn: Connection) -> None:
         for (code, status, accepted), (stored, removed) in sorted(pending.items())
         if stored or removed
     ]
-    statement = _upsert(conn.dialect.name)
-    # One statement per row, in key order: the same lock order in every transaction.
-    for row in rows:
-        conn.execute(statement, row)
+    if rows:
+        # In key order, the same in every transaction, so their row locks cannot deadlock; as
+        # one executemany (psycopg pipelines it: one round trip).
+        conn.execute(_upsert(conn.dialect.name), rows)
 
 
 def discard(conn: Connection) -> None:
@@ -168,6 +170,25 @@ def _before_commit(session: Session) -> None:
 
 def _discard_on(conn: Connection, *args: Any) -> None:
     discard(conn)
+    conn.info.pop(_SAVED, None)
+
+
+def _on_savepoint(conn: Connection, name: str) -> None:
+    # What was noted before the savepoint, to go back to if it is rolled back.
+    pending = conn.info.get(_PENDING, {})
+    conn.info.setdefault(_SAVED, []).append({k: list(v) for k, v in pending.items()})
+
+
+def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
+    saved = conn.info.get(_SAVED)
+    if saved:
+        conn.info[_PENDING] = saved.pop()
+
+
+def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
+    saved = conn.info.get(_SAVED)
+    if saved:
+        saved.pop()
 
 
 _installed = False
@@ -182,3 +203,6 @@ def install(engine: Engine) -> None:
         _installed = True
     event.listen(engine, "begin", _discard_on)
     event.listen(engine, "rollback", _discard_on)
+    event.listen(engine, "savepoint", _on_savepoint)
+    event.listen(engine, "rollback_savepoint", _on_rollback_savepoint)
+    event.listen(engine, "release_savepoint", _on_release_savepoint)

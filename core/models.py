@@ -222,7 +222,7 @@ class StatusEvent(Base):
     )
     status: Mapped[str] = mapped_column(String(16))
     raw_status: Mapped[str | None] = mapped_column(String(64))
-    #: handler, gateway, callback, poll, sweep
+    #: handler, gateway, callback, poll, sweep, uninstall (an erased portal's messages)
     source: Mapped[str] = mapped_column(String(16))
     applied: Mapped[bool] = mapped_column(Boolean)
     detail: Mapped[str | None] = mapped_column(Text)

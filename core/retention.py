@@ -112,7 +112,7 @@ def start_erasure(session: Session, portal: Portal) -> None:
         message.sending_since = None
         message.last_error = ERASED_DETAIL
         record_status(
-            session, message, FAILED, source="handler", detail=ERASED_DETAIL, report=False
+            session, message, FAILED, source="uninstall", detail=ERASED_DETAIL, report=False
         )
     session.execute(delete(OutboxEntry).where(OutboxEntry.portal_id == portal.id))
     portal.state = PortalState.ERASING
@@ -156,7 +156,12 @@ def erase_now(service: Service, portal_id: int) -> bool:
     """After an uninstall with CLEAN: erase the portal for :data:`ERASE_BUDGET` seconds at
     most, each batch its own short transaction; True when it is gone already."""
     size = Settings.of(service.config).batch_size
-    return erase_portal(service.db, portal_id, size, time.monotonic() + ERASE_BUDGET)
+    try:
+        return erase_portal(service.db, portal_id, size, time.monotonic() + ERASE_BUDGET)
+    except Exception:
+        # The uninstall is committed; the periodic task erases what is left.
+        log.exception("portal %s: erasing failed; the retention task tries again", portal_id)
+        return False
 
 
 # -- retention ---------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def add_portals(conn: Connection, count: int, now: dt.datetime) -> list[int]:
         row = {
             "member_id": f"{p + 1:032x}",
             "domain": f"portal{p + 1}.bitrix24.test",
-            "client_endpoint": f"https://portal{p + 1}.bitrix24.test/rest/",
+            # a closed loopback port: status reports to it fail at once (no DNS, no waiting)
+            "client_endpoint": f"http://127.0.0.1:9/portal{p + 1}/rest/",
             "application_token": f"app-token-{p + 1}",
             "state": "active",
             "installed_at": now - dt.timedelta(days=400),

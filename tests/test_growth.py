@@ -7,6 +7,7 @@ SQLite and PostgreSQL (skipped with the reason when PostgreSQL is not running).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import sys
 import threading
@@ -15,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+import requests
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from b24sms import counts, schema
 from b24sms.db import Database
-from b24sms.models import Message, ProviderRegistration
+from b24sms.messages import insert_message_rows, message_row
+from b24sms.models import Message, Portal, ProviderRegistration
 from b24sms.web.app_page import PAGE_SIZE, Filters, message_rows
 from tests.history import add_portals, each_database, load_history, migrated_database
 
@@ -183,6 +186,19 @@ def test_a_rolled_back_transaction_leaves_the_counts_alone(db: Database) -> None
     assert kept_counts(db) == scanned_counts(db) == {("sms_b", "queued", False): 1}
 
 
+def test_a_rolled_back_savepoint_leaves_the_counts_alone(db: Database) -> None:
+    with db.connection() as conn:
+        (portal_id,) = add_portals(conn, 1, NOW)
+    with db.session() as session:
+        session.add(queued_message(portal_id, "sms_a", "kept"))
+        session.flush()
+        savepoint = session.begin_nested()
+        session.add(queued_message(portal_id, "sms_b", "undone"))
+        session.flush()
+        savepoint.rollback()
+    assert kept_counts(db) == scanned_counts(db) == {("sms_a", "queued", False): 1}
+
+
 def test_the_migration_counts_the_messages_already_stored(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/old.sqlite3")
     try:
@@ -191,6 +207,25 @@ def test_the_migration_counts_the_messages_already_stored(tmp_path: Path) -> Non
         schema.upgrade(db)
         assert kept_counts(db) == scanned_counts(db)
         assert sum(kept_counts(db).values()) == 3000
+    finally:
+        db.dispose()
+
+
+def test_sqlite_gets_planner_statistics(tmp_path: Path) -> None:
+    """A database that was never analyzed gets statistics from the first optimize (SQLite's
+    PRAGMA optimize alone skips such tables); later runs refresh them."""
+    db = migrated_database("sqlite", tmp_path)
+    try:
+        load_history(db.engine, 2000, now=NOW, portals=2)
+        with db.connection() as conn:
+            conn.exec_driver_sql("DROP TABLE sqlite_stat1")  # as the migrations leave it
+        db.optimize()
+        db.optimize()
+        with db.read() as session:
+            indexes = set(
+                session.scalars(text("SELECT idx FROM sqlite_stat1 WHERE tbl = 'messages'"))
+            )
+        assert {"ix_messages_portal_id", "ix_messages_due"} <= indexes
     finally:
         db.dispose()
 
@@ -223,3 +258,58 @@ def test_app_page_pages_by_message_id(db: Database) -> None:
         statuses = set(session.scalars(select(Message.status).where(Message.id.in_(failed))))
         portals = set(session.scalars(select(Message.portal_id).where(Message.id.in_(failed))))
     assert statuses == {"failed"} and portals == {1}
+
+
+def _pager_form(html: str, button: str) -> dict[str, str]:
+    """The hidden fields of the pager form whose button has the id ``button``."""
+    for form in re.findall(r"<form[^>]*>(.*?)</form>", html, re.DOTALL):
+        if f'id="{button}"' in form:
+            return dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form))
+    raise AssertionError(f"no {button} link on the page")
+
+
+def test_app_page_older_and_newer_links_walk_the_list(live_app, emulator) -> None:
+    from tests.test_app_page import open_page
+
+    server = live_app()
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    db = server.app.extensions["b24sms"].db
+    with db.read() as session:
+        portal_id = session.scalar(select(Portal.id).where(Portal.member_id == portal.member_id))
+    rows = [
+        message_row(
+            portal_id=portal_id,
+            code="smslog",
+            message_id=f"{n:032x}",
+            to_raw="+14155550100",
+            to="+14155550100",
+            body="hi",
+            module_id="crm",
+            context={},
+            now=NOW,
+        )
+        for n in range(PAGE_SIZE + 5)
+    ]
+    with db.connection() as conn:
+        insert_message_rows(conn, rows, now=NOW)
+
+    def shown(html: str) -> list[str]:
+        return re.findall(r'data-message-id="([0-9a-f]{32})"', html)
+
+    first = open_page(server, portal.placement_auth())
+    assert first.status_code == 200
+    newest_first = [f"{n:032x}" for n in reversed(range(PAGE_SIZE + 5))]
+    assert shown(first.text) == newest_first[:PAGE_SIZE]
+    assert 'id="page-newer"' not in first.text
+
+    older = requests.post(
+        f"{server.url}/app", data=_pager_form(first.text, "page-older"), timeout=10
+    )
+    assert shown(older.text) == newest_first[PAGE_SIZE:]
+    assert 'id="page-older"' not in older.text and "Page 2" in older.text
+
+    newer = requests.post(
+        f"{server.url}/app", data=_pager_form(older.text, "page-newer"), timeout=10
+    )
+    assert shown(newer.text) == newest_first[:PAGE_SIZE] and "Page 1" in newer.text
