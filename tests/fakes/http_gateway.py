@@ -25,7 +25,9 @@ Scripting (all thread-safe; each call adds to what was scripted before):
 - ``api.answer = (200, b"OK")`` — every send answers exactly this (status, raw body bytes),
   e.g. 2xx without an id;
 - ``api.require_headers = {"Authorization": "Bearer t"}`` — other requests answer 401;
-- ``api.initial_status = "QUEUED"`` — the status word put in successful answers.
+- ``api.initial_status = "QUEUED"`` — the status word put in successful answers;
+- ``api.echo_failures = True`` — scripted failures without a ``body`` repeat the number and
+  text they were sent (``{"error": "cannot deliver to +1…: …", "to": …, "text": …}``).
 
 Delivery reports: ``sign(body, secret)`` is the hex HMAC-SHA256 the ``http`` gateway checks;
 ``post_callback(url, payload, secret, encoding="json"|"form", header="X-Signature")`` posts a
@@ -195,6 +197,8 @@ class FakeSmsApi(FakeServer):
         self.fail_to: dict[str, int] = {}
         self.require_headers: dict[str, str] = dict(require_headers or {})
         self.messages: list[dict[str, str]] = []
+        #: scripted failures repeat the number and text they were sent (as many APIs do)
+        self.echo_failures = False
         self._failures: list[_Failure] = []
         self._ids = itertools.count(1)
 
@@ -227,6 +231,16 @@ class FakeSmsApi(FakeServer):
             self._failures[0].times -= 1
             return self._failures[0]
 
+    def _failure_text(self, request: RecordedRequest) -> str:
+        if not self.echo_failures:
+            return json.dumps({"error": "scripted"})
+        try:
+            data = request.json if request.path.startswith("/json") else request.form
+        except ValueError:
+            data = {}
+        to, text = data.get("to"), data.get("text")
+        return json.dumps({"error": f"cannot deliver to {to}: {text}", "to": to, "text": text})
+
     def handle(self, request: RecordedRequest) -> Answer:
         if self.delay:
             time.sleep(self.delay)
@@ -239,7 +253,7 @@ class FakeSmsApi(FakeServer):
         failure = self._next_failure()
         if failure is not None:
             headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
-            body = failure.body if failure.body is not None else json.dumps({"error": "scripted"})
+            body = failure.body if failure.body is not None else self._failure_text(request)
             return failure.status, {"Content-Type": "application/json", **headers}, body.encode()
         try:
             if request.method == "GET":
