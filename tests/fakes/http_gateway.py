@@ -29,10 +29,12 @@ Scripting (all thread-safe; each call adds to what was scripted before):
 - ``api.echo_failures = True`` — scripted failures without a ``body`` repeat the number and
   text they were sent (``{"error": "cannot deliver to +1…: …", "to": …, "text": …}``).
 
-Delivery reports: ``sign(body, secret)`` is the hex HMAC-SHA256 the ``http`` gateway checks;
+Delivery reports: ``signature_header(body, secret, timestamp)`` is the ``t=…,v1=…`` value the
+``http`` gateway checks, ``sign(body, secret)`` the old-style signature of the body alone;
 ``post_callback(url, payload, secret, encoding="json"|"form", header="X-Signature")`` posts a
 signed report and returns the :class:`requests.Response` (``secret=None`` sends it unsigned,
-``signature="…"`` sends that signature instead).
+``signature="…"`` sends that signature instead, ``timestamp=`` signs with that time,
+``legacy=True`` signs the old way).
 
 :class:`CallbackSink` answers 200 to anything and turns what it received into the
 :class:`b24sms.gateway.CallbackRequest` the core would build, for gateway-level callback tests.
@@ -58,7 +60,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
-__all__ = ["CallbackSink", "FakeServer", "FakeSmsApi", "RecordedRequest", "post_callback", "sign"]
+__all__ = [
+    "CallbackSink",
+    "FakeServer",
+    "FakeSmsApi",
+    "RecordedRequest",
+    "post_callback",
+    "sign",
+    "signature_header",
+]
 
 
 @dataclass
@@ -282,8 +292,17 @@ class FakeSmsApi(FakeServer):
 
 
 def sign(body: bytes, secret: str) -> str:
-    """The hex HMAC-SHA256 of ``body`` under ``secret`` (what ``X-Signature`` carries)."""
+    """The old-style signature: the hex HMAC-SHA256 of ``body`` alone under ``secret`` (accepted
+    only with ``callback_legacy_signatures = true``)."""
     return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def signature_header(body: bytes, secret: str, timestamp: float | None = None) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``: what a gateway sends in
+    ``X-Signature`` (``timestamp`` default: now)."""
+    t = str(int(time.time() if timestamp is None else timestamp))
+    message = t.encode("ascii") + b"." + body
+    return f"t={t},v1={hmac.new(secret.encode('utf-8'), message, hashlib.sha256).hexdigest()}"
 
 
 def post_callback(
@@ -294,9 +313,13 @@ def post_callback(
     encoding: str = "json",
     header: str = "X-Signature",
     signature: str | None = None,
+    timestamp: float | None = None,
+    legacy: bool = False,
     timeout: float = 10,
 ) -> requests.Response:
-    """POST a delivery report to ``url`` signed like the ``http`` gateway expects."""
+    """POST a delivery report to ``url`` signed like the ``http`` gateway expects: with a
+    timestamp (``timestamp``, default now; the same timestamp and payload give the very same
+    request again: a replay), or the old way with ``legacy=True``."""
     if encoding == "json":
         body = json.dumps(payload).encode("utf-8")
         content_type = "application/json"
@@ -307,7 +330,9 @@ def post_callback(
     if signature is not None:
         headers[header] = signature
     elif secret is not None:
-        headers[header] = sign(body, secret)
+        headers[header] = (
+            sign(body, secret) if legacy else signature_header(body, secret, timestamp)
+        )
     return requests.post(url, data=body, headers=headers, timeout=timeout)
 
 
