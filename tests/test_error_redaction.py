@@ -30,14 +30,7 @@ BODY = "Your verification code is 842913.\nDo not share it. " + "Thanks for usin
 
 
 def gateway_provider(api) -> dict:
-    return {
-        "gw": {
-            "plugin": "http",
-            "name": "HTTP",
-            "url": api.json_url,
-            "response_id": "messages.0.id",
-        }
-    }
+    return {"gw": api.provider()}
 
 
 def forms_of_the_secrets() -> list[str]:

@@ -24,19 +24,9 @@ SECRET = "http-callback-secret-0123456789"
 
 
 def provider(api, **extra) -> dict:
-    return {
-        "gw": {
-            "plugin": "http",
-            "name": "HTTP",
-            "url": api.json_url,
-            "response_id": "messages.0.id",
-            "callback_id": "id",
-            "callback_status": "status",
-            "callback_secret": SECRET,
-            "statuses": {"DELIVRD": "delivered", "UNDELIV": "undelivered"},
-            **extra,
-        }
-    }
+    statuses = {"DELIVRD": "delivered", "UNDELIV": "undelivered"}
+    callbacks = {"callback_id": "id", "callback_status": "status", "callback_secret": SECRET}
+    return {"gw": api.provider(**callbacks, statuses=statuses, **extra)}
 
 
 def sent_message(server, emulator, api) -> tuple[object, str, str]:

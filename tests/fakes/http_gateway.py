@@ -220,6 +220,12 @@ class FakeSmsApi(FakeServer):
     def form_url(self) -> str:
         return f"{self.url}/form/send"
 
+    def provider(self, **options: Any) -> dict[str, Any]:
+        """A ``[providers.<CODE>]`` table of an ``http`` provider sending here (JSON shape),
+        with ``options`` added."""
+        base = {"plugin": "http", "name": "HTTP", "url": self.json_url}
+        return {**base, "response_id": "messages.0.id", **options}
+
     def fail_next(
         self,
         status: int = 503,
