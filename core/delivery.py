@@ -39,6 +39,7 @@ from .gateway import (
 from .messages import StatusChange, enqueue_report, record_status
 from .models import Message, OutboxEntry, Portal, PortalState, utcnow
 from .queue import enqueue_or_log
+from .redaction import redacted_error
 from .statuses import FAILED, is_final
 
 if TYPE_CHECKING:
@@ -228,7 +229,8 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
         if not isinstance(result, SendResult):
             raise TypeError(f"send() returned {type(result).__name__}, not SendResult")
     except GatewayError as exc:
-        error = exc
+        # Gateways echo numbers and texts in their errors: cleared before stored, logged, shown.
+        error = redacted_error(exc, outgoing.to, outgoing.body)
     except Exception as exc:
         # A bug or an unforeseen failure inside the plugin: keep the traceback, retry anyway —
         # losing the message is worse than trying again.

@@ -1,4 +1,5 @@
-"""Keeping secrets that travel in URLs out of other libraries' log lines.
+"""Keeping secrets out of log lines: query strings of other libraries' request lines, and the
+numbers and texts of messages in gateway error texts (:func:`redacted_error`).
 
 Some secrets have to be in a query string: the HANDLER key Bitrix24 calls us with
 (``/bitrix24/handler/<code>?member_id=…&key=…``), and the client secret and refresh token of
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 #: a name (query parameter, option, field) whose value is a secret
 SECRET_NAME = re.compile(r"key|token|secret|pass|auth|sign|credential", re.IGNORECASE)
@@ -60,3 +63,106 @@ def install_log_filters(names: tuple[str, ...] = REQUEST_LINE_LOGGERS) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, QueryRedactingFilter) for f in logger.filters):
             logger.addFilter(QueryRedactingFilter())
+
+
+# -- gateway error texts --------------------------------------------------------------------------
+# Gateways repeat what they were sent in their errors ("cannot deliver 'Your code 1234' to
+# +1 415 555 0100"). Those texts are stored (last_error, history), logged and shown on the app
+# page and by the CLI, none of which may show a recipient's number or a message's text.
+
+NUMBER_REDACTED = "[number]"
+TEXT_REDACTED = "[message text]"
+#: a message text shorter than this is not searched for (it would match ordinary words)
+MIN_TEXT = 4
+#: the shortest start of a message text taken for the text cut off at the end of an error
+MIN_CUT_TEXT = 12
+#: separators gateways write inside phone numbers
+_NUMBER_SEPARATOR = r"[\s().\-/]{0,2}"
+#: anything else that looks like an international number
+_ANY_E164 = re.compile(r"(?<![\w+])\+\d(?:[\s().\-/]{0,2}\d){6,16}(?!\d)")
+
+
+def _number_pattern(number: str) -> re.Pattern[str] | None:
+    """The number in any of its usual spellings: E.164, digits only, 00 or trunk 0 prefix,
+    spaces, dashes, dots or parentheses between the digits."""
+    import phonenumbers
+
+    try:
+        parsed = phonenumbers.parse(number, None)
+        national = phonenumbers.national_significant_number(parsed)
+        country = str(parsed.country_code)
+    except phonenumbers.NumberParseException:
+        national, country = re.sub(r"\D", "", number), ""
+    if len(national) < 5:
+        return None
+    sep = _NUMBER_SEPARATOR
+    digits = sep.join(national)
+    prefix = rf"(?:(?:(?:\+|00){sep})?{country}{sep}|0{sep})?" if country else ""
+    return re.compile(rf"(?<!\d){prefix}\(?{digits}(?!\d)")
+
+
+def _text_variants(text: str) -> list[str]:
+    """How a message text comes back inside an error: as sent, JSON-escaped, URL-encoded, and
+    each with its whitespace collapsed (as gateway error snippets are)."""
+    import json
+    from urllib.parse import quote, quote_plus
+
+    variants = {
+        text,
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        quote_plus(text),
+        quote(text),
+    }
+    variants |= {" ".join(v.split()) for v in variants}
+    return sorted((v for v in variants if len(v) >= MIN_TEXT), key=len, reverse=True)
+
+
+def redact_message_data(text: str, number: str | None, body: str | None) -> str:
+    """``text`` without the recipient ``number`` and the message ``body`` in any spelling.
+
+    Also removes a start of the body cut off at the end of ``text`` (errors are truncated) and
+    any other international (+…) number.
+    """
+    if body and len(body) >= MIN_TEXT:
+        for variant in _text_variants(body):
+            text = text.replace(variant, TEXT_REDACTED)
+        text = _redact_cut_text(text, body)
+    pattern = _number_pattern(number) if number else None
+    if pattern is not None:
+        text = pattern.sub(NUMBER_REDACTED, text)
+    return _ANY_E164.sub(NUMBER_REDACTED, text)
+
+
+def _redact_cut_text(text: str, body: str) -> str:
+    for variant in _text_variants(body):
+        if len(variant) < MIN_CUT_TEXT:
+            continue
+        start = text.rfind(variant[:MIN_CUT_TEXT])
+        if start >= 0 and variant.startswith(text[start:]):
+            return text[:start] + TEXT_REDACTED
+    return text
+
+
+def redacted_error(error: E, number: str | None, body: str | None) -> E:
+    """A copy of a gateway error whose text and code are cleared of the message's number and
+    body (:func:`redact_message_data`): what is stored, logged and shown from then on."""
+    import copy
+
+    text = str(error.args[0]) if error.args else ""
+    clean = redact_message_data(text, number, body)
+    code = getattr(error, "code", None)
+    clean_code = redact_message_data(code, number, body) if isinstance(code, str) else code
+    if clean == text and clean_code == code:
+        return error
+    try:
+        redacted = copy.copy(error)
+    except Exception:  # noqa: BLE001 - a plugin's exception that cannot be copied
+        redacted = type(error).__new__(type(error))
+        redacted.__dict__.update(error.__dict__)
+    redacted.args = (clean, *error.args[1:])
+    if clean_code is not code:
+        redacted.code = clean_code  # type: ignore[attr-defined]
+    redacted.__cause__ = redacted.__context__ = None  # the original would carry the text again
+    redacted.__traceback__ = error.__traceback__
+    return redacted

@@ -24,7 +24,11 @@ so a message text holding ``{to}`` stays as written.
 Answers: 2xx is accepted; 429 and 5xx, timeouts and connection errors are retried (honouring
 ``Retry-After``); other 4xx fail the message at once. Delivery reports must be signed: without a
 ``callback_secret`` every callback is rejected, because an unauthenticated report would let
-anyone mark messages delivered.
+anyone mark messages delivered. The signature covers a timestamp
+(``X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``): a report outside
+``callback_max_age`` seconds is refused and the same signed request again changes nothing.
+Old-style signatures of the body alone are refused unless ``callback_legacy_signatures`` is
+on (docs/plugins.md, "Signing delivery reports").
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
@@ -61,6 +68,64 @@ from b24sms.statuses import SENT, STATUSES
 PLACEHOLDERS = ("to", "body", "message_id", "id", "code", "callback_url")
 _PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 #: body keys whose literal values are kept out of error messages
+
+
+#: seconds an old-style (body-only) signature is remembered against replays
+LEGACY_REPLAY_MEMORY = 7 * 24 * 3600.0
+_SIGNATURE_FIELD = re.compile(r"^\s*([A-Za-z0-9]+)=([^,\s]*)\s*$")
+
+
+def timestamped_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 of ``<timestamp>.<body>`` under ``secret`` (``v1=`` of the header)."""
+    message = timestamp.encode("ascii") + b"." + body
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def parse_signature_header(value: str) -> tuple[str, list[str]] | None:
+    """``t=1733112000,v1=<hex>[,v1=<hex>]`` → (timestamp, signatures); None for anything
+    else (an old-style signature of the body alone)."""
+    timestamp, signatures = None, []
+    for part in value.split(","):
+        match = _SIGNATURE_FIELD.match(part)
+        if match is None:
+            return None
+        name, field_value = match.groups()
+        if name == "t" and field_value.isdigit() and len(field_value) <= 12:
+            timestamp = field_value
+        elif name == "v1":
+            signatures.append(field_value.lower())
+    if timestamp is None or not signatures:
+        return None
+    return timestamp, signatures
+
+
+class ReplayGuard:
+    """Keys of signed requests already applied, each kept for a while (in this process).
+
+    Bounded: past ``limit`` keys the oldest are forgotten first.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def seen(self, key: str) -> bool:
+        """Whether ``key`` was remembered and has not expired."""
+        with self._lock:
+            until = self._until.get(key)
+            return until is not None and until > time.monotonic()
+
+    def remember(self, key: str, seconds: float) -> None:
+        """Remember ``key`` for ``seconds``."""
+        now = time.monotonic()
+        with self._lock:
+            self._until[key] = now + seconds
+            self._until.move_to_end(key)
+            while self._until and (
+                len(self._until) > self.limit or next(iter(self._until.values())) <= now
+            ):
+                self._until.popitem(last=False)
 
 
 def template_fields(template: str) -> list[str]:
@@ -161,6 +226,12 @@ class HttpOptions(Schema):
     callback_status = fields.String(load_default=None)
     callback_secret = fields.String(load_default=None, validate=validate.Length(min=16))
     callback_signature_header = fields.String(load_default="X-Signature")
+    #: seconds a signed report's timestamp may be away from our clock (``t=`` of the signature)
+    callback_max_age = fields.Float(
+        load_default=300.0, validate=validate.Range(min=1, max=24 * 3600)
+    )
+    #: also accept the old signature of the body alone (no timestamp; see docs/plugins.md)
+    callback_legacy_signatures = fields.Boolean(load_default=False)
     statuses = fields.Dict(
         keys=fields.String(),
         values=fields.String(validate=validate.OneOf(STATUSES)),
@@ -208,6 +279,9 @@ class HttpGateway(Gateway):
         #: what log lines and errors name: never the query string or credentials of the URL
         self.target = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
         self._secrets = self._collect_secrets(options)
+        self._replays = ReplayGuard()
+        #: the verified report being handled by this thread, remembered once it was applied
+        self._pending = threading.local()
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"b24sms/{__version__}"
         self._session.headers.update(options["headers"])
@@ -345,31 +419,74 @@ class HttpGateway(Gateway):
 
     # delivery reports ------------------------------------------------------------------------
 
-    def _verify(self, request: CallbackRequest) -> None:
+    def _verify(self, request: CallbackRequest) -> tuple[str, float]:
+        """Check the signature; returns the key that identifies this signed request, and for
+        how many seconds a replay of it must be recognised."""
         secret = self.options["callback_secret"]
+        name = self.options["callback_signature_header"]
         if not secret:
             raise CallbackRejected(
                 f"provider {self.code!r} has no callback_secret: delivery reports are not accepted"
             )
-        header = self.options["callback_signature_header"].lower()
-        given = next((v for k, v in request.headers.items() if k.lower() == header), None)
-        if not given:
-            raise CallbackRejected(f"no {self.options['callback_signature_header']} header")
-        given = given.strip()
+        given = next((v for k, v in request.headers.items() if k.lower() == name.lower()), None)
+        if not given or not given.strip():
+            raise CallbackRejected(f"no {name} header")
+        fields_ = parse_signature_header(given)
+        if fields_ is None:
+            return self._verify_legacy(secret, name, given.strip(), request.body)
+        timestamp, signatures = fields_
+        expected = timestamped_signature(secret, timestamp, request.body)
+        if not any(hmac.compare_digest(expected.encode(), s.encode()) for s in signatures):
+            raise CallbackRejected(f"bad {name} signature")
+        max_age = self.options["callback_max_age"]
+        if abs(time.time() - int(timestamp)) > max_age:
+            raise CallbackRejected(
+                f"{name} timestamp {timestamp} is more than {max_age:g} s away from our clock "
+                "(a replay, or a clock that is off)"
+            )
+        # Accepted until t + max_age at most: remembered as long as that.
+        return f"v1:{expected}", 2 * max_age
+
+    def _verify_legacy(self, secret: str, name: str, given: str, body: bytes) -> tuple[str, float]:
+        if not self.options["callback_legacy_signatures"]:
+            raise CallbackRejected(
+                f"{name} carries no timestamp (t=…,v1=…; docs/plugins.md), and "
+                "callback_legacy_signatures is off"
+            )
         if given.lower().startswith("sha256="):
             given = given[len("sha256=") :]
-        expected = hmac.new(secret.encode("utf-8"), request.body, hashlib.sha256).hexdigest()
+        expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(
             expected.encode("ascii"), given.lower().encode("ascii", "replace")
         ):
-            raise CallbackRejected(f"bad {self.options['callback_signature_header']} signature")
+            raise CallbackRejected(f"bad {name} signature")
+        return f"legacy:{expected}", LEGACY_REPLAY_MEMORY
 
     def parse_callback(self, request: CallbackRequest) -> list[StatusReport]:
-        """Check the HMAC signature of the raw body, then read id and status by their paths.
+        """Check the HMAC signature and its timestamp, then read id and status by their paths.
 
-        The body is JSON (one object, or a list of objects for a batch) or a form.
+        The body is JSON (one object, or a list of objects for a batch) or a form. A request
+        whose signature was seen before (a replay) gives no reports: it changes nothing.
         """
-        self._verify(request)
+        self._pending.key = None
+        key, remember_for = self._verify(request)
+        reports = self._read_reports(request)
+        if self._replays.seen(key):
+            self.logger.info("a replayed delivery report for %s was ignored", self.code)
+            return []
+        self._pending.key = (key, remember_for)
+        return reports
+
+    def callback_response(self, reports: list[StatusReport]) -> tuple[str, int, dict[str, str]]:
+        """The empty 200; the report's signature is remembered now that it was applied (a
+        report that failed to apply stays acceptable for the gateway's retry)."""
+        pending = getattr(self._pending, "key", None)
+        if pending is not None:
+            self._replays.remember(*pending)
+            self._pending.key = None
+        return super().callback_response(reports)
+
+    def _read_reports(self, request: CallbackRequest) -> list[StatusReport]:
         is_form = bool(request.form) or "x-www-form-urlencoded" in request.content_type
         if is_form:
             items: list[Any] = [dict(request.form)]

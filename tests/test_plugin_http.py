@@ -20,7 +20,7 @@ from b24sms.gateway import (
 )
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
 
-from .fakes.http_gateway import CallbackSink, FakeSmsApi, post_callback, sign
+from .fakes.http_gateway import CallbackSink, FakeSmsApi, post_callback, sign, signature_header
 
 PUBLIC_URL = "https://sms.example.com"
 SECRET = "callback-secret-0123456789"
@@ -292,7 +292,7 @@ def signed(payload, secret=SECRET, *, form=False, header="X-Signature", signatur
         body = json.dumps(payload).encode()
         content_type = "application/json"
         form_fields = {}
-    sig = signature if signature is not None else sign(body, secret)
+    sig = signature if signature is not None else signature_header(body, secret)
     return CallbackRequest(
         method="POST",
         url=f"{PUBLIC_URL}/gateways/acme/callback",
@@ -321,8 +321,15 @@ def test_signed_form_callback_with_nested_paths_and_custom_header(api, make):
     assert (report.external_id, report.raw_status) == ("form-9", "UNDELIV")
 
 
-def test_batch_callback_and_sha256_prefix(api, make):
-    gateway = make(**json_options(api, callback_id="data.ref", callback_status="data.state"))
+def test_batch_callback_and_legacy_sha256_prefix(api, make):
+    gateway = make(
+        **json_options(
+            api,
+            callback_id="data.ref",
+            callback_status="data.state",
+            callback_legacy_signatures=True,
+        )
+    )
     payload = [{"data": {"ref": 1, "state": "DELIVRD"}}, {"data": {"ref": 2, "state": "UNDELIV"}}]
     body = json.dumps(payload).encode()
     request = signed(payload, signature="sha256=" + sign(body, SECRET))
@@ -364,7 +371,7 @@ def test_verified_callback_without_the_fields_is_invalid(api, make):
     bad_json = CallbackRequest(
         method="POST",
         url=bad_json.url,
-        headers={"X-Signature": sign(body, SECRET)},
+        headers={"X-Signature": signature_header(body, SECRET)},
         body=body,
         content_type="application/json",
     )

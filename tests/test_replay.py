@@ -2,9 +2,11 @@
 
 Forged keys, tokens and signatures are refused in tests/test_bitrix24_routes.py,
 tests/test_e2e_gateways.py and tests/test_plugin_*.py. Here: genuine calls sent again, or sent
-somewhere else, or with a genuine signature on another body. A replayed *valid* delivery
-report is accepted (signatures carry no time), but cannot move a status back: statuses only
-move forward, so a replay is recorded in the history and Bitrix24 hears nothing new.
+somewhere else, or with a genuine signature on another body. The HTTP gateway's delivery
+reports carry a signed timestamp: a replayed report is answered 200 and changes nothing (no
+history row), one outside the window is refused. Twilio's signatures carry no time: a replay
+cannot move a status back (statuses only move forward), so it is recorded in the history and
+Bitrix24 hears nothing new.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy import select
 
 from b24sms.models import Message, Portal, PortalState
 from tests.conftest import wait_until
-from tests.fakes.http_gateway import FakeSmsApi, post_callback, sign
+from tests.fakes.http_gateway import FakeSmsApi, post_callback, signature_header
 from tests.fakes.twilio_api import FakeTwilio, send_status_callback, sign_callback
 
 SECRET_A = "replay-callback-secret-of-a-0123"
@@ -57,7 +59,7 @@ def http_providers(api: FakeSmsApi) -> dict:
     }
 
 
-def test_a_replayed_http_callback_never_moves_a_status_back(live_app, emulator, api):
+def test_a_replayed_http_callback_adds_nothing(live_app, emulator, api):
     server = live_app(providers=http_providers(api))
     portal = emulator.add_portal()
     portal.install(server.url)
@@ -66,18 +68,33 @@ def test_a_replayed_http_callback_never_moves_a_status_back(live_app, emulator, 
     url = f"{server.url}/gateways/gw_a/callback"
     sent = {"id": gateway_id, "status": "SENT"}
     delivered = {"id": gateway_id, "status": "DELIVRD"}
-    assert post_callback(url, sent, SECRET_A).status_code == 200
-    assert post_callback(url, delivered, SECRET_A).status_code == 200
+    signed_at = time.time()
+    assert post_callback(url, sent, SECRET_A, timestamp=signed_at).status_code == 200
+    assert post_callback(url, delivered, SECRET_A, timestamp=signed_at).status_code == 200
     assert portal.wait_for_status(message_id) == "delivered"
     before = reported(portal, message_id)
+    history_before = history(server, message_id)
+    # (the send's answer had made it "sent" already)
+    assert [h for h in history_before if h[1] == "callback"] == [
+        ("sent", "callback", False),
+        ("delivered", "callback", True),
+    ]
 
-    # the same signed requests again, in any order, as often as an attacker likes
+    # the same signed requests again, in any order, as often as an attacker likes: answered
+    # 200 (a gateway retrying a lost answer must not see an error) and ignored
     for payload in (sent, delivered, sent, delivered):
-        assert post_callback(url, payload, SECRET_A).status_code == 200
+        assert post_callback(url, payload, SECRET_A, timestamp=signed_at).status_code == 200
     time.sleep(0.3)
     assert reported(portal, message_id) == before  # Bitrix24 heard nothing new
-    replays = [h for h in history(server, message_id) if h[1] == "callback"][2:]
-    assert replays and not any(applied for _, _, applied in replays)
+    assert history(server, message_id) == history_before  # and nothing was recorded
+
+    # outside the window (default 300 s) a report is refused, whatever its signature
+    for skew in (-301, 301):
+        late = post_callback(url, delivered, SECRET_A, timestamp=signed_at + skew)
+        assert late.status_code == 401
+    # signed anew by the gateway (only it knows the secret): recorded, not applied
+    assert post_callback(url, sent, SECRET_A, timestamp=signed_at + 1).status_code == 200
+    assert history(server, message_id)[len(history_before) :] == [("sent", "callback", False)]
     with server.app.extensions["b24sms"].db.session() as session:
         assert (
             session.scalar(select(Message.status).where(Message.message_id == message_id))
@@ -99,7 +116,10 @@ def test_a_genuine_http_signature_on_another_body_or_at_another_code_is_refused(
         f"{server.url}/gateways/gw_a/callback",
         data=tampered,
         timeout=10,
-        headers={"Content-Type": "application/json", "X-Signature": sign(genuine, SECRET_A)},
+        headers={
+            "Content-Type": "application/json",
+            "X-Signature": signature_header(genuine, SECRET_A),
+        },
     )
     assert response.status_code == 401
     # A's genuine report, re-aimed at B's callback URL: B's secret does not sign it

@@ -237,11 +237,12 @@ def test_no_secret_in_any_log_line_or_answer(live_app, emulator, smtp, capture, 
             assert first.wait_for_status(message_id) == "delivered"
         assert first.wait_for_status(mail_id, {"sent"}) == "sent" and mailbox.mails
 
-        # gateways refusing us, with our credentials echoed in their error text
+        # gateways refusing us, with our credentials echoed in their error text (the message
+        # texts are not words of those errors: error texts lose the message's text)
         api.fail_next(401, body=json.dumps({"error": f"bad key {API_KEY} / Bearer {BEARER_TOKEN}"}))
-        failed_gw, _ = first.send_sms("gw", "+14155550104", "refused")
-        bad_twilio, _ = first.send_sms("twilio_bad", "+14155550105", "refused")
-        bad_mail, _ = first.send_sms("mail_bad", "+14155550106", "refused")
+        failed_gw, _ = first.send_sms("gw", "+14155550104", "to be refused")
+        bad_twilio, _ = first.send_sms("twilio_bad", "+14155550105", "to be refused")
+        bad_mail, _ = first.send_sms("mail_bad", "+14155550106", "to be refused")
         for message_id in (failed_gw, bad_twilio, bad_mail):
             assert first.wait_for_status(message_id) == "failed"
 

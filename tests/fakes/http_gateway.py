@@ -25,12 +25,16 @@ Scripting (all thread-safe; each call adds to what was scripted before):
 - ``api.answer = (200, b"OK")`` — every send answers exactly this (status, raw body bytes),
   e.g. 2xx without an id;
 - ``api.require_headers = {"Authorization": "Bearer t"}`` — other requests answer 401;
-- ``api.initial_status = "QUEUED"`` — the status word put in successful answers.
+- ``api.initial_status = "QUEUED"`` — the status word put in successful answers;
+- ``api.echo_failures = True`` — scripted failures without a ``body`` repeat the number and
+  text they were sent (``{"error": "cannot deliver to +1…: …", "to": …, "text": …}``).
 
-Delivery reports: ``sign(body, secret)`` is the hex HMAC-SHA256 the ``http`` gateway checks;
+Delivery reports: ``signature_header(body, secret, timestamp)`` is the ``t=…,v1=…`` value the
+``http`` gateway checks, ``sign(body, secret)`` the old-style signature of the body alone;
 ``post_callback(url, payload, secret, encoding="json"|"form", header="X-Signature")`` posts a
 signed report and returns the :class:`requests.Response` (``secret=None`` sends it unsigned,
-``signature="…"`` sends that signature instead).
+``signature="…"`` sends that signature instead, ``timestamp=`` signs with that time,
+``legacy=True`` signs the old way).
 
 :class:`CallbackSink` answers 200 to anything and turns what it received into the
 :class:`b24sms.gateway.CallbackRequest` the core would build, for gateway-level callback tests.
@@ -56,7 +60,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
-__all__ = ["CallbackSink", "FakeServer", "FakeSmsApi", "RecordedRequest", "post_callback", "sign"]
+__all__ = [
+    "CallbackSink",
+    "FakeServer",
+    "FakeSmsApi",
+    "RecordedRequest",
+    "post_callback",
+    "sign",
+    "signature_header",
+]
 
 
 @dataclass
@@ -195,6 +207,8 @@ class FakeSmsApi(FakeServer):
         self.fail_to: dict[str, int] = {}
         self.require_headers: dict[str, str] = dict(require_headers or {})
         self.messages: list[dict[str, str]] = []
+        #: scripted failures repeat the number and text they were sent (as many APIs do)
+        self.echo_failures = False
         self._failures: list[_Failure] = []
         self._ids = itertools.count(1)
 
@@ -205,6 +219,12 @@ class FakeSmsApi(FakeServer):
     @property
     def form_url(self) -> str:
         return f"{self.url}/form/send"
+
+    def provider(self, **options: Any) -> dict[str, Any]:
+        """A ``[providers.<CODE>]`` table of an ``http`` provider sending here (JSON shape),
+        with ``options`` added."""
+        base = {"plugin": "http", "name": "HTTP", "url": self.json_url}
+        return {**base, "response_id": "messages.0.id", **options}
 
     def fail_next(
         self,
@@ -227,6 +247,16 @@ class FakeSmsApi(FakeServer):
             self._failures[0].times -= 1
             return self._failures[0]
 
+    def _failure_text(self, request: RecordedRequest) -> str:
+        if not self.echo_failures:
+            return json.dumps({"error": "scripted"})
+        try:
+            data = request.json if request.path.startswith("/json") else request.form
+        except ValueError:
+            data = {}
+        to, text = data.get("to"), data.get("text")
+        return json.dumps({"error": f"cannot deliver to {to}: {text}", "to": to, "text": text})
+
     def handle(self, request: RecordedRequest) -> Answer:
         if self.delay:
             time.sleep(self.delay)
@@ -239,7 +269,7 @@ class FakeSmsApi(FakeServer):
         failure = self._next_failure()
         if failure is not None:
             headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
-            body = failure.body if failure.body is not None else json.dumps({"error": "scripted"})
+            body = failure.body if failure.body is not None else self._failure_text(request)
             return failure.status, {"Content-Type": "application/json", **headers}, body.encode()
         try:
             if request.method == "GET":
@@ -268,8 +298,17 @@ class FakeSmsApi(FakeServer):
 
 
 def sign(body: bytes, secret: str) -> str:
-    """The hex HMAC-SHA256 of ``body`` under ``secret`` (what ``X-Signature`` carries)."""
+    """The old-style signature: the hex HMAC-SHA256 of ``body`` alone under ``secret`` (accepted
+    only with ``callback_legacy_signatures = true``)."""
     return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def signature_header(body: bytes, secret: str, timestamp: float | None = None) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``: what a gateway sends in
+    ``X-Signature`` (``timestamp`` default: now)."""
+    t = str(int(time.time() if timestamp is None else timestamp))
+    message = t.encode("ascii") + b"." + body
+    return f"t={t},v1={hmac.new(secret.encode('utf-8'), message, hashlib.sha256).hexdigest()}"
 
 
 def post_callback(
@@ -280,9 +319,13 @@ def post_callback(
     encoding: str = "json",
     header: str = "X-Signature",
     signature: str | None = None,
+    timestamp: float | None = None,
+    legacy: bool = False,
     timeout: float = 10,
 ) -> requests.Response:
-    """POST a delivery report to ``url`` signed like the ``http`` gateway expects."""
+    """POST a delivery report to ``url`` signed like the ``http`` gateway expects: with a
+    timestamp (``timestamp``, default now; the same timestamp and payload give the very same
+    request again: a replay), or the old way with ``legacy=True``."""
     if encoding == "json":
         body = json.dumps(payload).encode("utf-8")
         content_type = "application/json"
@@ -293,7 +336,9 @@ def post_callback(
     if signature is not None:
         headers[header] = signature
     elif secret is not None:
-        headers[header] = sign(body, secret)
+        headers[header] = (
+            sign(body, secret) if legacy else signature_header(body, secret, timestamp)
+        )
     return requests.post(url, data=body, headers=headers, timeout=timeout)
 
 
