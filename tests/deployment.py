@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import requests
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
+from b24sms.testing.service import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
