@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
+from b24sms.testing import stores
 from b24sms.testing.processes import Process, free_port, write_config
 from b24sms.testing.service import CLIENT_ID, CLIENT_SECRET, SECRET_KEY, emulator_for_tests
 
@@ -409,22 +410,14 @@ def canned_server() -> Iterator[int]:
 def unavailable_services() -> str | None:
     """Why PostgreSQL or Redis cannot be used for a run, or None when both answer."""
     try:
-        import psycopg
-        import redis
-    except ImportError as exc:
-        return f"{exc.name} is not installed (pip install -e '.[bench]')"
+        admin, _ = stores.admin_connect(PG_ADMIN_URL)
+        admin.close()
+    except stores.StoreUnavailable as exc:
+        return f"PostgreSQL at {PG_ADMIN_URL} does not answer: {exc}"
     try:
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            pass
-    except psycopg.Error as exc:
-        return f"PostgreSQL at {PG_ADMIN_URL} does not answer ({type(exc).__name__})"
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return f"Redis at {REDIS_URL} does not answer ({type(exc).__name__})"
-    finally:
-        client.close()
+        stores.check_redis(REDIS_URL)
+    except stores.StoreUnavailable as exc:
+        return f"Redis at {REDIS_URL} does not answer: {exc}"
     return None
 
 
@@ -432,53 +425,25 @@ def unavailable_services() -> str | None:
 def scratch_postgres() -> Iterator[str]:
     """A new database ``b24sms_bench_<random>`` on the PostgreSQL server, dropped afterwards;
     yields its SQLAlchemy URL, schema upgraded."""
-    import psycopg
+    from b24sms import migrate
+    from b24sms.db import Database
 
-    name = f"b24sms_bench_{secrets.token_hex(4)}"
-    admin = PG_ADMIN_URL
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = admin.rsplit("/", 1)[0]
-    url = f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        from b24sms import migrate
-        from b24sms.db import Database
-
+    with stores.postgres_database(PG_ADMIN_URL, prefix="b24sms_bench_") as plain:
+        url = plain.replace("postgresql://", "postgresql+psycopg://", 1)
         db = Database(url)
         try:
             migrate.upgrade(db)
         finally:
             db.dispose()
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
 def scratch_redis() -> Iterator[str]:
-    """A queue URL on an empty Redis database (14 down to 8: the tests use 15); the queue's
-    keys are removed afterwards."""
-    import redis
-
-    chosen = None
-    for index in range(14, 7, -1):
-        client = redis.Redis.from_url(f"{REDIS_URL}/{index}")
-        try:
-            if client.dbsize() == 0:
-                chosen = index
-                break
-        finally:
-            client.close()
-    if chosen is None:
-        raise RuntimeError("no empty Redis database among 8-14")
-    url = f"{REDIS_URL}/{chosen}"
-    try:
+    """A queue URL on Redis database 13 with a queue name of its own
+    (``?queue=b24sms_bench_<random>``); the queue's keys are removed afterwards."""
+    with stores.redis_queue_url(f"{REDIS_URL}/13", prefix="b24sms_bench_") as url:
         yield url
-    finally:
-        from b24sms.queue import make_huey
-
-        make_huey(url).storage.flush_all()
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:

@@ -32,18 +32,17 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
 
+from b24sms.testing import stores as scratch
 from b24sms.testing.processes import (
     Process,
     answers,
@@ -105,27 +104,6 @@ def http_gateway_options(url: str, timeout: float = 1.0) -> dict[str, Any]:
 # -- PostgreSQL and Redis ---------------------------------------------------------------------
 
 
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
-
-def _admin_connect() -> tuple[Any, str]:
-    """An autocommit connection for CREATE / DROP DATABASE, and the URL it used: the
-    configured one, else the same server as ``root`` (trust auth), else database ``postgres``."""
-    import psycopg
-
-    candidates = [POSTGRES_ADMIN_URL, POSTGRES_ADMIN_URL.replace("postgres@", "root@", 1)]
-    candidates += [_with_database(url, "postgres") for url in candidates]
-    last: Exception | None = None
-    for url in dict.fromkeys(candidates):
-        try:
-            return psycopg.connect(url, autocommit=True, connect_timeout=3), url
-        except psycopg.Error as exc:
-            last = exc
-    raise RuntimeError(f"{type(last).__name__}: {last}")
-
-
 @contextlib.contextmanager
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database ``b24sms_<random>`` for one test module; dropped after.
@@ -134,20 +112,12 @@ def postgres_database() -> Iterator[str]:
     when PostgreSQL cannot be reached at ``B24SMS_TEST_POSTGRES_ADMIN``
     (default ``postgresql://postgres@127.0.0.1:5432/test``).
     """
-    try:
-        admin, admin_url = _admin_connect()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "not here"
-        pytest.skip(f"needs PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
-    name = f"b24sms_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    with contextlib.ExitStack() as stack:
         try:
-            yield _with_database(admin_url, name)
-        finally:
-            try:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            except Exception:  # noqa: BLE001 - PostgreSQL before 13 has no FORCE
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            url = stack.enter_context(scratch.postgres_database(POSTGRES_ADMIN_URL))
+        except scratch.StoreUnavailable as exc:
+            pytest.skip(f"needs PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+        yield url
 
 
 @contextlib.contextmanager
@@ -157,24 +127,12 @@ def redis_queue_url() -> Iterator[str]:
     Skips with the reason when Redis cannot be reached at ``B24SMS_TEST_REDIS_URL`` (default
     ``redis://127.0.0.1:6379/14``); the queue's keys are deleted after.
     """
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"needs Redis at {REDIS_URL}: {type(exc).__name__}: {exc}")
-    finally:
-        client.close()
-    sep = "&" if "?" in REDIS_URL else "?"
-    url = f"{REDIS_URL}{sep}queue=b24sms_{uuid.uuid4().hex[:12]}"
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch.redis_queue_url(REDIS_URL))
+        except scratch.StoreUnavailable as exc:
+            pytest.skip(f"needs Redis at {REDIS_URL}: {exc}")
         yield url
-    finally:
-        from b24sms.queue import make_huey
-
-        with contextlib.suppress(Exception):
-            make_huey(url).flush()
 
 
 def reset_schema(url: str) -> None:
