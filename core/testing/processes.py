@@ -131,9 +131,8 @@ class Process:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill() reaches its children
             )
-        if self.ready is not None and not wait_for(
-            lambda: self.ready() or not self.alive, timeout, 0.1
-        ):
+        ready = self.ready
+        if ready is not None and not wait_for(lambda: ready() or not self.alive, timeout, 0.1):
             raise RuntimeError(f"{self.name} not ready after {timeout}s\n{self.tail()}")
         if not self.alive:
             raise RuntimeError(f"{self.name} exited at start\n{self.tail()}")
