@@ -1,6 +1,9 @@
 """What the benchmark scripts share: configs, server and worker processes, the portal emulator,
 HANDLER bodies, the load generator, PostgreSQL / Redis scratch space, and result tables.
 
+Config files, free ports, the process handling and the emulator's app credentials come from
+``b24sms.testing`` — the same code the deployment tests (``tests/deployment.py``) run on.
+
 Every process the scripts start is a real one (``b24sms serve``, gunicorn, ``b24sms worker``,
 the load generator), started by its own pid and stopped by it; every file lives in a temporary
 directory; a PostgreSQL database or Redis keys made for a run are removed after it.
@@ -14,7 +17,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,23 +29,18 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
+from b24sms.testing import stores
+from b24sms.testing.processes import Process, free_port, write_config
+from b24sms.testing.service import CLIENT_ID, CLIENT_SECRET, SECRET_KEY, emulator_for_tests
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-SECRET_KEY = "bench-secret-key-0123456789abcdef"
-CLIENT_ID = "local.bench000000000.00000000"
-CLIENT_SECRET = "bench-client-secret-XYZ"
 CODE = "b24sms_log"
 PG_ADMIN_URL = os.environ.get("B24SMS_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("B24SMS_BENCH_REDIS", "redis://127.0.0.1:6379")
 
 
 # -- small things -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine() -> str:
@@ -56,25 +53,6 @@ def machine() -> str:
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}, load average {load:.2f} at start"
     )
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A TOML config file from ``{section: {key: value}}``."""
-    lines: list[str] = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in table.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def service_config(
@@ -155,26 +133,20 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-class Proc:
-    """A process of the service started by a benchmark; stopped by its own pid."""
+class Proc(Process):
+    """A process of the service started by a benchmark (at once, on construction), with what
+    the benchmarks measure of it; stopped by its own process group."""
 
     def __init__(
         self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
     ) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "wb") as log_file:
-            self.popen = subprocess.Popen(
-                list(argv),
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-        self.pid = self.popen.pid
+        super().__init__(name, list(argv), env={**os.environ, **(env or {})}, log_path=log_path)
+        self.cwd = ROOT
+        self.start()  # no readiness check here: the callers wait for what they need
 
     def pids(self) -> list[int]:
         """This process and its children (gunicorn's workers)."""
+        assert self.pid is not None
         return [self.pid, *_children(self.pid)]
 
     def peak_rss_mb(self) -> float:
@@ -185,30 +157,12 @@ class Proc:
         """User + system CPU time so far of the process and its live children."""
         return sum(_cpu_seconds(pid) for pid in self.pids())
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
 
 def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
     """Wait until ``url`` answers at all (any status), or fail with the process's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not proc.alive():
+        if not proc.alive:
             raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
         try:
             requests.get(url, timeout=2)
@@ -322,9 +276,7 @@ class KnownMessages(dict):
 @contextlib.contextmanager
 def emulator(**kwargs: Any) -> Iterator[Any]:
     """The bundled portal emulator (2 requests/s, burst 50 per portal unless told otherwise)."""
-    from b24sms.emulator import Emulator
-
-    with Emulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **kwargs) as emu:
+    with emulator_for_tests(**kwargs) as emu:
         yield emu
 
 
@@ -458,22 +410,14 @@ def canned_server() -> Iterator[int]:
 def unavailable_services() -> str | None:
     """Why PostgreSQL or Redis cannot be used for a run, or None when both answer."""
     try:
-        import psycopg
-        import redis
-    except ImportError as exc:
-        return f"{exc.name} is not installed (pip install -e '.[bench]')"
+        admin, _ = stores.admin_connect(PG_ADMIN_URL)
+        admin.close()
+    except stores.StoreUnavailable as exc:
+        return f"PostgreSQL at {PG_ADMIN_URL} does not answer: {exc}"
     try:
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            pass
-    except psycopg.Error as exc:
-        return f"PostgreSQL at {PG_ADMIN_URL} does not answer ({type(exc).__name__})"
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return f"Redis at {REDIS_URL} does not answer ({type(exc).__name__})"
-    finally:
-        client.close()
+        stores.check_redis(REDIS_URL)
+    except stores.StoreUnavailable as exc:
+        return f"Redis at {REDIS_URL} does not answer: {exc}"
     return None
 
 
@@ -481,53 +425,25 @@ def unavailable_services() -> str | None:
 def scratch_postgres() -> Iterator[str]:
     """A new database ``b24sms_bench_<random>`` on the PostgreSQL server, dropped afterwards;
     yields its SQLAlchemy URL, schema upgraded."""
-    import psycopg
+    from b24sms import schema
+    from b24sms.db import Database
 
-    name = f"b24sms_bench_{secrets.token_hex(4)}"
-    admin = PG_ADMIN_URL
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = admin.rsplit("/", 1)[0]
-    url = f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        from b24sms import schema
-        from b24sms.db import Database
-
+    with stores.postgres_database(PG_ADMIN_URL, prefix="b24sms_bench_") as plain:
+        url = plain.replace("postgresql://", "postgresql+psycopg://", 1)
         db = Database(url)
         try:
             schema.upgrade(db)
         finally:
             db.dispose()
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
 def scratch_redis() -> Iterator[str]:
-    """A queue URL on an empty Redis database (14 down to 8: the tests use 15); the queue's
-    keys are removed afterwards."""
-    import redis
-
-    chosen = None
-    for index in range(14, 7, -1):
-        client = redis.Redis.from_url(f"{REDIS_URL}/{index}")
-        try:
-            if client.dbsize() == 0:
-                chosen = index
-                break
-        finally:
-            client.close()
-    if chosen is None:
-        raise RuntimeError("no empty Redis database among 8-14")
-    url = f"{REDIS_URL}/{chosen}"
-    try:
+    """A queue URL on Redis database 13 with a queue name of its own
+    (``?queue=b24sms_bench_<random>``); the queue's keys are removed afterwards."""
+    with stores.redis_queue_url(f"{REDIS_URL}/13", prefix="b24sms_bench_") as url:
         yield url
-    finally:
-        from b24sms.queue import make_huey
-
-        make_huey(url).storage.flush_all()
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:

@@ -78,7 +78,7 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             result["cpu_web"] = web.cpu_seconds()
             result["cpu_workers"] = sum(p.cpu_seconds() for p in worker_procs)
             for p in worker_procs:
-                if not p.alive():
+                if not p.alive:
                     raise RuntimeError(f"{p.name} died:\n{p.tail()}")
         finally:
             probe.close()

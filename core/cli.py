@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -332,6 +333,37 @@ def demo(number: str, text: str) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(number, text, echo=click.echo))
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option(
+    "--directory",
+    "-d",
+    "parent",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the package's directory.",
+)
+def new_plugin(name: str, parent: Path) -> None:
+    """Write a new gateway plugin package b24sms-NAME whose tests pass as written.
+
+    NAME is the carrier's name (``acme``): the plugin's name, the distribution ``b24sms-acme``
+    and the module ``b24sms_acme``. A bad name exits with 2, an existing directory with 1.
+    """
+    from .scaffold import ScaffoldError, plugin_names, write_plugin
+
+    try:
+        plugin_names(name)
+    except ScaffoldError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    try:
+        root = write_plugin(name, parent)
+    except ScaffoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {root}")
+    click.echo(f"next: pip install -e '{root}[test]' && (cd {root} && pytest)")
 
 
 def main() -> None:

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-import copy
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from werkzeug.serving import make_server
 
-SECRET_KEY = "test-secret-key-0123456789abcdef"
-CLIENT_ID = "local.test0000000000.00000000"
-CLIENT_SECRET = "test-client-secret-XYZ"
+# The plugin kit (b24sms.testing) is the one copy of these; tests import them from here too.
+from b24sms.testing.service import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SECRET_KEY,
+    LiveServer,
+    emulator_for_tests,
+    running_services,
+    wait_until,
+)
+from b24sms.testing.service import service_config as base_config
+
+__all__ = [
+    "CLIENT_ID",
+    "CLIENT_SECRET",
+    "ENCRYPTION_KEY",
+    "SECRET_KEY",
+    "LiveServer",
+    "base_config",
+    "keyed",
+    "wait_until",
+]
+
 #: the encryption key of tests that open a Database without a Service (see ``keyed``)
 ENCRYPTION_KEY = "l6nA4xRVlzU7JJEbGpjlFTCMF8Wm9KQzlATdptgUwvQ="
 
@@ -27,84 +43,10 @@ def keyed(db: Any) -> Any:
     return db
 
 
-def base_config(tmp_path, public_url: str = "http://127.0.0.1:9", **sections: Any) -> dict:
-    """A whole config as a dict: SQLite in tmp_path, immediate queue, one log provider.
-
-    ``service`` and ``bitrix24`` are merged into the defaults; other sections replace them.
-    """
-    config: dict[str, Any] = {
-        "service": {
-            "public_url": public_url,
-            "secret_key": SECRET_KEY,
-            "database_url": f"sqlite:///{tmp_path}/b24sms.sqlite3",
-            "queue_url": "memory://",
-            "default_region": "US",
-        },
-        "bitrix24": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
-        "providers": {"smslog": {"plugin": "log", "name": "Log only"}},
-    }
-    for key, value in sections.items():
-        if key in ("service", "bitrix24"):
-            config[key].update(copy.deepcopy(value))
-        else:
-            config[key] = copy.deepcopy(value)
-    return config
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until it returns something true, and return that; TimeoutError
-    after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
-
-
-class _Dispatcher:
-    """A WSGI app whose target is set after the socket exists (the app needs its own URL)."""
-
-    app: Callable | None = None
-
-    def __call__(self, environ: dict, start_response: Callable) -> Any:
-        assert self.app is not None
-        return self.app(environ, start_response)
-
-
-class LiveServer:
-    """The Flask app served on 127.0.0.1 by a threaded werkzeug server."""
-
-    def __init__(self) -> None:
-        self.dispatcher = _Dispatcher()
-        self.server = make_server("127.0.0.1", 0, self.dispatcher, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.app: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, app: Any) -> None:
-        self.app = app
-        self.dispatcher.app = app
-        # shutdown() waits for the loop's next poll: 0.05 s instead of the default 0.5 s per test
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self.app is not None:
-            self.app.extensions["b24sms"].close()
-
-
 @pytest.fixture
 def emulator() -> Iterator[Any]:
     """A started portal emulator knowing our test app's client id and secret."""
-    from b24sms.emulator import Emulator
-
-    with Emulator(client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as emu:
+    with emulator_for_tests() as emu:
         yield emu
 
 
@@ -112,21 +54,52 @@ def emulator() -> Iterator[Any]:
 def live_app(tmp_path, emulator) -> Iterator[Callable[..., LiveServer]]:
     """Factory: ``live_app(**config_sections)`` → a LiveServer running the app on a socket,
     configured against the emulator's OAuth server."""
+    yield from running_services(emulator, tmp_path)
+
+
+@pytest.fixture
+def config(tmp_path) -> dict[str, Any]:
+    """The test config of :func:`app`: ``base_config`` (SQLite in tmp_path, the inline
+    memory:// queue, one log provider ``smslog``). Change it before asking for ``app``."""
+    return base_config(tmp_path)
+
+
+@pytest.fixture
+def app(config) -> Iterator[Any]:
+    """The Flask app on :func:`config`, flaskr-style; its service is closed afterwards."""
     from b24sms import create_app
 
-    servers: list[LiveServer] = []
+    app = create_app(config)
+    yield app
+    app.extensions["b24sms"].close()
 
-    def start(**sections: Any) -> LiveServer:
-        server = LiveServer()
-        servers.append(server)
-        bitrix24 = {"oauth_url": emulator.oauth_url, **sections.pop("bitrix24", {})}
-        config = base_config(tmp_path, public_url=server.url, bitrix24=bitrix24, **sections)
-        server.start(create_app(config))
-        return server
 
-    yield start
-    for server in servers:
-        server.stop()
+@pytest.fixture
+def client(app) -> Any:
+    """A test client of :func:`app`."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app, config, tmp_path) -> Callable[..., Any]:
+    """``runner("providers", "list")`` → the ``b24sms`` command's click result, run with
+    :func:`config` written as a TOML file (the app's database)."""
+    from click.testing import CliRunner
+
+    from b24sms.cli import cli
+    from tests.deployment import write_config
+
+    sections = {
+        "service": config["service"],
+        "bitrix24": config["bitrix24"],
+        **{f"providers.{code}": table for code, table in config["providers"].items()},
+    }
+    path = write_config(tmp_path / "b24sms.toml", sections)
+
+    def invoke(*args: str) -> Any:
+        return CliRunner().invoke(cli, ["--config", str(path), *args], catch_exceptions=False)
+
+    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A whole b24sms deployment in subprocesses, for the tests of the scaled layout and of faults.
 
-The processes are the ones a user runs, started the way the README says:
+The processes are the ones a user runs, started the way the README says (the process
+handling itself, :class:`~b24sms.testing.processes.Process`, is shared with ``bench/``):
 
 - ``b24sms db upgrade`` once;
 - the web app under ``gunicorn -w 2 -b 127.0.0.1:<port> wsgi:app`` (cwd = the repository,
@@ -26,26 +27,31 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
+from b24sms.testing import stores as scratch
+from b24sms.testing.processes import (
+    Process,
+    answers,
+    console_script,
+    free_port,
+    wait_for,
+    write_config,
+)
+from b24sms.testing.service import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -76,37 +82,6 @@ FAST_SERVICE: dict[str, Any] = {
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        pairs = (f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items())
-        return "{ " + ", ".join(pairs) + " }"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
-
-
-def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write ``{"service": {...}, "providers.sms": {...}}`` as a TOML file (tables inline)."""
-    lines: list[str] = []
-    for name, table in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in table.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
 def http_gateway_options(url: str, timeout: float = 1.0) -> dict[str, Any]:
     """``[providers.<CODE>]`` for the ``http`` gateway against a :class:`FakeSmsApi` JSON URL.
 
@@ -126,49 +101,7 @@ def http_gateway_options(url: str, timeout: float = 1.0) -> dict[str, Any]:
     }
 
 
-def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``check`` until it is true (True) or ``timeout`` seconds passed (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-
-
-def _console_script(name: str) -> list[str]:
-    """The console script installed beside this interpreter, as a user would run it."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if found:
-        return [found]
-    if name == "b24sms":
-        return [sys.executable, "-c", "from b24sms.cli import main; main()"]
-    return [sys.executable, "-m", name]
-
-
 # -- PostgreSQL and Redis ---------------------------------------------------------------------
-
-
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
-
-def _admin_connect() -> tuple[Any, str]:
-    """An autocommit connection for CREATE / DROP DATABASE, and the URL it used: the
-    configured one, else the same server as ``root`` (trust auth), else database ``postgres``."""
-    import psycopg
-
-    candidates = [POSTGRES_ADMIN_URL, POSTGRES_ADMIN_URL.replace("postgres@", "root@", 1)]
-    candidates += [_with_database(url, "postgres") for url in candidates]
-    last: Exception | None = None
-    for url in dict.fromkeys(candidates):
-        try:
-            return psycopg.connect(url, autocommit=True, connect_timeout=3), url
-        except psycopg.Error as exc:
-            last = exc
-    raise RuntimeError(f"{type(last).__name__}: {last}")
 
 
 @contextlib.contextmanager
@@ -179,20 +112,12 @@ def postgres_database() -> Iterator[str]:
     when PostgreSQL cannot be reached at ``B24SMS_TEST_POSTGRES_ADMIN``
     (default ``postgresql://postgres@127.0.0.1:5432/test``).
     """
-    try:
-        admin, admin_url = _admin_connect()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "not here"
-        pytest.skip(f"needs PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
-    name = f"b24sms_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    with contextlib.ExitStack() as stack:
         try:
-            yield _with_database(admin_url, name)
-        finally:
-            try:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            except Exception:  # noqa: BLE001 - PostgreSQL before 13 has no FORCE
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            url = stack.enter_context(scratch.postgres_database(POSTGRES_ADMIN_URL))
+        except scratch.StoreUnavailable as exc:
+            pytest.skip(f"needs PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+        yield url
 
 
 @contextlib.contextmanager
@@ -202,24 +127,12 @@ def redis_queue_url() -> Iterator[str]:
     Skips with the reason when Redis cannot be reached at ``B24SMS_TEST_REDIS_URL`` (default
     ``redis://127.0.0.1:6379/14``); the queue's keys are deleted after.
     """
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"needs Redis at {REDIS_URL}: {type(exc).__name__}: {exc}")
-    finally:
-        client.close()
-    sep = "&" if "?" in REDIS_URL else "?"
-    url = f"{REDIS_URL}{sep}queue=b24sms_{uuid.uuid4().hex[:12]}"
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch.redis_queue_url(REDIS_URL))
+        except scratch.StoreUnavailable as exc:
+            pytest.skip(f"needs Redis at {REDIS_URL}: {exc}")
         yield url
-    finally:
-        from b24sms.queue import make_huey
-
-        with contextlib.suppress(Exception):
-            make_huey(url).flush()
 
 
 def reset_schema(url: str) -> None:
@@ -258,121 +171,6 @@ def stores(layout: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-class Process:
-    """One service process: started in its own process group, output in ``log_path``.
-
-    :param graceful: the signal that asks it to finish its work and exit (gunicorn: SIGTERM;
-        huey's consumer and waitress: SIGINT).
-    :param ready: called until true after start (e.g. the web port answers).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        *,
-        env: Mapping[str, str],
-        log_path: Path,
-        graceful: signal.Signals = signal.SIGINT,
-        ready: Callable[[], bool] | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = dict(env)
-        self.log_path = log_path
-        self.graceful = graceful
-        self.ready = ready
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def start(self, timeout: float = 30.0) -> Process:
-        """Start the process (appending to its log) and wait until it is ready."""
-        if self.alive:
-            return self
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts}: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: kill() reaches its children
-            )
-        if self.ready is not None and not wait_for(
-            lambda: self.ready() or not self.alive, timeout, 0.1
-        ):
-            raise RuntimeError(f"{self.name} not ready after {timeout}s\n{self.tail()}")
-        if not self.alive:
-            raise RuntimeError(f"{self.name} exited at start\n{self.tail()}")
-        return self
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        assert self.popen is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)  # the group this process leads; nothing else
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """Ask it to stop (its graceful signal), then SIGKILL after ``timeout``; exit status."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(self.graceful)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        # Children of a graceful stop are gone; a leftover (a hung gunicorn worker) is not.
-        self._signal_group(signal.SIGKILL)
-        return self.popen.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group, at once and without warning."""
-        if self.popen is None:
-            return
-        self._signal_group(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def restart(self, timeout: float = 30.0) -> Process:
-        """Stop it gracefully (if running) and start it again."""
-        self.stop()
-        return self.start(timeout)
-
-    def output(self) -> str:
-        """What the process wrote since its latest start."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return text.rsplit(f"===== start #{self.starts}:", 1)[-1]
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return f"--- {self.name}: no log ---"
-        return f"--- {self.name} ({self.log_path}) ---\n{text[-chars:]}"
-
-
-def _answers(url: str) -> bool:
-    try:
-        requests.get(url, timeout=1)
-    except requests.RequestException:
-        return False
-    return True
 
 
 @dataclass
@@ -441,7 +239,7 @@ class Deployment:
     def run_cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """``b24sms <args>`` with this deployment's config; raises with its output on failure."""
         done = subprocess.run(
-            [*_console_script("b24sms"), *args],
+            [*console_script("b24sms"), *args],
             check=False,
             cwd=ROOT,
             env=self.env,
@@ -458,7 +256,8 @@ class Deployment:
         return self.run_cli("db", "upgrade").stdout
 
     def _process(self, name: str, argv: list[str], **kwargs: Any) -> Process:
-        process = Process(name, argv, env=self.env, log_path=self.workdir / f"{name}.log", **kwargs)
+        log_path = self.workdir / f"{name}.log"
+        process = Process(name, argv, env=self.env, log_path=log_path, cwd=ROOT, **kwargs)
         self.processes.append(process)
         return process
 
@@ -470,7 +269,7 @@ class Deployment:
         if self.web == "gunicorn":
             argv = [
                 # Threaded workers, as the README deploys them: HANDLER calls share commits.
-                *_console_script("gunicorn"),
+                *console_script("gunicorn"),
                 "-w",
                 str(self.web_workers),
                 "--threads",
@@ -489,11 +288,11 @@ class Deployment:
             ]
             graceful = signal.SIGTERM
         else:
-            argv = [*_console_script("b24sms"), "serve", "--port", str(self.port), *extra]
+            argv = [*console_script("b24sms"), "serve", "--port", str(self.port), *extra]
             graceful = signal.SIGINT
         if self.web_process is None:
             self.web_process = self._process(
-                "web", argv, graceful=graceful, ready=lambda: _answers(f"{self.url}/healthz")
+                "web", argv, graceful=graceful, ready=lambda: answers(f"{self.url}/healthz")
             )
         self.web_process.argv = argv
         return self.web_process.start()
@@ -503,7 +302,7 @@ class Deployment:
         index = sum(1 for p in self.processes if p.name.startswith("worker"))
         process = self._process(
             f"worker-{index}",
-            [*_console_script("b24sms"), "worker", *extra],
+            [*console_script("b24sms"), "worker", *extra],
             ready=lambda: "queue consumer starting" in process.output(),
         )
         return process.start()

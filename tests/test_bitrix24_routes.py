@@ -366,9 +366,8 @@ def test_errors_are_json_without_tracebacks(live_app, emulator):
     assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
 
 
-def test_healthz_reports_database_and_queue(live_app):
-    server = live_app(providers=LOG)
-    response = requests.get(f"{server.url}/healthz", timeout=10)
+def test_healthz_reports_database_and_queue(client):
+    response = client.get("/healthz")
     assert response.status_code == 200
-    body = response.json()
+    body = response.json
     assert body["checks"] == {"database": "ok", "queue": "ok"} and body["outbox_backlog"] == 0

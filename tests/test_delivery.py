@@ -1,8 +1,8 @@
 """Sending through gateways: attempts, retries with backoff, permanent errors, the sweep.
 
 Immediate mode (``memory://``): tasks run inline, so each test reads the outcome right after
-enqueueing. The helpers here (a scripted gateway, an event recorder, a service factory, rows)
-are shared by the other delivery-engine test modules.
+enqueueing. The helpers (a scripted gateway, an event recorder, a service factory, rows) live in
+``tests/helpers.py``, shared with the other delivery-engine test modules.
 """
 
 from __future__ import annotations
@@ -10,211 +10,34 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-import secrets
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
 
-from b24sms import hookimpl
-from b24sms.config import validate_config
 from b24sms.delivery import deliver, retry_delay, sweep
 from b24sms.gateway import (
-    Gateway,
-    OutgoingMessage,
     PermanentGatewayError,
     RetryableGatewayError,
     SendResult,
-    StatusReport,
 )
 from b24sms.models import (
     Message,
-    OutboxEntry,
-    Portal,
     PortalState,
-    StatusEvent,
     utcnow,
 )
-from b24sms.plugins import make_plugin_manager
-from b24sms.schema import upgrade
 from b24sms.service import Service
-from tests.conftest import base_config
-
-CODE = "scripted"
-
-
-# -- a gateway whose answers a test scripts ------------------------------------------------------
-
-
-class ScriptedGateway(Gateway):
-    """Answers ``send`` from ``script`` (exceptions are raised, callables called), else accepts
-    the message and reports it delivered at once."""
-
-    name: ClassVar[str] = "scripted"
-    statuses: ClassVar[dict[str, str]] = {
-        "accepted": "sent",
-        "queued": "queued",
-        "DELIVRD": "delivered",
-        "UNDELIV": "undelivered",
-        "REJECTD": "failed",
-    }
-    callbacks: ClassVar[bool] = True
-
-    def __init__(self, options: Any, context: Any) -> None:
-        super().__init__(options, context)
-        self.script: list[Any] = []
-        self.calls: list[OutgoingMessage] = []
-
-    def send(self, message: OutgoingMessage) -> SendResult:
-        self.calls.append(message)
-        step = self.script.pop(0) if self.script else None
-        if isinstance(step, BaseException):
-            raise step
-        if callable(step):
-            return step(message)
-        if step is not None:
-            return step
-        return SendResult(
-            external_id=f"ext-{message.id}",
-            raw_status="accepted",
-            later=(StatusReport("DELIVRD"),),
-        )
-
-
-class ScriptedPlugin:
-    @hookimpl
-    def b24sms_register_gateways(self, register: Callable[[type[Gateway]], None]) -> None:
-        register(ScriptedGateway)
-
-
-class Recorder:
-    """Collects the event hooks' calls."""
-
-    def __init__(self) -> None:
-        self.changes: list[tuple[int, str | None, str, str]] = []
-        self.failures: list[tuple[int, str, bool, int]] = []
-
-    @hookimpl
-    def b24sms_status_changed(self, message, previous, status, raw_status, source) -> None:
-        assert message.status == status
-        self.changes.append((message.id, previous, status, source))
-
-    @hookimpl
-    def b24sms_send_failed(self, message, error, will_retry) -> None:
-        self.failures.append((message.id, str(error), will_retry, message.attempts))
-
-
-# -- service and rows ----------------------------------------------------------------------------
-
-
-def build_service(
-    tmp_path,
-    *,
-    service: dict[str, Any] | None = None,
-    bitrix24: dict[str, Any] | None = None,
-    recorder: Recorder | None = None,
-    providers: dict[str, Any] | None = None,
-) -> Service:
-    """A Service on a fresh SQLite database in ``tmp_path`` with the scripted gateway as CODE
-    ``scripted``; tiny retry delays unless ``service`` says otherwise."""
-    settings = {
-        "queue_url": "memory://",
-        "max_attempts": 5,
-        "retry_base_delay": 0.01,
-        "retry_max_delay": 0.05,
-        **(service or {}),
-    }
-    raw = base_config(tmp_path, service=settings, bitrix24=bitrix24 or {})
-    raw["providers"] = providers or {CODE: {"plugin": "scripted", "name": "Scripted"}}
-    config = validate_config(raw, environ={})
-    pm = make_plugin_manager(environ={"B24SMS_LOAD_PLUGINS": ""})
-    pm.register(ScriptedPlugin(), name="scripted-test")
-    if recorder is not None:
-        pm.register(recorder, name="recorder")
-    svc = Service(config, plugin_manager=pm)
-    create_schema(svc)
-    return svc
-
-
-def create_schema(svc: Service) -> None:
-    """Bring the test database to the newest schema."""
-    upgrade(svc.db)
-
-
-def add_portal(svc: Service, emulated: Any = None, *, state: str = PortalState.ACTIVE) -> int:
-    """A portal row: the emulated portal's endpoint and tokens, or a dummy one."""
-    with svc.db.session() as session:
-        portal = Portal(
-            member_id=emulated.member_id if emulated else secrets.token_hex(16),
-            domain=emulated.domain if emulated else "unit.example.com",
-            client_endpoint=emulated.client_endpoint if emulated else "http://127.0.0.1:9/rest/",
-            server_endpoint=None,
-            access_token=emulated.access_token if emulated else "a" * 70,
-            refresh_token=emulated.refresh_token if emulated else "r" * 70,
-            application_token=emulated.application_token if emulated else "t" * 32,
-            state=state,
-        )
-        session.add(portal)
-        session.flush()
-        return portal.id
-
-
-def add_message(
-    svc: Service,
-    portal_id: int,
-    *,
-    code: str = CODE,
-    to: str | None = "+14155550100",
-    message_id: str | None = None,
-    emulated: Any = None,
-) -> int:
-    """A stored, queued message (and its record on the emulated portal, if given)."""
-    message_id = message_id or secrets.token_hex(16)
-    if emulated is not None:
-        emulated.messages[message_id] = {"code": code, "to": to, "body": "hi", "statuses": []}
-    with svc.db.session() as session:
-        # A bare queued row, without the HANDLER's first history entry, so the tests see
-        # exactly the statuses delivery records.
-        now = utcnow()
-        message = Message(
-            portal_id=portal_id,
-            code=code,
-            message_id=message_id,
-            to_raw=to or "garbage",
-            to=to,
-            body="secret body text",
-            module_id="crm",
-            context={},
-            status="queued",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(message)
-        session.flush()
-        return message.id
-
-
-def load(svc: Service, message_pk: int) -> Message:
-    with svc.db.session() as session:
-        return session.get(Message, message_pk)
-
-
-def history(svc: Service, message_pk: int) -> list[tuple[str, str, bool]]:
-    with svc.db.session() as session:
-        rows = session.scalars(
-            select(StatusEvent).where(StatusEvent.message_pk == message_pk).order_by(StatusEvent.id)
-        ).all()
-        return [(e.status, e.source, e.applied) for e in rows]
-
-
-def outbox(svc: Service) -> list[tuple[int, str, int]]:
-    with svc.db.session() as session:
-        rows = session.scalars(select(OutboxEntry).order_by(OutboxEntry.id)).all()
-        return [(e.message_pk, e.status, e.version) for e in rows]
+from tests.helpers import (
+    CODE,
+    Recorder,
+    add_message,
+    add_portal,
+    build_service,
+    gateway,
+    history,
+    load,
+    outbox,
+)
 
 
 @pytest.fixture
@@ -233,12 +56,6 @@ def svc(tmp_path, recorder) -> Iterator[Service]:
 def portal_id(svc) -> int:
     # Not active: these tests look at the outbox; nothing calls Bitrix24.
     return add_portal(svc, state=PortalState.UNINSTALLED)
-
-
-def gateway(svc: Service) -> ScriptedGateway:
-    gw = svc.gateways[CODE]
-    assert isinstance(gw, ScriptedGateway)
-    return gw
 
 
 # -- the tests ----------------------------------------------------------------------------------

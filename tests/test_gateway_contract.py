@@ -1,183 +1,148 @@
-"""The gateway contract, checked for every gateway type that discovery finds.
+"""The gateway contract, checked with the plugin kit's own suite (``b24sms.testing``).
 
-Parametrised over the types of all installed plugins — the built-ins and any third-party one
-(install ``examples/b24sms-example-gateway`` and it is checked too). Each type supplies a minimal
-valid configuration in its ``example_options`` class attribute, pointing at nothing real (a
-closed local port), so ``send`` must fail cleanly with a :class:`GatewayError`.
+- :class:`TestEveryInstalledGatewayType` runs :class:`~b24sms.testing.GatewayTypeContract`
+  over every type discovery finds: the built-ins and any third-party one (install
+  ``examples/b24sms-example-gateway`` and it is checked too), with their ``example_options``.
+- One :class:`~b24sms.testing.GatewayContract` subclass per built-in gateway drives it against
+  its fake (``tests/fakes``), exactly as a plugin package's tests drive theirs.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from marshmallow import Schema
 
-from b24sms.gateway import (
-    CallbackRejected,
-    CallbackRequest,
-    Gateway,
-    GatewayError,
-    OutgoingMessage,
-    SendResult,
-    StatusReport,
-)
-from b24sms.plugins import build_gateways, gateway_types, make_plugin_manager
-from b24sms.statuses import STATUSES
+from b24sms.plugins import gateway_types, make_plugin_manager
+from b24sms.testing import GatewayContract, GatewayTypeContract
+from tests.fakes.http_gateway import FakeSmsApi, post_callback
+from tests.fakes.smtp_server import LoopbackController, Recorder
+from tests.fakes.twilio_api import FakeTwilio
 
 TYPES = gateway_types(make_plugin_manager())
-PUBLIC_URL = "https://sms.example.com"
-SECRET_KEY_RE = re.compile(r"token|secret|password|key", re.IGNORECASE)
 
 
-@pytest.fixture(params=list(TYPES.values()), ids=list(TYPES))
-def gtype(request) -> Any:
-    """Each discovered gateway type in turn."""
-    return request.param
+class TestEveryInstalledGatewayType(GatewayTypeContract):
+    @pytest.fixture(params=sorted(TYPES))
+    def gateway_type(self, request: pytest.FixtureRequest) -> Any:
+        """Each discovered gateway type in turn."""
+        return TYPES[request.param]
 
 
-def example_options(cls: type[Gateway]) -> dict[str, Any]:
-    options = getattr(cls, "example_options", None)
-    if options is None and cls.options_schema is not None:
-        pytest.fail(f"{cls.__name__} has no example_options (a minimal valid configuration)")
-    return dict(options or {})
+class TestLogContract(GatewayContract):
+    plugin = "log"
+    documented_statuses = {status: status for status in ("delivered", "sent", "failed")}
+
+    def options(self, api: Any) -> dict[str, Any]:
+        return {"outcome": "delivered"}
 
 
-@pytest.fixture
-def gateway(gtype) -> Any:
-    providers = {"contract": {"plugin": gtype.name, "options": example_options(gtype.cls)}}
-    instance = build_gateways(providers, TYPES, PUBLIC_URL)["contract"]
-    yield instance
-    instance.close()
+CALLBACK_SECRET = "contract-callback-secret-0123"
 
 
-def secrets_of(cls: type[Gateway]) -> list[str]:
-    return [
-        str(value)
-        for key, value in example_options(cls).items()
-        if SECRET_KEY_RE.search(key) and isinstance(value, str)
-    ]
+class TestHttpContract(GatewayContract):
+    plugin = "http"
+    # FakeSmsApi's words, as its module docstring describes its API
+    documented_statuses = {"ACCEPTED": "queued", "DELIVRD": "delivered", "UNDELIV": "undelivered"}
+
+    @pytest.fixture
+    def fake_api(self) -> Iterator[FakeSmsApi]:
+        with FakeSmsApi() as api:
+            yield api
+
+    def options(self, api: FakeSmsApi) -> dict[str, Any]:
+        return {
+            "url": api.json_url,
+            "body": {"to": "{to}", "text": "{body}"},
+            "response_id": "messages.0.id",
+            "response_status": "messages.0.status",
+            "callback_id": "id",
+            "callback_status": "status",
+            "callback_secret": CALLBACK_SECRET,
+            "statuses": dict(self.documented_statuses),
+            "timeout": 2,
+        }
+
+    def fail_next_send(self, api: FakeSmsApi, kind: str) -> None:
+        api.fail_next(503 if kind == "retryable" else 400)
+
+    def report_delivered(self, api: FakeSmsApi, callback_url: str) -> None:
+        for message in list(api.messages):
+            report = {"id": message["id"], "status": "DELIVRD"}
+            response = post_callback(callback_url, report, CALLBACK_SECRET)
+            assert response.status_code == 200, response.text
 
 
-def test_declares_the_class_attributes(gtype):
-    cls = gtype.cls
-    assert issubclass(cls, Gateway)
-    assert isinstance(cls.name, str) and cls.name == gtype.name
-    assert cls.options_schema is None or (
-        isinstance(cls.options_schema, type) and issubclass(cls.options_schema, Schema)
-    )
-    assert isinstance(cls.statuses, Mapping)
-    assert isinstance(cls.callbacks, bool)
-    assert cls.poll_interval is None or cls.poll_interval > 0
-    assert cls.__doc__, "a gateway type says what it is in its docstring"
+class TestTwilioContract(GatewayContract):
+    plugin = "twilio"
+    # https://www.twilio.com/docs/messaging/api/message-resource#message-status-values
+    documented_statuses = {
+        "queued": "queued",
+        "sent": "sent",
+        "delivered": "delivered",
+        "read": "delivered",
+        "undelivered": "undelivered",
+        "failed": "failed",
+        "canceled": "failed",
+    }
+
+    @pytest.fixture
+    def fake_api(self) -> Iterator[FakeTwilio]:
+        with FakeTwilio() as api:
+            yield api
+
+    def options(self, api: FakeTwilio) -> dict[str, Any]:
+        return {
+            "account_sid": api.account_sid,
+            "auth_token": api.auth_token,
+            "from": "+15005550006",
+            "api_base_url": api.url,
+            "timeout": 2,
+        }
+
+    def fail_next_send(self, api: FakeTwilio, kind: str) -> None:
+        if kind == "retryable":
+            api.inject(503, 20503, "Service Unavailable")
+        else:
+            api.inject(400, 21211, "The 'To' number is not a valid phone number.")
+
+    def report_delivered(self, api: FakeTwilio, callback_url: str) -> None:
+        for sid in list(api.messages):
+            response = api.callback(sid, "delivered")
+            assert response.status_code == 200, response.text
 
 
-def test_status_map_speaks_only_the_five_statuses(gtype, gateway):
-    for statuses in (gtype.cls.statuses, gateway.statuses):
-        assert all(isinstance(word, str) for word in statuses)
-        assert set(statuses.values()) <= set(STATUSES)
-    for word, status in gateway.statuses.items():
-        assert gateway.map_status(word) == status
-    assert gateway.map_status("certainly-not-a-status-word") is None
+class TestEmailContract(GatewayContract):
+    plugin = "email"
+    # an SMTP server's 250 says it took the mail, no more (RFC 5321, 4.2.3)
+    documented_statuses = {"250": "sent"}
+    final_status = "sent"
 
+    @pytest.fixture
+    def fake_api(self) -> Iterator[Recorder]:
+        recorder = Recorder()
+        controller = LoopbackController(recorder, hostname="127.0.0.1", port=0)
+        controller.start()
+        recorder.port = controller.port
+        try:
+            yield recorder
+        finally:
+            controller.stop()
 
-def test_method_signatures(gtype):
-    cls = gtype.cls
+    def options(self, api: Recorder) -> dict[str, Any]:
+        return {
+            "smtp_host": "127.0.0.1",
+            "smtp_port": api.port,
+            "security": "none",
+            "from": "sms@b24sms.test",
+            "address": "{digits}@sms.b24sms.test",
+            "timeout": 5,
+        }
 
-    def params(name: str) -> list[str]:
-        return list(inspect.signature(getattr(cls, name)).parameters)
-
-    assert params("send") == ["self", "message"]
-    assert params("parse_callback") == ["self", "request"]
-    assert params("poll") == ["self", "external_id"]
-    assert params("map_status") == ["self", "raw_status"]
-    assert params("close") == ["self"]
-    assert list(inspect.signature(cls.__init__).parameters)[:3] == ["self", "options", "context"]
-    assert cls.send is not Gateway.send, "send() must be implemented"
-
-
-def test_example_options_load_and_unknown_options_are_refused(gtype):
-    schema = gtype.cls.options_schema
-    if schema is None:
-        pytest.skip("takes no options")
-    from marshmallow import RAISE, ValidationError
-
-    schema(unknown=RAISE).load(example_options(gtype.cls))
-    with pytest.raises(ValidationError):
-        schema(unknown=RAISE).load({**example_options(gtype.cls), "no_such_option": 1})
-
-
-def message(gateway: Gateway) -> OutgoingMessage:
-    return OutgoingMessage(
-        id=1,
-        message_id="contract-1",
-        code=gateway.code,
-        member_id="member",
-        to="+14155550100",
-        body="contract test",
-        callback_url=gateway.callback_url,
-    )
-
-
-def test_send_answers_a_result_or_raises_only_gateway_errors(gtype, gateway):
-    try:
-        result = gateway.send(message(gateway))
-    except GatewayError as exc:
-        assert isinstance(exc.retryable, bool)
-        text = str(exc)
-        for secret in secrets_of(gtype.cls):
-            assert secret not in text, "a secret option reached an error message"
-        return
-    assert isinstance(result, SendResult)
-    assert isinstance(result.raw_status, str)
-    assert result.status is None or result.status in STATUSES
-    assert all(isinstance(report, StatusReport) for report in result.later)
-
-
-def test_poll_answers_a_report_none_or_a_gateway_error(gateway):
-    try:
-        report = gateway.poll("contract-external-id")
-    except GatewayError:
-        return
-    assert report is None or isinstance(report, StatusReport)
-
-
-UNSIGNED = [
-    CallbackRequest(
-        method="POST",
-        url=f"{PUBLIC_URL}/gateways/contract/callback",
-        headers={"Content-Type": "application/json"},
-        body=b'{"id": "1", "status": "delivered", "sms_id": "1", "state": "delivered"}',
-        content_type="application/json",
-    ),
-    CallbackRequest(
-        method="POST",
-        url=f"{PUBLIC_URL}/gateways/contract/callback",
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-        body=b"MessageSid=SM1&MessageStatus=delivered&id=1&status=delivered",
-        form={"MessageSid": "SM1", "MessageStatus": "delivered", "id": "1", "status": "delivered"},
-        content_type="application/x-www-form-urlencoded",
-    ),
-    CallbackRequest(
-        method="GET", url=f"{PUBLIC_URL}/gateways/contract/callback", headers={}, body=b""
-    ),
-]
-
-
-@pytest.mark.parametrize("request_", UNSIGNED, ids=["json", "form", "empty"])
-def test_unauthenticated_callbacks_are_rejected(gateway, request_):
-    with pytest.raises(CallbackRejected):
-        gateway.parse_callback(request_)
-
-
-def test_callback_response_shape(gateway):
-    body, status, headers = gateway.callback_response([])
-    assert isinstance(body, str | bytes) and isinstance(status, int)
-    assert isinstance(headers, Mapping)
+    def fail_next_send(self, api: Recorder, kind: str) -> None:
+        api.rcpt_answer = "451 4.3.0 try again later" if kind == "retryable" else "550 no such user"
 
 
 def test_nothing_listens_where_the_examples_point():

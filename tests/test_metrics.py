@@ -82,11 +82,10 @@ def installed(server, emulator):
 # -- switched off, switched on, protected ----------------------------------------------------
 
 
-def test_metrics_are_off_by_default(live_app):
-    server = live_app()
-    response = requests.get(f"{server.url}/metrics", timeout=10)
+def test_metrics_are_off_by_default(client):
+    response = client.get("/metrics")
     assert response.status_code == 404
-    assert response.json()["error"] == "not_found"
+    assert response.json["error"] == "not_found"
 
 
 def test_the_token_is_required_and_never_echoed(live_app):

@@ -18,7 +18,7 @@ from b24sms.messages import record_status
 from b24sms.models import Message, OutboxEntry, Portal, PortalPacing, PortalState, utcnow
 from b24sms.outbox import flush_portal, outbox_backlog
 from b24sms.queue import FLUSH_MARKER_GRACE
-from tests.test_delivery import add_message, add_portal, build_service, load, outbox
+from tests.helpers import add_message, add_portal, build_service, load, outbox
 
 
 @pytest.fixture

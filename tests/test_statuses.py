@@ -15,7 +15,7 @@ from b24sms.delivery import apply_reports
 from b24sms.gateway import SendResult, StatusReport
 from b24sms.models import Message, PortalState
 from b24sms.statuses import FINAL_STATUSES, STATUSES, moves_forward
-from tests.test_delivery import (
+from tests.helpers import (
     CODE,
     Recorder,
     add_message,

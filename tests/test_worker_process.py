@@ -27,7 +27,7 @@ from b24sms.plugins import make_plugin_manager
 from b24sms.service import Service
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 from tests.deployment import write_config
-from tests.test_delivery import add_message, add_portal, create_schema, load
+from tests.helpers import add_message, add_portal, create_schema, load
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 

@@ -27,6 +27,17 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
+#: the carrier's states and what its API documentation says each means (the contract tests
+#: check the gateway's status map against this, so it is written from the docs, not the map)
+DOCUMENTED_STATES = {
+    "accepted": "queued",  # taken, not yet handed to a network
+    "enroute": "sent",  # handed to the mobile network
+    "delivered": "delivered",  # the handset confirmed it
+    "expired": "undelivered",  # the network gave up before the validity period ended
+    "undeliverable": "undelivered",  # the network refused it
+    "rejected": "failed",  # the carrier refused it (content, number)
+}
+
 
 def signature_header(secret: str, body: bytes, timestamp: int | None = None) -> str:
     """The ``Example-Signature`` value the carrier sends with ``body``."""

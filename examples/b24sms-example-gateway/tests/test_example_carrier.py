@@ -1,6 +1,8 @@
-"""Tests of the example plugin: found by b24sms, configured, sending, verifying reports.
+"""Tests of the example plugin: b24sms's gateway contract (``b24sms.testing``) against the fake
+carrier, and what is particular to this carrier (replayed webhooks, option errors).
 
-Run them with ``pytest`` after ``pip install -e .[test]`` next to an installed b24sms.
+Run them with ``pytest`` after ``pip install -e .[test]`` next to an installed b24sms; its
+pytest plugin provides the fixtures the contract uses.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 import time
 
 import pytest
-from b24sms_example_gateway.testing import FakeCarrier, signature_header
+from b24sms_example_gateway.testing import DOCUMENTED_STATES, FakeCarrier, signature_header
 
 from b24sms.gateway import (
     CallbackRejected,
@@ -19,8 +21,32 @@ from b24sms.gateway import (
     RetryableGatewayError,
 )
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
+from b24sms.testing import GatewayContract
 
 SECRET = "test-webhook-secret"
+
+
+class TestExampleCarrierContract(GatewayContract):
+    """What b24sms asks of every gateway, run against the fake Example Carrier."""
+
+    plugin = "example-carrier"
+    documented_statuses = DOCUMENTED_STATES
+    to = "+4915112345678"
+
+    @pytest.fixture
+    def fake_api(self):
+        with FakeCarrier(api_key="k", webhook_secret=SECRET) as fake:
+            yield fake
+
+    def options(self, api):
+        return {"api_url": api.url, "api_key": "k", "sender": "ACME", "webhook_secret": SECRET}
+
+    def fail_next_send(self, api, kind):
+        api.fail_next(503 if kind == "retryable" else 401)
+
+    def report_delivered(self, api, callback_url):
+        for message in list(api.sent):
+            assert api.report(message["sms_id"], "delivered") == 200
 
 
 @pytest.fixture
