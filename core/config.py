@@ -127,6 +127,16 @@ class Bitrix24Schema(Schema):
     burst = fields.Integer(load_default=50, validate=validate.Range(min=1, max=250))
     timeout = fields.Float(load_default=30.0, validate=validate.Range(min=1, max=60))
     user_agent = fields.String(load_default="")
+    #: optional: globs of the portal host names an install may have (empty: any), e.g.
+    #: ["*.bitrix24.com", "crm.example.org"]; checked before and after the OAuth proof
+    allowed_domains = fields.List(
+        fields.String(
+            validate=validate.Regexp(
+                r"^[A-Za-z0-9.*?\[\]-]+$", error="must be a host name glob like *.bitrix24.com"
+            )
+        ),
+        load_default=list,
+    )
 
 
 class MetricsSchema(Schema):

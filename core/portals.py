@@ -1,7 +1,10 @@
 """Portals: install (event or UI form), re-install, update and uninstall.
 
-A portal is identified by ``member_id``; its domain may change. Every event after the install
-must carry the ``application_token`` stored at install time, compared in constant time.
+A portal is identified by ``member_id``; its domain may change. A portal becomes known, or a
+known one changes address, tokens or ``application_token``, only from an install or update that
+Bitrix24's OAuth server confirmed (:func:`b24sms.bitrix24.verify.prove_install`): what is
+stored comes from the OAuth server's answer. Every other event must carry the stored
+``application_token``, compared in constant time.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from .models import Portal, PortalState, utcnow
+
+if TYPE_CHECKING:
+    # Imported late at run time: the Bitrix24 client imports this module.
+    from .bitrix24.verify import InstallClaim, ProvenInstall
 
 
 def tokens_match(stored: str | None, given: str | None) -> bool:
@@ -50,34 +57,56 @@ def token_expiry(expires: Any, expires_in: Any) -> dt.datetime | None:
     return None
 
 
+def claim_from_event(auth: Mapping[str, Any]) -> InstallClaim:
+    """What an ONAPPINSTALL / ONAPPUPDATE says in ``auth[…]`` (not yet believed)."""
+    from .bitrix24.verify import InstallClaim
+
+    return InstallClaim(
+        member_id=str(auth["member_id"]),
+        domain=str(auth["domain"]),
+        refresh_token=str(auth["refresh_token"]),
+        client_endpoint=_text(auth.get("client_endpoint")) or None,
+        server_endpoint=_text(auth.get("server_endpoint")) or None,
+    )
+
+
+def claim_from_form(form: Mapping[str, Any]) -> InstallClaim:
+    """What the UI install form says: tokens in the body, the address in the query string
+    (``DOMAIN``; ``PROTOCOL`` 0 means http, 1 https: b24restdocs ``settings/oauth/simple-way.md``).
+    """
+    from .bitrix24.verify import InstallClaim
+
+    scheme = "http" if form["PROTOCOL"] == "0" else "https"
+    return InstallClaim(
+        member_id=str(form["member_id"]),
+        domain=str(form["DOMAIN"]),
+        refresh_token=str(form["REFRESH_ID"]),
+        client_endpoint=f"{scheme}://{form['DOMAIN']}/rest/",
+        server_endpoint=_text(form.get("SERVER_ENDPOINT")) or None,
+    )
+
+
 def save_install(
     session: Session,
+    proven: ProvenInstall,
     *,
-    member_id: str,
-    domain: str,
-    client_endpoint: str,
-    server_endpoint: str | None,
-    access_token: str,
-    refresh_token: str,
     application_token: str,
-    expires_at: dt.datetime | None,
-    scope: str | None,
     language: str | None,
 ) -> tuple[Portal, bool]:
-    """Create or refresh a portal from install data; returns (portal, created)."""
-    portal = find_portal(session, member_id, lock=True)
+    """Create or refresh a portal from an install proven at the OAuth server; returns
+    (portal, created).
+
+    Address, member_id and tokens come from the OAuth server's answer (``proven``), never from
+    the request; only the ``application_token`` and the language are the install's own. Any
+    previous state (uninstalled, needs re-install, blocked) ends: the portal is active again.
+    """
+    portal = find_portal(session, proven.member_id, lock=True)
     created = portal is None
     if portal is None:
-        portal = Portal(member_id=member_id)
+        portal = Portal(member_id=proven.member_id)
         session.add(portal)
-    portal.domain = domain
-    portal.client_endpoint = client_endpoint
-    portal.server_endpoint = server_endpoint
-    portal.access_token = access_token
-    portal.refresh_token = refresh_token
+    _store_proven(portal, proven)
     portal.application_token = application_token
-    portal.token_expires_at = expires_at
-    portal.scope = scope
     portal.language = language
     portal.state = PortalState.ACTIVE
     portal.last_error = None
@@ -88,59 +117,42 @@ def save_install(
     return portal, created
 
 
-def install_from_event(
-    session: Session, auth: Mapping[str, Any], data: Mapping[str, Any]
-) -> tuple[Portal, bool]:
-    """ONAPPINSTALL: everything is in ``auth[…]``."""
-    return save_install(
-        session,
-        member_id=auth["member_id"],
-        domain=auth["domain"],
-        client_endpoint=auth.get("client_endpoint") or f"https://{auth['domain']}/rest/",
-        server_endpoint=auth.get("server_endpoint"),
-        access_token=auth["access_token"],
-        refresh_token=auth["refresh_token"],
-        application_token=auth["application_token"],
-        expires_at=token_expiry(auth.get("expires"), auth.get("expires_in")),
-        scope=auth.get("scope"),
-        language=_text(data.get("LANGUAGE_ID")),
-    )
+def update_from_event(
+    session: Session,
+    portal: Portal,
+    proven: ProvenInstall | None,
+    application_token: str | None,
+) -> None:
+    """ONAPPUPDATE: the portal stays ours; Bitrix24 deleted our providers with the update.
 
-
-def install_from_form(session: Session, form: Mapping[str, Any]) -> tuple[Portal, bool]:
-    """The UI install page: tokens in the POST body, the domain in the query string."""
-    scheme = "http" if form["PROTOCOL"] == "0" else "https"
-    return save_install(
-        session,
-        member_id=form["member_id"],
-        domain=form["DOMAIN"],
-        client_endpoint=f"{scheme}://{form['DOMAIN']}/rest/",
-        server_endpoint=form.get("SERVER_ENDPOINT"),
-        access_token=form["AUTH_ID"],
-        refresh_token=form["REFRESH_ID"],
-        application_token=form["APPLICATION_TOKEN"],
-        expires_at=token_expiry(None, form.get("AUTH_EXPIRES")),
-        scope=form.get("APPLICATION_SCOPE"),
-        language=form.get("LANG"),
-    )
-
-
-def update_from_event(session: Session, portal: Portal, auth: Mapping[str, Any]) -> None:
-    """ONAPPUPDATE: fresh tokens may come with it; the portal stays ours."""
-    if auth.get("access_token"):
-        portal.access_token = auth["access_token"]
-        portal.token_expires_at = token_expiry(auth.get("expires"), auth.get("expires_in"))
-    if auth.get("refresh_token"):
-        portal.refresh_token = auth["refresh_token"]
-    if auth.get("client_endpoint"):
-        portal.client_endpoint = auth["client_endpoint"]
-    if auth.get("domain"):
-        portal.domain = auth["domain"]
-    if portal.state != PortalState.BLOCKED:
-        portal.state = PortalState.ACTIVE
+    :param proven: the event's tokens as the OAuth server confirmed them, or None: then the
+        stored tokens and address stay as they are.
+    :param application_token: the update's token when it was proven (a new one is stored:
+        b24restdocs ``api-reference/common/events/on-app-update.md`` "the updated
+        ``application_token``"), or None to keep the stored one.
+    """
+    if proven is not None:
+        _store_proven(portal, proven)
+        if portal.state != PortalState.BLOCKED:
+            portal.state = PortalState.ACTIVE
+            portal.last_error = None
+    if application_token:
+        portal.application_token = application_token
     # Bitrix24 deleted our providers with the update: forget what we registered.
     for registration in portal.registrations:
         registration.fingerprint = None
+
+
+def _store_proven(portal: Portal, proven: ProvenInstall) -> None:
+    portal.domain = proven.domain
+    portal.client_endpoint = proven.client_endpoint
+    portal.server_endpoint = proven.server_endpoint
+    portal.access_token = proven.access_token
+    # The exchange spent the install's refresh token: this is the pair that works now.
+    portal.refresh_token = proven.refresh_token
+    portal.token_expires_at = proven.expires_at
+    if proven.scope:
+        portal.scope = proven.scope
 
 
 def uninstall(session: Session, portal: Portal, *, clean: bool) -> None:

@@ -98,15 +98,15 @@ def test_forged_reinstall_of_a_known_portal_is_refused(live_app, emulator):
     )
 
 
-def test_a_reinstall_checked_at_a_slow_portal_holds_no_other_call(live_app, emulator):
-    """The re-install's proof (a call to the portal) runs outside any transaction: on SQLite a
+def test_a_reinstall_checked_at_a_slow_oauth_server_holds_no_other_call(live_app, emulator):
+    """The re-install's proof (the OAuth exchange) runs outside any transaction: on SQLite a
     transaction would hold every writer, HANDLER calls included, for as long as it takes."""
     import threading
 
     server = live_app(providers=LOG)
     portal = emulator.add_portal()
     portal.install(server.url)
-    portal.rest_delays["app.info"] = 1.5  # what the re-install's proof asks
+    emulator.refresh_delay = 1.5  # what the re-install's proof asks
     finished: list[str] = []
 
     def forged_reinstall():

@@ -36,6 +36,7 @@ from .errors import (
     network_error,
 )
 from .oauth import CONNECT_TIMEOUT, inactive_portal_error, refresh_tokens
+from .policy import check_url, refuse_redirect
 
 __all__ = [
     "MAX_BATCH",
@@ -100,6 +101,12 @@ class Bitrix24Client:
     :param portal_id: primary key of the :class:`~b24sms.models.Portal`.
     :param settings: ``config["bitrix24"]``.
     :param http: the HTTP session; default :func:`shared_session`.
+    :param timeout: ``(connect, read)`` seconds per request; default the connect timeout and
+        ``settings["timeout"]``. Calls made inside a web request pass
+        :data:`~b24sms.bitrix24.policy.WEB_TIMEOUT`.
+
+    Requests go only to http(s) endpoints and never follow a redirect (a 3xx raises
+    :class:`~b24sms.bitrix24.policy.RedirectRefused`): see :mod:`b24sms.bitrix24.policy`.
     """
 
     def __init__(
@@ -108,11 +115,14 @@ class Bitrix24Client:
         portal_id: int,
         settings: Mapping[str, Any],
         http: requests.Session | None = None,
+        *,
+        timeout: float | tuple[float, float] | None = None,
     ) -> None:
         self.db = db
         self.portal_id = portal_id
         self.settings = settings
         self.http = http or shared_session()
+        self.timeout = timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0)))
         #: the ``time`` block of the latest answer that had one: ``operating``,
         #: ``operating_reset_at``… for pacing
         self.last_time: dict[str, Any] | None = None
@@ -194,7 +204,9 @@ class Bitrix24Client:
             self._mark(exc, token)
             raise
         # Raises TokensRevoked itself (and marks the portal) when the refresh is refused.
-        refresh_tokens(self.db, self.portal_id, token, self.settings, self.http)
+        refresh_tokens(
+            self.db, self.portal_id, token, self.settings, self.http, timeout=self.timeout
+        )
         # Re-read rather than trust the returned token alone: the refresh may have moved the
         # portal to another client_endpoint, and someone may already hold an even newer token.
         token, endpoint = self._load()
@@ -223,14 +235,18 @@ class Bitrix24Client:
         url += method
         started = time.perf_counter()
         try:
+            check_url(url)
             response = self.http.post(
                 url,
                 json={**params, "auth": token},
                 headers={"User-Agent": user_agent(self.settings), "Accept": "application/json"},
-                timeout=(CONNECT_TIMEOUT, float(self.settings.get("timeout", 30.0))),
+                timeout=self.timeout,
+                # A portal must not bounce our token to another address (see .policy).
+                allow_redirects=False,
             )
-        except requests.RequestException as exc:
-            error = network_error(exc, url)
+            refuse_redirect(response)
+        except (requests.RequestException, Bitrix24Error) as exc:
+            error = exc if isinstance(exc, Bitrix24Error) else network_error(exc, url)
             metrics.observe_rest_request(method, time.perf_counter() - started)
             metrics.count_rest_error(method, error.code)
             log.warning("%s: %s failed: %s", self.domain, method, error)

@@ -34,6 +34,7 @@ from .errors import (
     from_response,
     network_error,
 )
+from .policy import check_url, refuse_redirect
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def refresh_tokens(
     failed_access_token: str | None,
     settings: Mapping[str, Any],
     http: requests.Session | None = None,
+    *,
+    timeout: float | tuple[float, float] | None = None,
 ) -> str:
     """Get a working access token for a portal whose token ``failed_access_token`` expired.
 
@@ -61,15 +64,13 @@ def refresh_tokens(
     :param settings: ``config["bitrix24"]`` (``client_id``, ``client_secret``, ``oauth_url``,
         ``timeout``, ``user_agent``).
     :param http: the session to send with; default the process-wide one.
+    :param timeout: as for :func:`exchange_refresh_token`.
     :returns: the access token to use.
     :raises TokensRevoked: OAuth refused the refresh (``invalid_grant``, ``invalid_client``) or
         there is nothing to refresh with; the portal is then marked ``needs_reinstall`` (committed).
     :raises TransientError: OAuth could not be reached or answered garbage; retry later.
     :raises Bitrix24Error: any other refusal (``invalid_scope``, ``PAYMENT_REQUIRED``…).
     """
-    from .client import shared_session, user_agent
-
-    http = http or shared_session()
     revoked: TokensRevoked | None = None
     with db.session() as session:
         # The lock is the point: it is held until the new tokens are committed.
@@ -88,7 +89,9 @@ def refresh_tokens(
             revoked = TokensRevoked("NO_REFRESH_TOKEN", "no refresh token stored")
         else:
             try:
-                answer = _exchange(portal.refresh_token, settings, http, user_agent(settings))
+                answer = exchange_refresh_token(
+                    portal.refresh_token, settings, http, timeout=timeout
+                )
             except TokensRevoked as exc:
                 revoked = exc
             except Bitrix24Error as exc:
@@ -119,11 +122,33 @@ def inactive_portal_error(portal: Portal) -> Bitrix24Error:
     return TokensRevoked("PORTAL_NOT_ACTIVE", text)
 
 
-def _exchange(
-    refresh_token: str, settings: Mapping[str, Any], http: requests.Session, agent: str
+def exchange_refresh_token(
+    refresh_token: str,
+    settings: Mapping[str, Any],
+    http: requests.Session | None = None,
+    *,
+    timeout: float | tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """One GET to the OAuth server; the decoded answer, or a typed error."""
-    url = settings["oauth_url"]
+    """Exchange a refresh token at ``settings["oauth_url"]``: one GET, no redirect followed.
+
+    Bitrix24's OAuth server answers a new pair and names the portal (``member_id``,
+    ``client_endpoint``, ``server_endpoint``; its ``domain`` is the OAuth server's own) —
+    b24restdocs ``settings/oauth/auto-renewal.md``. The refresh token is spent: store the new one.
+
+    :param refresh_token: the token to exchange.
+    :param settings: ``config["bitrix24"]`` (``client_id``, ``client_secret``, ``oauth_url``,
+        ``timeout``, ``user_agent``).
+    :param http: the session to send with; default the process-wide one.
+    :param timeout: ``(connect, read)`` seconds; default the connect timeout and
+        ``settings["timeout"]`` (a web request passes :data:`~.policy.WEB_TIMEOUT`).
+    :returns: the decoded answer, with ``access_token`` and ``refresh_token``.
+    :raises TokensRevoked: ``invalid_grant`` / ``invalid_client``.
+    :raises TransientError: unreachable, a redirect, a 5xx or an answer without tokens.
+    :raises Bitrix24Error: any other refusal (``invalid_scope``, ``PAYMENT_REQUIRED``…).
+    """
+    from .client import shared_session, user_agent
+
+    url = check_url(settings["oauth_url"])
     params = {
         "grant_type": "refresh_token",
         "client_id": settings.get("client_id", ""),
@@ -131,14 +156,16 @@ def _exchange(
         "refresh_token": refresh_token,
     }
     try:
-        response = http.get(
+        response = (http or shared_session()).get(
             url,
             params=params,
-            headers={"User-Agent": agent, "Accept": "application/json"},
-            timeout=(CONNECT_TIMEOUT, float(settings.get("timeout", 30.0))),
+            headers={"User-Agent": user_agent(settings), "Accept": "application/json"},
+            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0))),
+            allow_redirects=False,
         )
     except requests.RequestException as exc:
         raise network_error(exc, url) from None
+    refuse_redirect(response)
     try:
         payload = response.json()
     except ValueError:

@@ -1,20 +1,32 @@
-"""Proving that an access token someone shows us is alive at a portal we know.
+"""Proving, with Bitrix24 itself, who is calling us.
 
-Used where a caller cannot be checked by ``application_token``: a re-install that brings a new
-one, and the app page that Bitrix24 opens in a frame with the user's ``AUTH_ID``.
+Two proofs, both asked of Bitrix24 and never of an address a request names:
 
-The token is always tried at the portal's *stored* ``client_endpoint``, never at an address
-from the request: a token is only proof of "this portal" when the portal itself accepts it.
+- :func:`prove_install`: an install (event or UI form), a re-install, or an update that brings
+  new tokens. Its refresh token is exchanged at Bitrix24's OAuth server (``[bitrix24]
+  oauth_url``) with our ``client_id`` and ``client_secret``; the answer names the portal
+  (``member_id``, ``client_endpoint``, ``server_endpoint``) and the install's own fields must
+  agree with it. Bitrix24 asks apps to "verify the token on the server side" and to "ensure the
+  token was issued for your application and Bitrix24", and names the authorization server "the
+  holder of the application's authorization; only it issues and renews tokens" (b24restdocs
+  ``settings/cloud-and-on-premise/security-recommendations.md``, ``settings/oauth/index.md``);
+  the answer's fields are listed in ``settings/oauth/auto-renewal.md``.
+- :func:`probe_token`: an access token someone shows us (the app page's ``AUTH_ID``, an
+  update's ``access_token``) is tried with ``app.info`` at the portal's *stored*
+  ``client_endpoint``: a token is only proof of "this portal" when the portal itself accepts it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import fnmatch
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +34,9 @@ import requests
 
 from .. import metrics
 from .client import shared_session, user_agent
-from .oauth import CONNECT_TIMEOUT
+from .errors import Bitrix24Error, TokensRevoked, TransientError
+from .oauth import CONNECT_TIMEOUT, exchange_refresh_token
+from .policy import WEB_TIMEOUT, check_url, refuse_redirect, web_slots
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +101,25 @@ def probe_token(
     settings: Mapping[str, Any],
     *,
     ttl: float = 0.0,
+    web: bool = True,
 ) -> bool:
-    """True when ``app.info`` answers with a result for this token at this portal.
+    """True when ``app.info`` answers for this token at this portal, naming our app.
 
-    For a local app (``client_id`` ``local.…``) the answer must also name *our* app
-    (``result.CODE == client_id``): a token another app on the same portal received is alive
-    there too, and must not open our data. Marketplace apps' codes differ from their client_id,
-    so for them a live token is the proof.
+    The answer must carry the app's ``CODE``: an answer without one proves nothing (any server
+    can answer ``{"result": {}}``). For a local app (``client_id`` ``local.…``) the CODE must
+    also be *our* ``client_id``: a token another app on the same portal received is alive there
+    too, and must not open our data. Marketplace apps' codes differ from their client_id, so
+    for them a CODE-bearing answer from the portal's stored address is the proof (b24restdocs
+    ``api-reference/common/system/app-info.md``).
 
     :param client_endpoint: the portal's stored REST address.
     :param access_token: the token to check.
     :param settings: ``config["bitrix24"]`` (``client_id``, ``timeout``, ``user_agent``).
     :param ttl: seconds to remember a positive answer (0: ask every time). Refusals are
         remembered for at most :data:`NEGATIVE_TTL` seconds.
+    :param web: the caller is a web request: short timeouts, and one of the process's
+        :data:`~.policy.web_slots` is held for the call.
+    :raises SlotsBusy: ``web`` and every slot is taken (answer 503; nothing was asked).
     """
     if not access_token:
         return False
@@ -108,26 +128,38 @@ def probe_token(
         cached = _cache.get(key)
         if cached is not None:
             return cached
-    answer = _ask(client_endpoint, access_token, settings)
+    if web:
+        with web_slots.hold():
+            answer = _ask(client_endpoint, access_token, settings, WEB_TIMEOUT)
+    else:
+        answer = _ask(client_endpoint, access_token, settings, None)
     if key:
         _cache.put(key, answer, ttl if answer else min(ttl, NEGATIVE_TTL))
     return answer
 
 
-def _ask(client_endpoint: str, access_token: str, settings: Mapping[str, Any]) -> bool:
+def _ask(
+    client_endpoint: str,
+    access_token: str,
+    settings: Mapping[str, Any],
+    timeout: tuple[float, float] | None,
+) -> bool:
     method = "app.info"
     started = time.perf_counter()
     try:
+        url = check_url(client_endpoint.rstrip("/") + "/" + method)
         response = shared_session().post(
-            client_endpoint.rstrip("/") + "/" + method,
+            url,
             json={"auth": access_token},
             headers={"User-Agent": user_agent(settings)},
-            timeout=(CONNECT_TIMEOUT, float(settings.get("timeout", 30))),
+            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30))),
+            allow_redirects=False,
         )
+        refuse_redirect(response)
         body = response.json()
-    except (requests.RequestException, ValueError) as exc:
+    except (requests.RequestException, ValueError, Bitrix24Error) as exc:
         metrics.observe_rest_request(method, time.perf_counter() - started)
-        metrics.count_rest_error(method, type(exc).__name__)
+        metrics.count_rest_error(method, getattr(exc, "code", type(exc).__name__))
         log.warning("token probe at %s failed: %s", _host(client_endpoint), type(exc).__name__)
         return False
     metrics.observe_rest_request(method, time.perf_counter() - started)
@@ -135,18 +167,211 @@ def _ask(client_endpoint: str, access_token: str, settings: Mapping[str, Any]) -
         error = body.get("error") if isinstance(body, dict) else None
         metrics.count_rest_error(method, str(error or f"HTTP_{response.status_code}"))
         return False
-    client_id = str(settings.get("client_id") or "")
     result = body["result"]
-    if (
-        client_id.startswith("local.")
-        and isinstance(result, dict)
-        and result.get("CODE")
-        and str(result["CODE"]) != client_id
-    ):
+    code = result.get("CODE") if isinstance(result, dict) else None
+    if not isinstance(code, str) or not code:
+        log.warning("token probe at %s: app.info named no app CODE", _host(client_endpoint))
+        return False
+    client_id = str(settings.get("client_id") or "")
+    if client_id.startswith("local.") and code != client_id:
         log.warning("token probe at %s: the token belongs to another app", _host(client_endpoint))
         return False
     return True
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return "?"
+
+
+# -- installs, proven at the OAuth server ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstallClaim:
+    """What an install (or an update carrying tokens) says about itself: not yet believed."""
+
+    member_id: str
+    #: the portal's address as the request names it (``auth[domain]``, or the form's ``DOMAIN``)
+    domain: str
+    refresh_token: str
+    #: ``auth[client_endpoint]``, or ``{scheme}://{DOMAIN}/rest/`` for the UI form; None: absent
+    client_endpoint: str | None = None
+    server_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class ProvenInstall:
+    """The portal as Bitrix24's OAuth server named it, with the fresh token pair it issued."""
+
+    member_id: str
+    #: host (and port, when not the default) of :attr:`client_endpoint`
+    domain: str
+    client_endpoint: str
+    server_endpoint: str | None
+    access_token: str
+    refresh_token: str
+    expires_at: dt.datetime | None
+    scope: str | None
+
+
+class InstallRefused(Exception):
+    """The install is not proven; ``status``/``error``/``message`` make the JSON answer (no
+    secret in them)."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def domain_allowed(host: str, patterns: Sequence[str]) -> bool:
+    """True when ``patterns`` is empty or ``host`` (without its port) matches one glob of it,
+    case-insensitively (``[bitrix24] allowed_domains``)."""
+    if not patterns:
+        return True
+    name = _hostname(host)
+    return bool(name) and any(fnmatch.fnmatchcase(name, p.strip().lower()) for p in patterns)
+
+
+def prove_install(
+    claim: InstallClaim,
+    settings: Mapping[str, Any],
+    *,
+    timeout: tuple[float, float] = WEB_TIMEOUT,
+) -> ProvenInstall:
+    """Exchange the install's refresh token at the OAuth server and check the install agrees.
+
+    Nothing but the OAuth server is asked; nothing is stored. The exchange spends the claimed
+    refresh token: the caller stores the new pair of the result.
+
+    :param claim: what the install says.
+    :param settings: ``config["bitrix24"]`` (``oauth_url``, ``client_id``, ``client_secret``,
+        ``allowed_domains``…).
+    :param timeout: ``(connect, read)`` seconds for the exchange (a web request waits on it).
+    :returns: the portal as the OAuth server names it.
+    :raises InstallRefused: 403 the domain is outside ``allowed_domains``; 401 the OAuth server
+        refused the token, or named another portal, endpoint or domain; 503 it could not be
+        asked (unreachable, redirect, 5xx): the install may be sent again.
+    """
+    allowed = settings.get("allowed_domains") or []
+    if not domain_allowed(claim.domain, allowed):
+        # Checked before the exchange too: outsiders cost us no call to the OAuth server.
+        raise InstallRefused(403, "domain_not_allowed", "auth[domain]: not in allowed_domains")
+    try:
+        answer = exchange_refresh_token(claim.refresh_token, settings, timeout=timeout)
+    except TokensRevoked as exc:
+        raise InstallRefused(
+            401, "unauthorized", f"Bitrix24's OAuth server refused the tokens ({exc.code})"
+        ) from None
+    except TransientError as exc:
+        log.warning("install proof: OAuth server not usable: %s", exc)
+        raise InstallRefused(
+            503, "oauth_unavailable", "Bitrix24's OAuth server could not be asked; send again"
+        ) from None
+    except Bitrix24Error as exc:
+        raise InstallRefused(
+            401, "unauthorized", f"Bitrix24's OAuth server refused the install ({exc.code})"
+        ) from None
+    proven = _proven(answer)
+    _agree(claim, proven)
+    if not domain_allowed(proven.domain, allowed):
+        raise InstallRefused(403, "domain_not_allowed", "auth[domain]: not in allowed_domains")
+    return proven
+
+
+def _proven(answer: Mapping[str, Any]) -> ProvenInstall:
+    from ..portals import token_expiry
+
+    endpoint = answer.get("client_endpoint")
+    member_id = answer.get("member_id")
+    try:
+        if not isinstance(endpoint, str) or not isinstance(member_id, str) or not member_id:
+            raise ValueError("no client_endpoint or member_id")
+        check_url(endpoint)
+    except (ValueError, Bitrix24Error):
+        log.warning("install proof: the OAuth answer names no usable portal")
+        raise InstallRefused(
+            503, "oauth_unavailable", "Bitrix24's OAuth server named no usable portal"
+        ) from None
+    server_endpoint = answer.get("server_endpoint")
+    scope = answer.get("scope")
+    return ProvenInstall(
+        member_id=member_id,
+        domain=_netloc(endpoint),
+        client_endpoint=endpoint,
+        server_endpoint=server_endpoint if isinstance(server_endpoint, str) else None,
+        access_token=str(answer["access_token"]),
+        refresh_token=str(answer["refresh_token"]),
+        expires_at=token_expiry(answer.get("expires"), answer.get("expires_in")),
+        scope=scope if isinstance(scope, str) else None,
+    )
+
+
+def _agree(claim: InstallClaim, proven: ProvenInstall) -> None:
+    """The install's own fields must say what the OAuth server said (the field is named)."""
+    mismatch = None
+    if claim.member_id != proven.member_id:
+        mismatch = "member_id"
+    elif _netloc(f"{_scheme(proven.client_endpoint)}://{claim.domain}") != proven.domain:
+        mismatch = "domain"
+    elif (
+        claim.client_endpoint is not None
+        and _same_url(claim.client_endpoint, proven.client_endpoint) is False
+    ):
+        mismatch = "client_endpoint"
+    elif (
+        claim.server_endpoint
+        and proven.server_endpoint
+        and _same_url(claim.server_endpoint, proven.server_endpoint) is False
+    ):
+        mismatch = "server_endpoint"
+    if mismatch:
+        log.warning("install refused: %s differs from the OAuth server's answer", mismatch)
+        raise InstallRefused(
+            401, "unauthorized", f"{mismatch}: differs from what Bitrix24's OAuth server says"
+        )
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
+
+
+def _netloc(url: str) -> str:
+    """``host[:port]`` of ``url``, lower-cased, without the scheme's default port."""
+    try:
+        parts = urlsplit(url)
+        host, port = (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return host
+    return f"{host}:{port}"
+
+
+def _same_url(one: str, other: str) -> bool:
+    """Same scheme, host, port and path (a trailing slash aside)."""
+    try:
+        a, b = urlsplit(one), urlsplit(other)
+    except ValueError:
+        return False
+    return (
+        a.scheme.lower() == b.scheme.lower()
+        and _netloc(one) == _netloc(other)
+        and a.path.rstrip("/") == b.path.rstrip("/")
+    )
+
+
+def _hostname(host: str) -> str:
+    try:
+        return (urlsplit(f"//{host}").hostname or "").lower()
+    except ValueError:
+        return ""

@@ -656,11 +656,16 @@ class EmulatedPortal:
 
     def update_app(self, version: int = 2) -> requests.Response:
         """Update the app to ``version``: Bitrix24 deletes the app's senders, then POSTs
-        ONAPPUPDATE (install-event shape, a fresh token pair) to ``{app_url}/bitrix24/events``."""
+        ONAPPUPDATE (install-event shape, a fresh token pair) to ``{app_url}/bitrix24/events``.
+
+        The event carries a new ``application_token`` ("the updated ``application_token``",
+        b24restdocs ``api-reference/common/events/on-app-update.md``); later events and HANDLER
+        calls carry the new one."""
         with self._lock:
             app_url = self._require_app()
             self.senders.clear()
             previous, self.app_version = self.app_version, version
+            self.application_token = token_hex(16)
             self._issue_pair_locked()
             fields = self._app_event_locked(
                 "ONAPPUPDATE",

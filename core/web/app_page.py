@@ -23,6 +23,7 @@ sees another portal's data.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import secrets
 import time
@@ -36,6 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import queries
+from ..bitrix24.policy import SlotsBusy
 from ..bitrix24.verify import probe_token
 from ..errors import ApiError
 from ..ingest import accept_message
@@ -70,6 +72,14 @@ _NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 
 class Unauthorized(Exception):
     """The caller is not a verified user of an active portal; ``reason`` is shown to them."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PortalBusy(Exception):
+    """The AUTH_ID check could not be made now (every portal-call slot is taken): 503."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -151,10 +161,19 @@ def authenticate() -> tuple[PageSession, str]:
         with svc.db.read() as db_session:
             portal = _active_portal(db_session, member_id)
             portal_id, endpoint, domain = portal.id, portal.client_endpoint, portal.domain
-        # Outside the transaction: the probe is an HTTP call and may take a while.
-        if not probe_token(
-            endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"], ttl=PROBE_TTL
-        ):
+        # Outside the transaction: the probe is an HTTP call and may take a while. It holds one
+        # of the process's few portal-call slots, with short timeouts: slow portals must not
+        # take the threads the HANDLER needs (the page answers 503 instead).
+        try:
+            confirmed = probe_token(
+                endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"], ttl=PROBE_TTL
+            )
+        except SlotsBusy:
+            raise PortalBusy(
+                "Too many sign-ins are being confirmed with Bitrix24 right now. "
+                "Try again in a moment."
+            ) from None
+        if not confirmed:
             raise Unauthorized(
                 "Bitrix24 did not confirm your sign-in for this account. "
                 "Open the app again from Bitrix24."
@@ -205,6 +224,18 @@ def portal_origin(db_session: Session, portal_id: int) -> str:
         return "'none'"  # nothing a header could misread as another directive or source
     scheme = "http" if endpoint.startswith("http://") else "https"
     return f"{scheme}://{domain}"
+
+
+def busy(reason: str) -> Response:
+    """503 with ``Retry-After``: JSON for API clients, a plain page for the frame."""
+    if _wants_json():
+        response = current_app.response_class(
+            json.dumps({"error": "busy", "message": reason}), 503, mimetype="application/json"
+        )
+    else:
+        response = _html(render_template("app_busy.html", reason=reason), 503)
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 def _html(
@@ -511,6 +542,8 @@ def page() -> Response:
         session, domain = authenticate()
     except Unauthorized as exc:
         return unauthorized(exc.reason)
+    except PortalBusy as exc:
+        return busy(exc.reason)
     return render_page(session, domain)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, render_template_string, request
 from marshmallow import Schema, ValidationError
 
+from ..bitrix24.client import Bitrix24Client
 from ..bitrix24.payloads import (
     EventSchema,
     InstallFormSchema,
@@ -18,15 +19,23 @@ from ..bitrix24.payloads import (
     parse_bracketed,
     parse_urlencoded,
 )
+from ..bitrix24.policy import WEB_TIMEOUT, SlotsBusy, web_slots
+from ..bitrix24.verify import (
+    InstallClaim,
+    InstallRefused,
+    ProvenInstall,
+    probe_token,
+    prove_install,
+)
 from ..config import first_error
 from ..errors import ApiError, error_response
 from ..handler_keys import check_key
 from ..ingest import Refused, accept_message
-from ..models import Portal, PortalState
 from ..portals import (
+    claim_from_event,
+    claim_from_form,
     find_portal,
-    install_from_event,
-    install_from_form,
+    save_install,
     tokens_match,
     uninstall,
     update_from_event,
@@ -43,10 +52,15 @@ INSTALL_FINISH_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
 <script src="//api.bitrix24.com/api/v1/"></script></head>
 <body style="font-family: sans-serif">
-<p>The SMS providers are installed{% if failed %} ({{ failed }} could not be registered yet;
-they will be retried){% endif %}.</p>
+<p>{% if registered %}The app is installed and its SMS providers are registered.
+{% else %}The app is installed, but {% if failed %}{{ failed }} of its SMS providers
+{% else %}its SMS providers {% endif %}could not be registered yet: the administrator of
+this b24sms service registers them with <code>b24sms providers sync</code>.{% endif %}</p>
 <script>if (window.BX24) { BX24.init(function () { BX24.installFinish(); }); }</script>
 </body></html>"""
+#: seconds an install waits for a free portal-call slot before its provider sync is left to
+#: `providers sync` (installs are proven and rare; the app page waits far less)
+INSTALL_SLOT_WAIT = 2.0
 
 
 @bp.app_errorhandler(Refused)
@@ -90,23 +104,29 @@ def load(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _sync_after_commit(portal_id: int) -> dict[str, Any]:
-    """Register the portal's providers; a failure is recorded and retried by `providers sync`."""
+    """Register the portal's providers, inside the web request but bounded: short timeouts and
+    one of the process's portal-call slots. A failure is recorded and repeated by `providers
+    sync`; the answer says what happened."""
+    svc = service()
+    client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"], timeout=WEB_TIMEOUT)
     try:
-        report = sync_portal(service(), portal_id)
+        with web_slots.hold(wait=INSTALL_SLOT_WAIT):
+            report = sync_portal(svc, portal_id, client)
+    except SlotsBusy:
+        log.warning("provider registration for portal %s skipped: portal calls busy", portal_id)
+        return {"registered": False, "error": "busy"}
     except Exception as exc:  # noqa: BLE001 - the install is stored; registration can be repeated
         log.warning("provider registration for portal %s failed: %s", portal_id, exc)
         return {"registered": False, "error": type(exc).__name__}
     return {"registered": report.ok, "failed": len(report.failed) or (0 if report.ok else 1)}
 
 
-def _reinstall_allowed(portal: Portal, application_token: str | None, access_token: str) -> bool:
-    """A re-install must prove itself: the stored application_token, or a token that works at
-    the portal we already know (so a forged install cannot take over a portal's messages)."""
-    if tokens_match(portal.application_token, application_token):
-        return True
-    from ..bitrix24.verify import probe_token
-
-    return probe_token(portal.client_endpoint, access_token, service().config["bitrix24"])
+def _prove(claim: InstallClaim) -> ProvenInstall:
+    """The install as Bitrix24's OAuth server confirms it, or the JSON error answer."""
+    try:
+        return prove_install(claim, service().config["bitrix24"])
+    except InstallRefused as exc:
+        raise ApiError(exc.status, exc.error, exc.message) from None
 
 
 @bp.post("/install")
@@ -116,54 +136,49 @@ def install():
 
 
 def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
-    """Install from a read body (``event``: already loaded by ``/events``)."""
+    """Install from a read body (``event``: already loaded by ``/events``).
+
+    New portal or re-install, whatever the stored state (active, uninstalled, needs re-install,
+    blocked): the install's refresh token is exchanged at the OAuth server first, and the
+    portal is stored as the OAuth server names it. A refused install calls nothing else and
+    changes nothing.
+    """
     svc = service()
     ui = event is None and "event" not in payload
     if ui:
         form = load(InstallFormSchema(), {**request.args.to_dict(), **payload})
-        member_id, app_token, access = form["member_id"], form["APPLICATION_TOKEN"], form["AUTH_ID"]
+        claim, app_token, language = claim_from_form(form), form["APPLICATION_TOKEN"], form["LANG"]
     else:
         event = event or load(EventSchema(), payload)
         if event["event"].upper() != "ONAPPINSTALL":
             raise ApiError(400, "unsupported_event", f"event: {event['event']} is not ONAPPINSTALL")
         auth = _require_install_auth(event["auth"])
-        member_id, app_token, access = (
-            auth["member_id"],
-            auth["application_token"],
-            auth["access_token"],
+        language = event["data"].get("LANGUAGE_ID")
+        claim, app_token = claim_from_event(auth), auth["application_token"]
+        language = language if isinstance(language, str) else None
+    # Outside any transaction: the OAuth server may take a while, and a SQLite transaction
+    # would hold every writer (HANDLER calls included) meanwhile.
+    proven = _prove(claim)
+    with svc.db.session() as session:
+        portal, created = save_install(
+            session, proven, application_token=app_token, language=language
         )
-
-    # A re-install of an active portal must prove itself first, outside any transaction: the
-    # proof may be a call to the portal, and a SQLite transaction would hold every writer.
-    with svc.db.session() as session:
-        existing = find_portal(session, member_id)
-        verified = existing.application_token if existing is not None else None
-        active = existing is not None and existing.state == PortalState.ACTIVE
-    if active and not _reinstall_allowed(existing, app_token, access):
-        raise ApiError(401, "unauthorized", "re-install of a known portal not verified")
-    with svc.db.session() as session:
-        current = find_portal(session, member_id, lock=True)
-        if (
-            current is not None
-            and current.state == PortalState.ACTIVE
-            and current.application_token != verified
-            and not tokens_match(current.application_token, app_token)
-        ):
-            # Installed or re-installed by another call while we checked: check again.
-            raise ApiError(409, "conflict", "the portal changed during the install; send again")
-        if ui:
-            portal, created = install_from_form(session, form)
-        else:
-            portal, created = install_from_event(session, auth, event["data"])
         portal_id, domain = portal.id, portal.domain
     log.info(
-        "portal %s %s (member %s)", domain, "installed" if created else "re-installed", member_id
+        "portal %s %s (member %s)",
+        domain,
+        "installed" if created else "re-installed",
+        claim.member_id,
     )
     registration = _sync_after_commit(portal_id)
     # Statuses that waited while the portal's tokens were dead can go now.
     enqueue_or_log(svc.queue.enqueue_flush, portal_id)
     if ui:
-        return render_template_string(INSTALL_FINISH_PAGE, failed=registration.get("failed", 0))
+        return render_template_string(
+            INSTALL_FINISH_PAGE,
+            registered=registration["registered"],
+            failed=registration.get("failed", 0),
+        )
     return jsonify({"result": "installed", "portal": domain, **registration})
 
 
@@ -189,27 +204,86 @@ def events():
     member_id = auth.get("member_id")
     if not member_id:
         raise ApiError(400, "invalid_field", "auth[member_id]: missing")
+    if name == "ONAPPUPDATE":
+        return _update(member_id, auth)
     with svc.db.session() as session:
         portal = find_portal(session, member_id, lock=True)
+        # The uninstall brings no working token: its application_token is the only proof
+        # (b24restdocs api-reference/events/safe-event-handlers.md).
         if portal is None or not tokens_match(
             portal.application_token, auth.get("application_token")
         ):
             raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
         portal_id, domain = portal.id, portal.domain
-        if name == "ONAPPUNINSTALL":
-            clean = str(event["data"].get("CLEAN", "0")) == "1"
-            uninstall(session, portal, clean=clean)
-        else:
-            update_from_event(session, portal, auth)
-    if name == "ONAPPUNINSTALL":
-        log.info("portal %s uninstalled (clean=%s)", domain, clean)
-        if clean:
-            from ..retention import erase_now
+        clean = str(event["data"].get("CLEAN", "0")) == "1"
+        uninstall(session, portal, clean=clean)
+    log.info("portal %s uninstalled (clean=%s)", domain, clean)
+    if clean:
+        from ..retention import erase_now
 
-            erase_now(svc, portal_id)
-        return jsonify({"result": "uninstalled", "clean": clean})
+        erase_now(svc, portal_id)
+    return jsonify({"result": "uninstalled", "clean": clean})
+
+
+def _update(member_id: str, auth: Mapping[str, Any]):
+    """ONAPPUPDATE: Bitrix24 hands over a new ``application_token`` and fresh tokens
+    (b24restdocs ``api-reference/common/events/on-app-update.md``;
+    ``settings/cloud-and-on-premise/security-recommendations.md``: "Update the saved value
+    during the OnAppUpdate event if Bitrix24 has provided a new application_token").
+
+    With the stored token the event is Bitrix24's; a new token is believed only once proven
+    with Bitrix24 itself (:func:`_prove_update`). Tokens and address change only when the OAuth
+    server confirmed the event's refresh token.
+    """
+    svc = service()
+    with svc.db.session() as session:
+        portal = find_portal(session, member_id)
+        if portal is None:
+            raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
+        given = auth.get("application_token")
+        known = tokens_match(portal.application_token, given)
+        endpoint = portal.client_endpoint
+    # Outside any transaction, like the install's proof.
+    proven = _prove_update(auth, known, endpoint)
+    with svc.db.session() as session:
+        portal = find_portal(session, member_id, lock=True)
+        if portal is None:
+            raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
+        update_from_event(session, portal, proven, None if known else given)
+        portal_id, domain = portal.id, portal.domain
+    if not known:
+        log.info("portal %s: application_token rotated by a proven update", domain)
     log.info("portal %s updated; registering providers again", domain)
     return jsonify({"result": "updated", **_sync_after_commit(portal_id)})
+
+
+def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> ProvenInstall | None:
+    """What of an update Bitrix24 confirms: the OAuth answer for its refresh token (or None).
+
+    :raises ApiError: 401 when the update brings an unknown ``application_token`` that neither
+        the OAuth server nor the portal at its stored address confirms; 503 when the OAuth
+        server or the portal could not be asked.
+    """
+    proven = None
+    if auth.get("refresh_token") and auth.get("domain"):
+        try:
+            proven = prove_install(claim_from_event(auth), service().config["bitrix24"])
+        except InstallRefused as exc:
+            if not known and exc.status != 401:
+                raise ApiError(exc.status, exc.error, exc.message) from None
+            log.warning("update of %s: tokens not confirmed (%s)", auth["member_id"], exc.error)
+    if known or proven is not None:
+        return proven
+    if not auth.get("application_token"):
+        raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
+    # No refresh token confirmed: the event's access token must work at the portal we know.
+    try:
+        alive = probe_token(endpoint, auth.get("access_token") or "", service().config["bitrix24"])
+    except SlotsBusy:
+        raise ApiError(503, "busy", "the portal could not be asked now; send again") from None
+    if not alive:
+        raise ApiError(401, "unauthorized", "new application_token not confirmed by Bitrix24")
+    return None
 
 
 @bp.post("/handler/<code>")
