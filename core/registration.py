@@ -12,6 +12,7 @@ Bitrix24 leaves ``auth[…]`` out of some handler calls.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -518,6 +519,59 @@ def sync_all(service: _ServiceLike) -> list[SyncReport]:
             )
         )
     return [sync_portal(service, portal_id) for portal_id in ids]
+
+
+#: portals reconciled per periodic run at most: a run must not hold a worker for long
+RECONCILE_PER_RUN = 20
+#: each portal's interval is spread by this fraction, so portals installed together (a mass
+#: re-install, a migration) do not all call Bitrix24 in the same minute
+RECONCILE_JITTER = 0.1
+
+
+def reconcile_due_at(portal_id: int, reconciled_at: dt.datetime, interval: float) -> dt.datetime:
+    """When the portal is due again: ``interval`` seconds after its last reconcile, spread by
+    up to ±:data:`RECONCILE_JITTER` (fixed per portal, so it does not drift run by run)."""
+    spread = ((portal_id * 2654435761) % 1000) / 1000.0  # Knuth's multiplicative hash
+    factor = 1.0 - RECONCILE_JITTER + 2 * RECONCILE_JITTER * spread
+    return reconciled_at + dt.timedelta(seconds=interval * factor)
+
+
+def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
+    """The periodic reconcile: :func:`sync_portal` for the active portals whose last reconcile is
+    older than ``[bitrix24] reconcile_interval`` (jittered), oldest first, at most
+    :data:`RECONCILE_PER_RUN` per run. Restores providers and event bindings Bitrix24 removed
+    (an app update, an administrator), so the install page's "will be retried" holds.
+
+    A sync costs two requests (one when nothing changed) of a portal's burst of 50, and portals
+    are done one after another, so a run stays well under every portal's limit; a portal whose
+    status.update is blocked or that is rate limited answers so and is tried next interval.
+    """
+    interval = float(service.config["bitrix24"].get("reconcile_interval", 3600.0))
+    if interval <= 0:
+        return []
+    now = utcnow()
+    earliest = now - dt.timedelta(seconds=interval * (1.0 - RECONCILE_JITTER))
+    with service.db.session() as session:
+        rows = session.execute(
+            select(Portal.id, Portal.reconciled_at)
+            .where(
+                Portal.state == PortalState.ACTIVE,
+                Portal.reconciled_at.is_(None) | (Portal.reconciled_at <= earliest),
+            )
+            .order_by(Portal.reconciled_at.is_not(None), Portal.reconciled_at, Portal.id)
+        ).all()
+    due = [
+        portal_id
+        for portal_id, at in rows
+        if at is None or reconcile_due_at(portal_id, at, interval) <= now
+    ][:RECONCILE_PER_RUN]
+    reports = []
+    for portal_id in due:
+        try:
+            reports.append(sync_portal(service, portal_id))
+        except LookupError:
+            continue  # uninstalled with CLEAN meanwhile
+    return reports
 
 
 def _codes(result: Any) -> set[str]:

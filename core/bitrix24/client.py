@@ -24,8 +24,9 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__, metrics
 from ..db import Database
-from ..models import Portal, PortalState
+from ..models import PaymentState, Portal, PortalState
 from ..phpform import php_urlencode
+from ..portals import set_payment_state
 from . import method_limits, redirects
 from .errors import (
     Bitrix24Error,
@@ -120,6 +121,8 @@ class Bitrix24Client:
         self.last_time: dict[str, Any] | None = None
         #: the portal's domain as last read, for log lines
         self.domain: str = f"portal#{portal_id}"
+        self._payment_state: str | None = None
+        self._db_key = str(getattr(db, "url", ""))
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call one REST method and return its ``result``.
@@ -188,6 +191,25 @@ class Bitrix24Client:
     # -- the request, with one refresh --------------------------------------------------------
 
     def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            payload = self._request_refreshing(method, params)
+        except Bitrix24Error as exc:
+            # From the portal (HTTP 402) or the OAuth server (settings/oauth/error-codes.md).
+            if exc.code.upper() == PaymentState.PAYMENT_REQUIRED:
+                self._payment(PaymentState.PAYMENT_REQUIRED, None)
+            raise
+        if self._payment_state == PaymentState.PAYMENT_REQUIRED:
+            # Bitrix24 answers again: paid.
+            self._payment(None, PaymentState.PAYMENT_REQUIRED)
+        return payload
+
+    def _payment(self, state: str | None, only_from: str | None) -> None:
+        with self.db.session() as session:
+            changed = set_payment_state(session, self.portal_id, state, only_from=only_from)
+        if changed:
+            log.warning("%s: payment state %s", self.domain, state or "cleared")
+
+    def _request_refreshing(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         token, endpoint = self._load(method)
         try:
             return self._post(endpoint, method, params, token)
@@ -213,6 +235,7 @@ class Bitrix24Client:
             if portal is None:
                 raise TokensRevoked("PORTAL_NOT_FOUND", f"no portal with id {self.portal_id}")
             self.domain = portal.domain
+            self._payment_state = portal.payment_state
             if portal.state != PortalState.ACTIVE:
                 raise inactive_portal_error(portal)
             if not portal.access_token:
@@ -268,7 +291,7 @@ class Bitrix24Client:
             and isinstance(payload, dict)
             and not payload.get("error")
         ):
-            method_limits.note_answer(self.portal_id, method, payload.get("time"))
+            method_limits.note_answer(self._db_key, self.portal_id, method, payload.get("time"))
             return payload
         if 200 <= response.status_code < 300 and not isinstance(payload, dict):
             error: Bitrix24Error = TransientError(
@@ -311,7 +334,7 @@ class Bitrix24Client:
 
     def _limit(self, method: str, error: OperationTimeLimit, body: Any) -> None:
         """Block ``method`` alone until its budget resets (settings/performance/limits.md)."""
-        error.reset_at = method_limits.reset_at(self.portal_id, method, body)
+        error.reset_at = method_limits.reset_at(self._db_key, self.portal_id, method, body)
         with self.db.session() as session:
             method_limits.block(session, self.portal_id, method, error.reset_at)
         log.warning("%s: %s blocked until %s UTC", self.domain, method, error.reset_at)
@@ -332,7 +355,7 @@ class Bitrix24Client:
                 body = failed.get(str(key))
                 self._limit(method, error, body)
             elif key in batch.results:
-                method_limits.note_answer(self.portal_id, method, times.get(str(key)))
+                method_limits.note_answer(self._db_key, self.portal_id, method, times.get(str(key)))
 
     def _mark(self, error: Bitrix24Error, token: str) -> None:
         """Record on the portal that Bitrix24 wants no more calls (re-install, or blocked)."""

@@ -47,7 +47,8 @@ FALLBACK = 60.0
 MAX_BLOCK = 600.0
 
 _hints_lock = threading.Lock()
-_hints: dict[tuple[int, str], dt.datetime] = {}
+#: (database, portal_id, method) -> operating_reset_at of its last successful answer
+_hints: dict[tuple[str, int, str], dt.datetime] = {}
 
 
 def operating_reset_at(body: Any) -> dt.datetime | None:
@@ -62,16 +63,17 @@ def operating_reset_at(body: Any) -> dt.datetime | None:
         return None
 
 
-def note_answer(portal_id: int, method: str, time_block: Any) -> None:
+def note_answer(database: str, portal_id: int, method: str, time_block: Any) -> None:
     """Remember the ``operating_reset_at`` of a successful answer of ``method`` (a ``time``
-    block), the fallback for a later ``OPERATION_TIME_LIMIT`` that lacks one."""
+    block), the fallback for a later ``OPERATION_TIME_LIMIT`` that lacks one. ``database``
+    names the portal's database: a portal id means nothing outside it."""
     moment = operating_reset_at({"time": time_block})
     if moment is not None:
         with _hints_lock:
-            _hints[(portal_id, method.lower())] = moment
+            _hints[(database, portal_id, method.lower())] = moment
 
 
-def reset_at(portal_id: int, method: str, error_body: Any) -> dt.datetime:
+def reset_at(database: str, portal_id: int, method: str, error_body: Any) -> dt.datetime:
     """Until when an ``OPERATION_TIME_LIMIT`` of ``method`` blocks it: the error's
     ``operating_reset_at``, else the last successful answer's, else :data:`FALLBACK` seconds;
     never more than :data:`MAX_BLOCK` seconds away."""
@@ -79,7 +81,7 @@ def reset_at(portal_id: int, method: str, error_body: Any) -> dt.datetime:
     moment = operating_reset_at(error_body)
     if moment is None or moment <= now:
         with _hints_lock:
-            moment = _hints.get((portal_id, method.lower()))
+            moment = _hints.get((database, portal_id, method.lower()))
     if moment is None or moment <= now:
         moment = now + dt.timedelta(seconds=FALLBACK)
     return min(moment, now + dt.timedelta(seconds=MAX_BLOCK))

@@ -179,6 +179,8 @@ def events():
     auth = event["auth"]
     if name == "ONAPPINSTALL":
         return _install(payload, event)
+    if name == "ONAPPPAYMENT":
+        return _payment(auth)
     if name not in ("ONAPPUPDATE", "ONAPPUNINSTALL"):
         raise ApiError(400, "unsupported_event", f"event: {event['event']} is not handled")
     member_id = auth.get("member_id")
@@ -201,6 +203,19 @@ def events():
         return jsonify({"result": "uninstalled", "clean": clean})
     log.info("portal %s updated; registering providers again", domain)
     return jsonify({"result": "updated", **_sync_after_commit(portal_id)})
+
+
+def _payment(auth: Mapping[str, Any]):
+    """ONAPPPAYMENT carries no application_token (on-app-payment.md), so it proves nothing: it
+    only makes us ask the portal at its stored address (app.info, in a reconcile)."""
+    svc = service()
+    with svc.db.session() as session:
+        portal = find_portal(session, str(auth.get("member_id") or ""))
+        portal_id = portal.id if portal is not None and portal.state == PortalState.ACTIVE else None
+    if portal_id is None:
+        raise ApiError(401, "unauthorized", "unknown portal")
+    enqueue_quietly(svc.queue.enqueue_reconcile, portal_id)
+    return jsonify({"result": "payment noted"})
 
 
 @bp.post("/handler/<code>")
