@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 
@@ -119,6 +120,27 @@ def key_accepted(generation: int | None, member_id: str, code: str) -> bool:
             code,
         )
     return generation is not None
+
+
+def public_url_problems(public_url: str) -> list[str]:
+    """Why Bitrix24 would refuse handlers below ``[service] public_url``, one sentence each,
+    naming the key: Bitrix24 calls handlers from its own servers, so they must be public
+    (api-reference/events/index.md), and it refuses a HANDLER whose host has no dot
+    (ERROR_WRONG_HANDLER_URL, see docs/getting-started.md); https keeps the
+    application_token and the messages off the wire in clear."""
+    parts = urlsplit(public_url)
+    problems = []
+    if parts.scheme != "https":
+        problems.append(
+            f"[service] public_url {public_url!r} is not https: Bitrix24 sends messages and the "
+            "application_token to it; use an https address (a tunnel when trying from a laptop)"
+        )
+    if "." not in (parts.hostname or ""):
+        problems.append(
+            f"[service] public_url {public_url!r} has no dot in its host: Bitrix24 refuses such "
+            "handlers with ERROR_WRONG_HANDLER_URL; use a public name such as sms.example.com"
+        )
+    return problems
 
 
 def handler_url(service: _ServiceLike, member_id: str, code: str) -> str:

@@ -46,6 +46,10 @@ class Service:
             config.get("filename", "<config>"),
         )
         self.db = Database(self.settings["database_url"])
+        from .registration import public_url_problems
+
+        for problem in public_url_problems(self.public_url):
+            log.warning("%s", problem)
         # The queue imports delivery code that needs this object; built last.
         from .queue import Queue
 
