@@ -157,6 +157,35 @@ def test_redirects_are_bounded(live_app, emulator):
     assert info.value.code == "ERROR_REDIRECT"
 
 
+class _RedirectsElsewhere:
+    """A REST endpoint that redirects to an address we must not send a token to."""
+
+    def handle_http(self, request):
+        return 302, {}, {"Location": "ftp://files.example.com/rest/app.info"}
+
+
+def test_redirects_only_to_http_or_https(live_app, emulator):
+    from b24sms.emulator.httpd import ServerThread
+
+    server = live_app(providers=LOG_PROVIDER)
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    elsewhere = ServerThread(_RedirectsElsewhere())
+    try:
+        with svc.db.session() as session:
+            row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
+            row.client_endpoint = f"{elsewhere.base_url}/rest/"
+            portal_id = row.id
+        client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
+        with pytest.raises(TransientError) as info:
+            client.call("app.info")
+        assert info.value.code == "ERROR_REDIRECT" and "ftp" in str(info.value)
+        assert stored(server, portal).client_endpoint == f"{elsewhere.base_url}/rest/"
+    finally:
+        elsewhere.stop()
+
+
 # -- localized descriptions (api-reference/messageservice/messageservice-sender-add.md) -------
 
 

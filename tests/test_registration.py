@@ -116,7 +116,9 @@ def test_first_sync_adds_every_provider(services, emulator):
     assert report.domain == portal.domain and report.member_id == portal.member_id
     assert set(portal.senders) == {"sms1", "sms2"}
     sms2 = portal.senders["sms2"]
-    assert sms2["NAME"] == {"en": "Two", "de": "Zwei"} and sms2["DESCRIPTION"] == {"en": "Second", "de": "Second"}
+    assert sms2["NAME"] == {"en": "Two", "de": "Zwei"}
+    # a string description goes as a map of the name's languages (messageservice-sender-add.md)
+    assert sms2["DESCRIPTION"] == {"en": "Second", "de": "Second"}
     assert sms2["TYPE"] == "SMS"
     assert sms2["HANDLER"] == handler_url(service, portal.member_id, "sms2")
     handler = urlsplit(sms2["HANDLER"])
