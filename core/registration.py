@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .bitrix24.client import MAX_BATCH, Bitrix24Client
 from .bitrix24.errors import Bitrix24Error, MethodNotFound
@@ -583,17 +583,33 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
             .order_by(Portal.reconciled_at.is_not(None), Portal.reconciled_at, Portal.id)
         ).all()
     due = [
-        portal_id
+        (portal_id, at)
         for portal_id, at in rows
         if at is None or reconcile_due_at(portal_id, at, interval) <= now
     ][:RECONCILE_PER_RUN]
     reports = []
-    for portal_id in due:
+    for portal_id, at in due:
+        if not _claim(service.db, portal_id, at, now):
+            continue  # another worker's periodic run took it
         try:
             reports.append(sync_portal(service, portal_id))
         except LookupError:
             continue  # uninstalled with CLEAN meanwhile
     return reports
+
+
+def _claim(db: Database, portal_id: int, seen: dt.datetime | None, now: dt.datetime) -> bool:
+    """Compare-and-set on ``reconciled_at``: every consumer schedules the periodic task, and two
+    syncs of one portal at once could both find an event unbound and bind it twice."""
+    same = Portal.reconciled_at.is_(None) if seen is None else Portal.reconciled_at == seen
+    with db.session() as session:
+        claimed = session.execute(
+            update(Portal)
+            .where(Portal.id == portal_id, same)
+            .values(reconciled_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    return bool(claimed)
 
 
 def _codes(result: Any) -> set[str]:

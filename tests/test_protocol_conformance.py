@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 
 import pytest
 from sqlalchemy import select
@@ -15,6 +16,7 @@ from b24sms.bitrix24.redirects import MAX_HOPS
 from b24sms.models import Message, PaymentState, Portal
 from b24sms.registration import public_url_problems, reconcile_due, sync_all
 from tests.conftest import wait_until
+from tests.test_app_page import open_page
 
 LOG_PROVIDER = {"smslog": {"plugin": "log", "name": "Log only"}}
 APP_EVENTS = ["ONAPPUNINSTALL", "ONAPPUPDATE"]
@@ -112,6 +114,25 @@ def test_reconcile_restores_what_bitrix24_removed(live_app, emulator):
         seconds=30
     )
     assert row.reconcile_error is None
+
+
+def test_concurrent_reconciles_sync_a_portal_once(live_app, emulator):
+    server = live_app(providers=LOG_PROVIDER, bitrix24={"reconcile_interval": 60})
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    portal.events.clear()
+    with svc.db.session() as session:
+        row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
+        row.reconciled_at = row.reconciled_at - dt.timedelta(seconds=120)
+    results: list[list] = []
+    workers = [threading.Thread(target=lambda: results.append(reconcile_due(svc))) for _ in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert sorted(len(r) for r in results) == [0, 1]  # one worker claimed it
+    assert [e for e, _ in bindings(portal)] == APP_EVENTS  # bound once
 
 
 def test_reconcile_records_its_error(live_app, emulator):
@@ -242,6 +263,12 @@ def test_payment_expired_from_app_info_and_onapppayment(live_app, emulator):
     (report,) = sync_all(svc)
     assert report.payment_state == PaymentState.PAYMENT_EXPIRED
     assert stored(server, portal).payment_state == PaymentState.PAYMENT_EXPIRED
+
+    page = open_page(server, portal.placement_auth())
+    assert page.status_code == 200
+    assert 'id="payment-state">PAYMENT_EXPIRED' in page.text
+    assert "ONAPPPAYMENT, ONAPPUNINSTALL, ONAPPUPDATE" in page.text
+    assert 'id="reconciled-at">20' in page.text
 
     response = portal.pay()  # ONAPPPAYMENT → a reconcile asks app.info again
     assert response is not None and response.status_code == 200, response.text
