@@ -133,12 +133,18 @@ def providers_list(obj: Context) -> None:
 
     svc = obj.service
     with svc.db.read() as session:
-        rows = session.execute(select(ProviderRegistration, Portal.domain).join(Portal)).all()
+        rows = session.execute(
+            select(
+                ProviderRegistration, Portal.domain, Portal.reconciled_at, Portal.reconcile_error
+            ).join(Portal)
+        ).all()
     by_code: dict[str, list[str]] = {}
-    for registration, domain in rows:
+    for registration, domain, reconciled_at, reconcile_error in rows:
         note = registration.state + (
             f": {registration.last_error}" if registration.last_error else ""
         )
+        note += f"; reconciled {f'{reconciled_at:%Y-%m-%d %H:%M}' if reconciled_at else 'never'}"
+        note += f"; last error: {reconcile_error}" if reconcile_error else ""
         by_code.setdefault(registration.code, []).append(f"{domain} ({note})")
     for code, provider in svc.providers.items():
         state = "enabled" if provider["enabled"] else "disabled"
@@ -200,7 +206,9 @@ def portals_list(obj: Context) -> None:
             click.echo(
                 f"{portal.member_id}  {portal.domain}  {portal.state}  "
                 f"messages={counts.get(portal.id, 0)}  "
-                f"installed={portal.installed_at:%Y-%m-%d %H:%M}"
+                f"installed={portal.installed_at:%Y-%m-%d %H:%M}  "
+                f"events={portal.event_bindings or 'none'}"
+                + (f"  payment={portal.payment_state}" if portal.payment_state else "")
                 + (f"  last_error={portal.last_error}" if portal.last_error else "")
             )
 

@@ -137,6 +137,8 @@ class Bitrix24Schema(Schema):
         ),
         load_default=list,
     )
+    #: seconds between reconciles of each portal's providers and event bindings (0: never)
+    reconcile_interval = fields.Float(load_default=3600.0, validate=validate.Range(min=0))
 
 
 class MetricsSchema(Schema):
@@ -208,7 +210,7 @@ class ProviderSchema(Schema):
 
     plugin = fields.String(required=True, validate=validate.Length(min=1))
     name = fields.Raw(required=True)
-    description = fields.String(load_default="")
+    description = fields.Raw(load_default="")
     portals = fields.List(fields.String(), load_default=None)
     enabled = fields.Boolean(load_default=True)
 
@@ -226,6 +228,19 @@ class ProviderSchema(Schema):
         ):
             return
         raise ValidationError("must be a string or a table of language = name", "name")
+
+    @validates_schema
+    def check_description(self, data: dict, **kwargs: Any) -> None:
+        # A language map like name (messageservice-sender-add.md).
+        description = data.get("description", "")
+        if isinstance(description, str) or (
+            isinstance(description, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in description.items())
+        ):
+            return
+        raise ValidationError(
+            "must be a string or a table of language = description", "description"
+        )
 
 
 CORE_PROVIDER_KEYS = frozenset(ProviderSchema().fields)

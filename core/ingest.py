@@ -174,7 +174,12 @@ def _context(data: Mapping[str, Any]) -> dict[str, Any]:
 #: (Core, not ORM, selects: a tenth of the overhead per execution)
 _portals = Portal.__table__.c
 _PORTAL_COLUMNS = select(
-    _portals.id, _portals.member_id, _portals.domain, _portals.state, _portals.application_token
+    _portals.id,
+    _portals.member_id,
+    _portals.domain,
+    _portals.state,
+    _portals.application_token,
+    _portals.payment_state,
 )
 _PORTAL = _PORTAL_COLUMNS.where(_portals.member_id == bindparam("member_id"))
 _PORTALS = _PORTAL_COLUMNS.where(_portals.member_id.in_(bindparam("member_ids", expanding=True)))
@@ -272,9 +277,11 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
                 )
                 continue
             data = submission.data
-            if submission.to is None:
+            if submission.to is None or portal.payment_state:
+                # Unpaid app (PAYMENT_REQUIRED / PAYMENT_EXPIRED): failed at once, with the reason,
+                # rather than sent and retried while Bitrix24 refuses the app.
                 with Session(conn) as session:
-                    _fail_unusable_number(session, submission, message_pk)
+                    _fail_at_once(session, submission, message_pk, portal.payment_state)
                     session.flush()
             else:
                 submission.info = MessageInfo(
@@ -295,10 +302,16 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
             submission.outcome = Accepted("accepted", message_pk, submission.info.status)
 
 
-def _fail_unusable_number(session: Session, submission: Submission, message_pk: int) -> None:
+def _fail_at_once(
+    session: Session, submission: Submission, message_pk: int, payment_state: str | None = None
+) -> None:
     message = session.get(Message, message_pk)
     assert message is not None
-    message.last_error = "the recipient is not a valid phone number"
+    message.last_error = (
+        f"{payment_state}: the app is not paid for on this portal"
+        if payment_state
+        else "the recipient is not a valid phone number"
+    )
     submission.failed = record_status(
         session,
         message,

@@ -87,6 +87,14 @@ class Portal(Base):
     installed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     uninstalled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: PAYMENT_REQUIRED / PAYMENT_EXPIRED while Bitrix24 says the app is not paid for; cleared
+    #: by the next answer that says otherwise (see b24sms.registration)
+    payment_state: Mapped[str | None] = mapped_column(String(32))
+    #: the events bound to our /bitrix24/events at the last check, comma-separated
+    event_bindings: Mapped[str | None] = mapped_column(String(255))
+    #: the last reconcile (providers and event bindings against the config) and its error
+    reconciled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    reconcile_error: Mapped[str | None] = mapped_column(Text)
 
     registrations: Mapped[list[ProviderRegistration]] = relationship(
         back_populates="portal", cascade="all, delete-orphan", passive_deletes=True
@@ -94,6 +102,13 @@ class Portal(Base):
 
     def __repr__(self) -> str:  # never show tokens
         return f"<Portal {self.id} {self.domain} {self.state}>"
+
+
+class PaymentState:
+    #: a REST call or the OAuth server answered PAYMENT_REQUIRED (settings/oauth/error-codes.md)
+    PAYMENT_REQUIRED = "PAYMENT_REQUIRED"
+    #: app.info said PAYMENT_EXPIRED = Y (api-reference/common/system/app-info.md)
+    PAYMENT_EXPIRED = "PAYMENT_EXPIRED"
 
 
 class RegistrationState:
@@ -311,3 +326,16 @@ class HealthCheck(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     checked_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class MethodLimit(Base):
+    """A REST method of a portal blocked by ``OPERATION_TIME_LIMIT`` until ``blocked_until``
+    (see :mod:`b24sms.bitrix24.method_limits`)."""
+
+    __tablename__ = "method_limits"
+
+    portal_id: Mapped[int] = mapped_column(
+        ForeignKey("portals.id", ondelete="CASCADE"), primary_key=True
+    )
+    method: Mapped[str] = mapped_column(String(128), primary_key=True)
+    blocked_until: Mapped[dt.datetime | None] = mapped_column(DateTime)

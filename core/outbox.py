@@ -38,6 +38,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from .backoff import retry_delay, retry_while_unreachable
+from .bitrix24 import method_limits
 from .bitrix24.errors import (
     Bitrix24Error,
     OperationTimeLimit,
@@ -356,6 +357,9 @@ def _plan(service: Service, portal_id: int, owner: str, pacing: _Pacing, hold: b
             return _Step("stop", "locked")
         if portal.paused_until is not None and portal.paused_until > now:
             return _Step("wait", "paused", (portal.paused_until - now).total_seconds())
+        blocked = method_limits.wait_seconds(session, portal_id, STATUS_UPDATE)
+        if blocked > 0:  # OPERATION_TIME_LIMIT of status.update alone (limits.md)
+            return _Step("wait", "method_limit", blocked)
         due = (OutboxEntry.portal_id == portal_id) & (
             OutboxEntry.not_before.is_(None) | (OutboxEntry.not_before <= now)
         )

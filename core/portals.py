@@ -176,5 +176,19 @@ def uninstall(session: Session, portal: Portal, *, clean: bool) -> None:
         registration.fingerprint = None
 
 
+def set_payment_state(
+    session: Session, portal_id: int, state: str | None, *, only_from: str | None = None
+) -> bool:
+    """Mark the portal as not paid for (``PAYMENT_REQUIRED``, ``PAYMENT_EXPIRED``), or clear it
+    with None. With ``only_from``, only a portal in that state changes. Returns whether it did."""
+    portal = session.get(Portal, portal_id)
+    if portal is None or portal.payment_state == state:
+        return False
+    if only_from is not None and portal.payment_state != only_from:
+        return False
+    portal.payment_state = state
+    return True
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None

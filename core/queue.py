@@ -19,6 +19,7 @@ PostgreSQL database: ``redis://queue:6379/0?queue=b24sms_staging``.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -296,6 +297,22 @@ class Queue:
 
             periodic(service)
 
+        @huey.periodic_task(lambda timestamp: True, name="reconcile", priority=PRIORITY_SWEEP)
+        def reconcile_task() -> None:
+            from .registration import reconcile_due
+
+            # Each run does only the portals due after [bitrix24] reconcile_interval.
+            reconcile_due(service)
+
+        @huey.task(name="reconcile_portal", priority=PRIORITY_SWEEP)
+        def reconcile_portal(portal_id: int) -> None:
+            from .registration import sync_portal
+
+            with contextlib.suppress(LookupError):  # uninstalled with CLEAN meanwhile
+                sync_portal(service, portal_id)
+
+        self.reconcile_task: TaskWrapper = reconcile_task
+        self.reconcile_portal: TaskWrapper = reconcile_portal
         self.send_message: TaskWrapper = send_message
         self.send_messages: TaskWrapper = send_messages
         self.flush_outbox: TaskWrapper = flush_outbox
@@ -307,6 +324,10 @@ class Queue:
     def enqueue_send(self, message_pk: int, delay: float | None = None) -> None:
         """Ask a worker to deliver a message now, or after ``delay`` seconds."""
         self._submit(self.send_message, (message_pk,), delay)
+
+    def enqueue_reconcile(self, portal_id: int) -> None:
+        """Ask a worker to reconcile one portal's providers and event bindings now."""
+        self._submit(self.reconcile_portal, (portal_id,), None)
 
     def enqueue_sends(self, message_pks: list[int]) -> None:
         """Ask a worker to deliver new messages now: one task for all of them."""

@@ -59,6 +59,10 @@ class Service:
             or [instance_encryption_key(self.settings["database_url"])]
         )
         bind_keys(self.db.engine, self.keys)
+        from .registration import public_url_problems
+
+        for problem in public_url_problems(self.public_url):
+            log.warning("%s", problem)
         # The queue imports delivery code that needs this object; built last.
         from .queue import Queue
 

@@ -164,6 +164,14 @@ def test_error_answers_raise_typed_errors(db, settings, emulator, error, status,
         with pytest.raises(cls):
             client.call("messageservice.sender.list")
         assert portal.stats["requests"] == requests_before
+    elif action == "wait":
+        # Only the method is paused (settings/performance/limits.md): no request for it until
+        # its reset, while another method is called as usual.
+        requests_before = portal.stats["requests"]
+        with pytest.raises(OperationTimeLimit):
+            client.call("messageservice.sender.list")
+        assert portal.stats["requests"] == requests_before
+        assert client.call("app.info")["STATUS"] == "L"
     else:
         assert client.call("messageservice.sender.list") == []
 

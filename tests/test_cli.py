@@ -77,10 +77,13 @@ def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):
     assert portals.returncode == 0, portals.stderr
     assert portal.member_id in portals.stdout and "active" in portals.stdout
     assert "messages=1" in portals.stdout
+    # the app bound its events itself on install (api-reference/events/event-bind.md)
+    assert "events=ONAPPUNINSTALL,ONAPPUPDATE" in portals.stdout
 
     providers = b24sms("providers", "list", config=config)
     assert providers.returncode == 0, providers.stderr
     assert "smslog" in providers.stdout and "registered" in providers.stdout
+    assert "reconciled 20" in providers.stdout
 
     messages = b24sms("messages", "--status", "delivered", config=config)
     assert messages.returncode == 0, messages.stderr
@@ -89,10 +92,14 @@ def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):
     assert b24sms("messages", "--status", "failed", config=config).stdout.strip() == ""
 
     # providers sync: a provider removed from the portal behind our back comes back
+    # and so do event handlers
     portal.senders.pop("smslog")
+    portal.events.clear()
     sync = b24sms("providers", "sync", config=config)
     assert sync.returncode == 0, sync.stderr + sync.stdout
     assert "smslog" in portal.senders
+    assert sorted(portal.events.handlers("ONAPPUPDATE")) == [f"{server.url}/bitrix24/events"]
+    assert "bound ONAPPUNINSTALL, ONAPPUPDATE" in sync.stdout
     only = b24sms("providers", "sync", "--portal", portal.member_id, config=config)
     assert only.returncode == 0, only.stderr
     missing = b24sms("providers", "sync", "--portal", "nope", config=config)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from unittest.mock import ANY
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
@@ -528,13 +529,22 @@ def test_install_ui(app: FakeApp, portal: EmulatedPortal) -> None:
 def test_update_and_uninstall(app: FakeApp, portal: EmulatedPortal) -> None:
     portal.install(app.url)
     call(portal, "messageservice.sender.add", **SENDER)
+    # Events reach only handlers the app bound itself (api-reference/events/index.md).
+    for event in ("ONAPPUPDATE", "ONAPPUNINSTALL"):
+        assert call(portal, "event.bind", event=event, handler=f"{app.url}/bitrix24/events") == (
+            200,
+            {"result": True, "time": ANY},
+        )
     portal.update_app(version=3)
     assert portal.senders == {}
     seen = app.last
     assert seen["path"] == "/bitrix24/events" and seen["form"]["event"] == "ONAPPUPDATE"
     assert seen["form"]["data[VERSION]"] == "3"
     assert seen["form"]["auth[access_token]"] == portal.access_token
+    # The update removed the app's handlers (event-bind.md): nothing is bound any more.
+    assert call(portal, "event.get")[1]["result"] == []
 
+    call(portal, "event.bind", event="onAppUninstall", handler=f"{app.url}/bitrix24/events")
     call(portal, "messageservice.sender.add", **SENDER)
     token, refresh_token = portal.access_token, portal.refresh_token
     portal.uninstall(clean=True)
@@ -545,6 +555,78 @@ def test_update_and_uninstall(app: FakeApp, portal: EmulatedPortal) -> None:
     assert portal.senders == {}
     assert call(portal, "profile", token=token)[1]["error"] == "invalid_token"
     assert refresh(portal.emulator, refresh_token).json()["error"] == "invalid_grant"
+
+
+def test_no_update_event_without_a_binding(app: FakeApp, portal: EmulatedPortal) -> None:
+    portal.install(app.url)
+    before = len(app.requests)
+    assert portal.update_app() is None
+    assert len(app.requests) == before
+
+
+def test_event_bind_get_unbind_as_documented(portal: EmulatedPortal) -> None:
+    # api-reference/events/event-bind.md, event-get.md, event-unbind.md
+    handler = "https://app.example.com/bitrix24/events"
+    assert call(portal, "event.bind", event="ONAPPUPDATE", handler=handler)[1]["result"] is True
+    status, body = call(portal, "event.bind", event="ONNOSUCHTHING", handler=handler)
+    assert (status, body["error"]) == (400, "ERROR_EVENT_NOT_FOUND")
+    assert body["error_description"] == "Event not found"
+    call(portal, "event.bind", event="ONAPPUNINSTALL", handler=handler)
+    call(portal, "event.bind", event="ONAPPUNINSTALL", handler="https://old.example.com/e")
+    listed = call(portal, "event.get")[1]["result"]
+    assert listed[0] == {"event": "ONAPPUPDATE", "handler": handler, "auth_type": "0", "offline": 0}
+    assert len(listed) == 3
+    unbound = call(
+        portal, "event.unbind", event="ONAPPUNINSTALL", handler="https://old.example.com/e"
+    )
+    assert unbound[1]["result"] == {"count": 1}
+    assert [b["event"] for b in call(portal, "event.get")[1]["result"]] == [
+        "ONAPPUPDATE",
+        "ONAPPUNINSTALL",
+    ]
+    # inside a batch too
+    cmd = {"g": "event.get", "u": "event.unbind?event=ONAPPUPDATE"}
+    result = call(portal, "batch", cmd=cmd)[1]["result"]
+    assert len(result["result"]["g"]) == 2 and result["result"]["u"] == {"count": 1}
+
+
+def test_moved_portal_answers_302_at_its_old_address(portal: EmulatedPortal) -> None:
+    # settings/how-to-call-rest-api/change-domen.md
+    old_endpoint = portal.client_endpoint
+    new_endpoint = portal.change_domain()
+    assert new_endpoint != old_endpoint and portal.domain in new_endpoint
+    moved = requests.post(
+        old_endpoint + "app.info",
+        json={"auth": portal.access_token},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert moved.status_code == 302
+    assert moved.headers["Location"] == new_endpoint + "app.info"
+    assert call(portal, "app.info")[1]["result"]["VERSION"] == portal.app_version
+
+
+def test_method_limit_blocks_only_that_method(portal: EmulatedPortal) -> None:
+    # settings/performance/limits.md: 429 OPERATION_TIME_LIMIT for one method, also in a batch
+    portal.limit_method("messageservice.sender.list", 30)
+    status, body = call(portal, "messageservice.sender.list")
+    assert (status, body["error"]) == (429, "OPERATION_TIME_LIMIT")
+    assert body["time"]["operating_reset_at"] > time.time() + 25
+    assert call(portal, "app.info")[0] == 200
+    result = call(portal, "batch", cmd={"a": "messageservice.sender.list", "b": "scope"})[1]
+    assert result["result"]["result_error"]["a"]["error"] == "OPERATION_TIME_LIMIT"
+    assert "b" in result["result"]["result"]
+
+
+def test_payment_switches(portal: EmulatedPortal) -> None:
+    portal.payment_expired = True
+    info = call(portal, "app.info")[1]["result"]
+    assert info["PAYMENT_EXPIRED"] == "Y" and info["DAYS"] < 0
+    portal.payment_required = True
+    status, body = call(portal, "app.info")
+    assert (status, body["error"]) == (402, "PAYMENT_REQUIRED")
+    portal.pay()
+    assert call(portal, "app.info")[1]["result"]["PAYMENT_EXPIRED"] == "N"
 
 
 # -- the PHP form codec and the command line ----------------------------------------------------

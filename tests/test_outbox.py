@@ -10,13 +10,22 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
+from b24sms.bitrix24 import method_limits
 from b24sms.bitrix24.client import Bitrix24Client
 from b24sms.delivery import sweep
 from b24sms.messages import record_status
-from b24sms.models import Message, OutboxEntry, Portal, PortalPacing, PortalState, utcnow
-from b24sms.outbox import flush_portal, outbox_backlog
+from b24sms.models import (
+    Message,
+    MethodLimit,
+    OutboxEntry,
+    Portal,
+    PortalPacing,
+    PortalState,
+    utcnow,
+)
+from b24sms.outbox import STATUS_UPDATE, flush_portal, outbox_backlog
 from b24sms.queue import FLUSH_MARKER_GRACE
 from tests.helpers import add_message, add_portal, build_service, load, outbox
 
@@ -176,6 +185,34 @@ def test_operation_time_limit_pauses_the_portal_until_reset(svc, portal, portal_
     assert flush_portal(svc, portal_id, hold=False).requests == 0
     with svc.db.session() as session:
         session.get(Portal, portal_id).paused_until = None
+        # The batch method itself stays blocked until its reset, in every process.
+        assert method_limits.wait_seconds(session, portal_id, "batch") > 50
+        session.execute(delete(MethodLimit))
+    assert flush_portal(svc, portal_id, hold=False).delivered == 5
+
+
+def test_operation_time_limit_of_status_update_pauses_that_method_only(svc, portal, portal_id):
+    # settings/performance/limits.md: each command inside a batch has its own budget; a 429
+    # OPERATION_TIME_LIMIT blocks that method until its operating_reset_at, other methods go on.
+    queue_statuses(svc, portal_id, portal, ["delivered"], count=5)
+    portal.limit_method(STATUS_UPDATE, 30)
+    report = flush_portal(svc, portal_id, hold=False)
+    assert report.requests == 1 and report.delivered == 0 and report.remaining == 5
+    assert report.errors == {"OPERATION_TIME_LIMIT": 5}
+    with svc.db.session() as session:
+        assert 25 < method_limits.wait_seconds(session, portal_id, STATUS_UPDATE) <= 30
+        assert session.get(Portal, portal_id).paused_until is None  # the portal is not paused
+        # entries due again: only the method's block holds the flush back
+        for entry in session.scalars(select(OutboxEntry)):
+            entry.not_before = None
+    again = flush_portal(svc, portal_id, hold=False)
+    assert again.requests == 0 and again.remaining == 5 and 25 < again.retry_in <= 30
+    # Another method of the same portal is called as usual.
+    client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
+    assert client.call("app.info")["STATUS"] == "L"
+    portal.method_blocks.clear()
+    with svc.db.session() as session:
+        session.execute(delete(MethodLimit))
     assert flush_portal(svc, portal_id, hold=False).delivered == 5
 
 

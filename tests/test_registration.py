@@ -116,7 +116,9 @@ def test_first_sync_adds_every_provider(services, emulator):
     assert report.domain == portal.domain and report.member_id == portal.member_id
     assert set(portal.senders) == {"sms1", "sms2"}
     sms2 = portal.senders["sms2"]
-    assert sms2["NAME"] == {"en": "Two", "de": "Zwei"} and sms2["DESCRIPTION"] == "Second"
+    assert sms2["NAME"] == {"en": "Two", "de": "Zwei"}
+    # a string description goes as a map of the name's languages (messageservice-sender-add.md)
+    assert sms2["DESCRIPTION"] == {"en": "Second", "de": "Second"}
     assert sms2["TYPE"] == "SMS"
     assert sms2["HANDLER"] == handler_url(service, portal.member_id, "sms2")
     handler = urlsplit(sms2["HANDLER"])
@@ -124,8 +126,10 @@ def test_first_sync_adds_every_provider(services, emulator):
     assert handler.path == "/bitrix24/handler/sms2"
     key = parse_qs(handler.query)["key"][0]
     assert verify_handler_key(SECRET_KEY, portal.member_id, "sms2", key)
-    # sender.list, then one batch with both adds.
-    assert portal.stats["requests"] == 2 and portal.stats["batches"] == 1
+    # One batch reading sender.list, event.get and app.info; then one batch with both adds
+    # and both event bindings.
+    assert portal.stats["requests"] == 2 and portal.stats["batches"] == 2
+    assert sorted(report.bound) == ["ONAPPUNINSTALL", "ONAPPUPDATE"]
     rows = services.registrations(portal_id)
     assert {code: row.state for code, row in rows.items()} == {
         "sms1": RegistrationState.REGISTERED,

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,13 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__, metrics
 from ..db import Database
-from ..models import Portal, PortalState
+from ..models import PaymentState, Portal, PortalState
 from ..php_form import php_urlencode
+from ..portals import set_payment_state
+from . import method_limits, redirects
 from .errors import (
     Bitrix24Error,
+    OperationTimeLimit,
     PortalBlocked,
     TokenExpired,
     TokensRevoked,
@@ -128,6 +131,8 @@ class Bitrix24Client:
         self.last_time: dict[str, Any] | None = None
         #: the portal's domain as last read, for log lines
         self.domain: str = f"portal#{portal_id}"
+        self._payment_state: str | None = None
+        self._db_key = str(getattr(db, "url", ""))
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call one REST method and return its ``result``.
@@ -180,6 +185,7 @@ class Bitrix24Client:
                 batch.results[key] = answered[wire_key]
             else:
                 batch.skipped.append(key)
+        self._note_batch(commands, outer, failed, batch)
         for key, error in batch.errors.items():
             metrics.count_rest_error(commands[key][0], error.code)
         if batch.errors:
@@ -195,7 +201,26 @@ class Bitrix24Client:
     # -- the request, with one refresh --------------------------------------------------------
 
     def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        token, endpoint = self._load()
+        try:
+            payload = self._request_refreshing(method, params)
+        except Bitrix24Error as exc:
+            # From the portal (HTTP 402) or the OAuth server (settings/oauth/error-codes.md).
+            if exc.code.upper() == PaymentState.PAYMENT_REQUIRED:
+                self._payment(PaymentState.PAYMENT_REQUIRED, None)
+            raise
+        if self._payment_state == PaymentState.PAYMENT_REQUIRED:
+            # Bitrix24 answers again: paid.
+            self._payment(None, PaymentState.PAYMENT_REQUIRED)
+        return payload
+
+    def _payment(self, state: str | None, only_from: str | None) -> None:
+        with self.db.session() as session:
+            changed = set_payment_state(session, self.portal_id, state, only_from=only_from)
+        if changed:
+            log.warning("%s: payment state %s", self.domain, state or "cleared")
+
+    def _request_refreshing(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        token, endpoint = self._load(method)
         try:
             return self._post(endpoint, method, params, token)
         except TokenExpired:
@@ -209,23 +234,34 @@ class Bitrix24Client:
         )
         # Re-read rather than trust the returned token alone: the refresh may have moved the
         # portal to another client_endpoint, and someone may already hold an even newer token.
-        token, endpoint = self._load()
+        token, endpoint = self._load(method)
         try:
             return self._post(endpoint, method, params, token)
         except (TokensRevoked, PortalBlocked) as exc:
             self._mark(exc, token)
             raise
 
-    def _load(self) -> tuple[str, str]:
+    def _load(self, method: str) -> tuple[str, str]:
         with self.db.session() as session:
             portal = session.get(Portal, self.portal_id)
             if portal is None:
                 raise TokensRevoked("PORTAL_NOT_FOUND", f"no portal with id {self.portal_id}")
             self.domain = portal.domain
+            self._payment_state = portal.payment_state
             if portal.state != PortalState.ACTIVE:
                 raise inactive_portal_error(portal)
             if not portal.access_token:
                 raise TokensRevoked("NO_AUTH_FOUND", f"portal {portal.domain} has no token")
+            # A method whose time budget is spent is not called until it resets: Bitrix24
+            # would only answer OPERATION_TIME_LIMIT again (settings/performance/limits.md).
+            until = method_limits.blocked_until(session, self.portal_id, method)
+            if until is not None:
+                raise OperationTimeLimit(
+                    "OPERATION_TIME_LIMIT",
+                    f"{method} paused until {until:%H:%M:%S} UTC",
+                    None,
+                    until,
+                )
             return portal.access_token, portal.client_endpoint
 
     def _post(
@@ -234,17 +270,24 @@ class Bitrix24Client:
         url = endpoint if endpoint.endswith("/") else endpoint + "/"
         url += method
         started = time.perf_counter()
-        try:
-            check_url(url)
-            response = self.http.post(
-                url,
+
+        def send(target: str) -> requests.Response:
+            # Redirects are ours to follow: requests would resend a POST as a bodiless GET, and
+            # a portal must not bounce our token to another address unchecked (see .policy).
+            check_url(target)
+            return self.http.post(
+                target,
                 json={**params, "auth": token},
                 headers={"User-Agent": user_agent(self.settings), "Accept": "application/json"},
                 timeout=self.timeout,
-                # A portal must not bounce our token to another address (see .policy).
                 allow_redirects=False,
             )
-            refuse_redirect(response)
+
+        try:
+            response = send(url)
+            if response.status_code in redirects.REDIRECT_STATUSES:
+                response = self._follow(endpoint, method, url, response, send)
+            refuse_redirect(response)  # any other 3xx
         except (requests.RequestException, Bitrix24Error) as exc:
             error = exc if isinstance(exc, Bitrix24Error) else network_error(exc, url)
             metrics.observe_rest_request(method, time.perf_counter() - started)
@@ -263,6 +306,7 @@ class Bitrix24Client:
             and isinstance(payload, dict)
             and not payload.get("error")
         ):
+            method_limits.note_answer(self._db_key, self.portal_id, method, payload.get("time"))
             return payload
         if 200 <= response.status_code < 300 and not isinstance(payload, dict):
             error: Bitrix24Error = TransientError(
@@ -270,10 +314,63 @@ class Bitrix24Client:
             )
         else:
             error = from_response(response.status_code, payload)
+        if isinstance(error, OperationTimeLimit):
+            self._limit(method, error, payload)
         metrics.count_rest_error(method, error.code)
         level = logging.INFO if isinstance(error, TokenExpired) else logging.WARNING
         log.log(level, "%s: %s answered %s", self.domain, method, error)
         raise error
+
+    def _follow(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        response: requests.Response,
+        send: Callable[[str], requests.Response],
+    ) -> requests.Response:
+        """The portal moved (change-domen.md): send the same POST to the new address, and
+        remember it as the portal's endpoint and domain."""
+        try:
+            response, final_url = redirects.follow_redirects(url, response, send)
+        except redirects.TooManyRedirects as exc:
+            raise TransientError("ERROR_REDIRECT", str(exc), response.status_code) from None
+        moved = redirects.moved_endpoint(endpoint, method, final_url)
+        if moved is not None and 200 <= response.status_code < 300:
+            # Only an answer that worked proves the new address is the portal.
+            with self.db.session() as session:
+                portal = session.get(Portal, self.portal_id)
+                if portal is not None and portal.client_endpoint == endpoint:
+                    portal.client_endpoint = moved.client_endpoint
+                    portal.domain = moved.domain
+            log.warning("%s: portal moved to %s; endpoint updated", self.domain, moved.domain)
+            self.domain = moved.domain
+        return response
+
+    def _limit(self, method: str, error: OperationTimeLimit, body: Any) -> None:
+        """Block ``method`` alone until its budget resets (settings/performance/limits.md)."""
+        error.reset_at = method_limits.reset_at(self._db_key, self.portal_id, method, body)
+        with self.db.session() as session:
+            method_limits.block(session, self.portal_id, method, error.reset_at)
+        log.warning("%s: %s blocked until %s UTC", self.domain, method, error.reset_at)
+
+    def _note_batch(
+        self,
+        commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+        outer: Mapping[str, Any],
+        failed: Mapping[str, Any],
+        batch: BatchResult,
+    ) -> None:
+        """Per command: remember its answer's time, or block its method when it was refused
+        with OPERATION_TIME_LIMIT (each nested call has its own budget: limits.md)."""
+        times = _keyed(outer.get("result_time"))
+        for key, (method, _params) in commands.items():
+            error = batch.errors.get(key)
+            if isinstance(error, OperationTimeLimit):
+                body = failed.get(str(key))
+                self._limit(method, error, body)
+            elif key in batch.results:
+                method_limits.note_answer(self._db_key, self.portal_id, method, times.get(str(key)))
 
     def _mark(self, error: Bitrix24Error, token: str) -> None:
         """Record on the portal that Bitrix24 wants no more calls (re-install, or blocked)."""

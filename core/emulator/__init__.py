@@ -12,7 +12,8 @@ go through Bitrix24's side of the protocol without a real portal::
         portal.wait_for_status(message_id)              # until the app reports a final status
 
 Modules: ``server`` (the emulator and its OAuth server), ``portal`` (one portal: REST methods,
-state, the calls it makes to the app), ``httpd`` (the loopback HTTP plumbing), ``php_lenient_form``
+state, the calls it makes to the app), ``events`` (``event.bind``/``get``/``unbind``: the
+handlers app events go to), ``httpd`` (the loopback HTTP plumbing), ``php_lenient_form``
 (PHP bracket form encoding). ``python -m b24sms.emulator`` runs one portal from the shell.
 """
 

@@ -140,16 +140,19 @@ class _Handler(BaseHTTPRequestHandler):
                 body=self._read_body(),
                 content_type=self.headers.get("Content-Type", ""),
             )
-            status, payload = self.server.app.handle_http(request)
+            # An app answers (status, payload), or (status, payload, headers) for a redirect.
+            status, payload, *more = self.server.app.handle_http(request)
+            headers = more[0] if more else {}
         except RestError as exc:
-            status, payload = exc.status, exc.body()
+            status, payload, headers = exc.status, exc.body(), {}
         except Exception:
             log.exception("emulator failed on %s %s", self.command, self.path.split("?", 1)[0])
-            status, payload = (
+            status, payload, headers = (
                 500,
                 RestError("INTERNAL_SERVER_ERROR", "Internal server error", 500).body(),
+                {},
             )
-        self._write_json(status, payload)
+        self._write_json(status, payload, headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # The stdlib answers unsupported verbs and malformed requests with HTML; callers of the
@@ -159,10 +162,12 @@ class _Handler(BaseHTTPRequestHandler):
             code, {"error": "INVALID_REQUEST", "error_description": message or explain or str(code)}
         )
 
-    def _write_json(self, status: int, payload: Any) -> None:
+    def _write_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         try:
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -203,6 +208,10 @@ class ServerThread:
         )
         self._thread.start()
         self._stopped = False
+
+    def serve(self, app: Any) -> None:
+        """Hand the requests from now on to ``app`` (a portal's old address after a move)."""
+        self._server.app = app
 
     @property
     def base_url(self) -> str:

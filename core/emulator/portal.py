@@ -17,10 +17,11 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
+from .events import EventBindings
 from .httpd import HttpRequest, JSONAnswer, RestError, ServerThread, time_block
 from .php_lenient_form import php_form_decode
 
@@ -57,7 +58,11 @@ _DESCRIPTIONS = {
     "INTERNAL_SERVER_ERROR": "Internal server error",
     "ERROR_UNEXPECTED_ANSWER": "Server returned an unexpected response",
     "PORTAL_DELETED": "Portal was deleted",
+    "PAYMENT_REQUIRED": "Payment required",
 }
+
+#: the statuses of a redirect a moved portal may answer with (change-domen.md shows 302)
+REDIRECT_STATUS = 302
 
 
 def _method_not_found() -> RestError:
@@ -127,6 +132,20 @@ class _Injection:
         return RestError(self.error, self.description, self.status, extra={"time": block})
 
 
+class _MovedAddress:
+    """What a renamed portal's old address answers: a redirect to the same path at the new one
+    (settings/how-to-call-rest-api/change-domen.md)."""
+
+    def __init__(self, new_base_url: str) -> None:
+        self.new_base_url = new_base_url
+
+    def handle_http(self, request: HttpRequest) -> tuple[int, Any, dict[str, str]]:
+        location = self.new_base_url + request.path
+        if request.query:
+            location += "?" + urlencode(request.query)
+        return REDIRECT_STATUS, {}, {"Location": location}
+
+
 class EmulatedPortal:
     """A Bitrix24 portal with our app on it, served by its own loopback HTTP server.
 
@@ -149,6 +168,10 @@ class EmulatedPortal:
     - ``php_empty_arrays``: set True to answer empty batch parts as ``[]``, as real portals do
     - ``requests_per_second``, ``burst``: this portal's leaky bucket
     - ``app_url``, ``app_version``, ``installed``, ``install_finished``
+    - ``events``: the handlers the app bound (:class:`~.events.EventBindings`); ONAPPUPDATE,
+      ONAPPUNINSTALL and ONAPPPAYMENT reach the app only through them
+    - ``update_deletes_senders``, ``app_status``, ``payment_expired``, ``payment_required``,
+      ``method_blocks`` (see :meth:`limit_method`); :meth:`change_domain` moves the portal
     """
 
     def __init__(
@@ -196,6 +219,21 @@ class EmulatedPortal:
         self._bucket = 0.0
         self._bucket_at = time.monotonic()
         self._owner_ids = itertools.count(1)
+        #: the handlers the app bound with event.bind; events go to these only
+        self.events = EventBindings()
+        #: docs are silent on whether an app update removes the app's providers (event-bind.md
+        #: says only handlers); True plays the worse case
+        self.update_deletes_senders = True
+        #: app.info's STATUS: L local, F free, D demo, T trial, P paid (app-info.md)
+        self.app_status = "L"
+        #: app.info answers PAYMENT_EXPIRED "Y" with a negative DAYS (app-info.md)
+        self.payment_expired = False
+        #: every REST call answers HTTP 402 PAYMENT_REQUIRED (CRestServer::STATUS_PAYMENT_REQUIRED,
+        #: settings/cloud-and-on-premise/on-premise/custom-methods.md; oauth/error-codes.md)
+        self.payment_required = False
+        #: method -> unix time its OPERATION_TIME_LIMIT block ends (settings/performance/limits.md)
+        self.method_blocks: dict[str, float] = {}
+        self._moved_servers: list[ServerThread] = []
         self._issue_pair_locked()
         self._server = ServerThread(self, host, port)
         self.domain: str = domain or f"{host}:{self._server.port}"
@@ -223,6 +261,24 @@ class EmulatedPortal:
     def stop(self) -> None:
         """Stop this portal's server (the emulator's :meth:`Emulator.stop` does it for all)."""
         self._server.stop()
+        for server in self._moved_servers:
+            server.stop()
+
+    def change_domain(self, domain: str | None = None) -> str:
+        """Move the portal to a new address, as a renamed Bitrix24 does
+        (settings/how-to-call-rest-api/change-domen.md): a new REST server answers from now on,
+        and the old address answers every request with a 302 to the same path there.
+
+        :param domain: the new domain; default ``127.0.0.1:<new port>``.
+        :returns: the new ``client_endpoint``.
+        """
+        with self._lock:
+            old = self._server
+            self._server = ServerThread(self, old.host, 0)
+            self._moved_servers.append(old)
+            old.serve(_MovedAddress(self._server.base_url))
+            self.domain = domain or f"{old.host}:{self._server.port}"
+        return self.client_endpoint
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -305,6 +361,28 @@ class EmulatedPortal:
                 )
             )
 
+    def limit_method(self, method: str, reset_in: float) -> None:
+        """Spend ``method``'s time budget: every call of it, alone or inside a batch, answers
+        429 ``OPERATION_TIME_LIMIT`` until ``reset_in`` seconds from now, with that moment as
+        ``time.operating_reset_at``; other methods keep working (settings/performance/limits.md).
+        """
+        with self._lock:
+            self.method_blocks[method.lower()] = time.time() + reset_in
+
+    def _method_block_locked(self, method: str) -> RestError | None:
+        until = self.method_blocks.get(method)
+        now = time.time()
+        if until is None or until <= now:
+            return None
+        block = time_block(now, now)
+        block["operating_reset_at"] = until
+        return RestError(
+            "OPERATION_TIME_LIMIT",
+            _DESCRIPTIONS["OPERATION_TIME_LIMIT"],
+            429,
+            extra={"time": block},
+        )
+
     def _take_injection_locked(self, method: str, top_level: bool) -> _Injection | None:
         for injection in self._injections:
             if injection.methods is None and not top_level:
@@ -369,12 +447,17 @@ class EmulatedPortal:
                 )
                 return error.status, error.body(), commands
             injection = self._take_injection_locked(method, top_level=True)
+            blocked = self._method_block_locked(method)
         try:
             if injection is not None:
                 raise injection.answer()
             if bad_request is not None:
                 raise bad_request
             self._check_auth(params.get("auth"))
+            if self.payment_required:
+                raise RestError("PAYMENT_REQUIRED", _DESCRIPTIONS["PAYMENT_REQUIRED"], 402)
+            if blocked is not None:
+                raise blocked
             result = self._batch(params) if method == "batch" else self._call(method, params)
         except RestError as exc:
             return exc.status, exc.body(), commands
@@ -427,12 +510,15 @@ class EmulatedPortal:
         with self._lock:
             self.stats["methods"][name] += 1
             injection = self._take_injection_locked(name, top_level=False)
+            blocked = self._method_block_locked(name)
         if name == "batch":
             raise RestError(
                 "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage", 400
             )
         if injection is not None:
             raise injection.answer()
+        if blocked is not None:
+            raise blocked
         params = php_form_decode(parse_qsl(query, keep_blank_values=True))
         # Commands run with the batch's own auth, whatever they carry.
         params.pop("auth", None)
@@ -445,7 +531,15 @@ class EmulatedPortal:
             "messageservice.sender.delete": self._sender_delete,
             "messageservice.sender.list": self._sender_list,
             "messageservice.message.status.update": self._status_update,
+            "event.bind": self.events.bind,
+            "event.get": self.events.get,
+            "event.unbind": self.events.unbind,
         }
+        if method.startswith("event."):
+            # event.* keep their parameter names (event-bind.md writes them in lower case).
+            if method in handlers:
+                return handlers[method](dict(params))
+            raise _method_not_found()
         if method in handlers:
             return handlers[method](_messageservice_params(params))
         if method == "app.info":
@@ -470,10 +564,10 @@ class EmulatedPortal:
             "ID": 1,
             "CODE": self.emulator.client_id,
             "VERSION": self.app_version,
-            "STATUS": "L",
+            "STATUS": self.app_status,
             "INSTALLED": self.install_finished,
-            "PAYMENT_EXPIRED": "N",
-            "DAYS": None,
+            "PAYMENT_EXPIRED": "Y" if self.payment_expired else "N",
+            "DAYS": -3 if self.payment_expired else None,
             "LANGUAGE_ID": "en",
             "LICENSE": "en_project",
             "LICENSE_TYPE": "project",
@@ -654,16 +748,33 @@ class EmulatedPortal:
                 self.install_finished = "installFinish" in response.text
         return response
 
-    def update_app(self, version: int = 2) -> requests.Response:
-        """Update the app to ``version``: Bitrix24 deletes the app's senders, then POSTs
-        ONAPPUPDATE (install-event shape, a fresh token pair) to ``{app_url}/bitrix24/events``.
+    def _deliver(self, handlers: list[str], fields: Mapping[str, str]) -> requests.Response | None:
+        """POST an event to every handler bound for it; the first handler's answer, or None when
+        the app bound none (then Bitrix24 sends nothing: api-reference/events/index.md)."""
+        responses = [self._post(url, fields) for url in handlers]
+        return responses[0] if responses else None
+
+    def update_app(self, version: int = 2) -> requests.Response | None:
+        """Update the app to ``version``: the app's event handlers are removed (event-bind.md:
+        "when an application is deleted or updated, its [handlers] will be removed"), its
+        senders too while :attr:`update_deletes_senders`, then ONAPPUPDATE (install-event shape,
+        a fresh token pair) goes to the handlers that were bound for it before the update.
+
+        The docs do not say in which order removal and delivery happen; delivering to the
+        handlers bound before the update is the only order in which an app can learn of it.
 
         The event carries a new ``application_token`` ("the updated ``application_token``",
         b24restdocs ``api-reference/common/events/on-app-update.md``); later events and HANDLER
-        calls carry the new one."""
+        calls carry the new one.
+
+        :returns: the first bound handler's answer; None when no ONAPPUPDATE handler was bound.
+        """
         with self._lock:
-            app_url = self._require_app()
-            self.senders.clear()
+            self._require_app()
+            handlers = self.events.handlers("ONAPPUPDATE")
+            self.events.clear()
+            if self.update_deletes_senders:
+                self.senders.clear()
             previous, self.app_version = self.app_version, version
             self.application_token = token_hex(16)
             self._issue_pair_locked()
@@ -677,13 +788,19 @@ class EmulatedPortal:
                     "LANGUAGE_ID": "en",
                 },
             )
-        return self._post(f"{app_url}/bitrix24/events", fields)
+        return self._deliver(handlers, fields)
 
-    def uninstall(self, clean: bool = False) -> requests.Response:
-        """Uninstall the app: senders removed, every token invalid, then ONAPPUNINSTALL is POSTed
-        to ``{app_url}/bitrix24/events`` with ``data[CLEAN]`` = 1 when ``clean``."""
+    def uninstall(self, clean: bool = False) -> requests.Response | None:
+        """Uninstall the app: senders and event handlers removed, every token invalid, then
+        ONAPPUNINSTALL goes to the handlers bound for it, with ``data[CLEAN]`` = 1 when ``clean``
+        (settings/app-uninstallation.md).
+
+        :returns: the first bound handler's answer; None when no ONAPPUNINSTALL handler was bound.
+        """
         with self._lock:
-            app_url = self._require_app()
+            self._require_app()
+            handlers = self.events.handlers("ONAPPUNINSTALL")
+            self.events.clear()
             self.senders.clear()
             self._access.clear()
             self._refresh.clear()
@@ -700,7 +817,33 @@ class EmulatedPortal:
                 "auth[member_id]": self.member_id,
                 "auth[application_token]": self.application_token,
             }
-        return self._post(f"{app_url}/bitrix24/events", fields)
+        return self._deliver(handlers, fields)
+
+    def pay(self, status: str = "P", days: int = 30) -> requests.Response | None:
+        """The app was paid for: ONAPPPAYMENT (on-app-payment.md) to the handlers bound for it;
+        ``payment_expired`` and ``payment_required`` are cleared.
+
+        :returns: the first bound handler's answer; None when no ONAPPPAYMENT handler was bound.
+        """
+        with self._lock:
+            self.app_status = status
+            self.payment_expired = self.payment_required = False
+            handlers = self.events.handlers("ONAPPPAYMENT")
+            fields = {
+                "event": "ONAPPPAYMENT",
+                "data[CODE]": self.emulator.client_id,
+                "data[VERSION]": str(self.app_version),
+                "data[STATUS]": status,
+                "data[PAYMENT_EXPIRED]": "N",
+                "data[DAYS]": str(days),
+                "data[LANGUAGE_ID]": "en",
+                "ts": str(int(time.time())),
+                "auth[domain]": self.domain,
+                "auth[server_endpoint]": self.emulator.server_endpoint,
+                "auth[client_endpoint]": self.client_endpoint,
+                "auth[member_id]": self.member_id,
+            }
+        return self._deliver(handlers, fields)
 
     def send_sms(
         self,

@@ -505,6 +505,7 @@ def render_page(
             filters = replace(filters, page=1)
         stats = provider_stats(db_session, session.portal_id, codes, now)
         framed_by = portal_origin(db_session, session.portal_id)
+        connection = connection_state(db_session, session.portal_id)
     nonce = secrets.token_hex(16)
     send_token = _serializer(_SEND_SALT).dumps({"m": session.member_id, "n": nonce})
     csp_nonce = secrets.token_urlsafe(16)
@@ -528,8 +529,22 @@ def render_page(
         max_test_body=MAX_TEST_BODY,
         csp_nonce=csp_nonce,
         now=now,
+        connection=connection,
     )
     return _html(body, status, csp_nonce, framed_by)
+
+
+def connection_state(db_session: Session, portal_id: int) -> dict[str, Any]:
+    """The portal's link with Bitrix24: events bound to us, payment state, last reconcile."""
+    portal = db_session.get(Portal, portal_id)
+    if portal is None:
+        return {}
+    return {
+        "events": [e for e in (portal.event_bindings or "").split(",") if e],
+        "payment_state": portal.payment_state,
+        "reconciled_at": portal.reconciled_at,
+        "reconcile_error": portal.reconcile_error,
+    }
 
 
 # -- routes --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from ..config import first_error
 from ..errors import ApiError, error_response
 from ..handler_keys import check_key
 from ..ingest import Refused, accept_message
+from ..models import PortalState
 from ..portals import (
     claim_from_event,
     claim_from_form,
@@ -199,6 +200,8 @@ def events():
     auth = event["auth"]
     if name == "ONAPPINSTALL":
         return _install(payload, event)
+    if name == "ONAPPPAYMENT":
+        return _payment(auth)
     if name not in ("ONAPPUPDATE", "ONAPPUNINSTALL"):
         raise ApiError(400, "unsupported_event", f"event: {event['event']} is not handled")
     member_id = auth.get("member_id")
@@ -284,6 +287,19 @@ def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> Proven
     if not alive:
         raise ApiError(401, "unauthorized", "new application_token not confirmed by Bitrix24")
     return None
+
+
+def _payment(auth: Mapping[str, Any]):
+    """ONAPPPAYMENT carries no application_token (on-app-payment.md), so it proves nothing: it
+    only makes us ask the portal at its stored address (app.info, in a reconcile)."""
+    svc = service()
+    with svc.db.session() as session:
+        portal = find_portal(session, str(auth.get("member_id") or ""))
+        portal_id = portal.id if portal is not None and portal.state == PortalState.ACTIVE else None
+    if portal_id is None:
+        raise ApiError(401, "unauthorized", "unknown portal")
+    enqueue_or_log(svc.queue.enqueue_reconcile, portal_id)
+    return jsonify({"result": "payment noted"})
 
 
 @bp.post("/handler/<code>")
