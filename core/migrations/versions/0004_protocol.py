@@ -1,7 +1,7 @@
 """protocol: payment state, event bindings, reconcile state, per-method limits
 
 Revision ID: 0004
-Revises: 0002 (chained to 0001 on the g-protocol branch until 0002 is merged)
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-# The integrator re-chains this to "0002" when that revision is merged.
 down_revision = "0003"
 branch_labels = None
 depends_on = None
