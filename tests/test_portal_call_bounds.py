@@ -166,6 +166,8 @@ def test_app_page_posts_naming_a_slow_portal_do_not_starve_the_handler(tmp_path,
         handler_latencies(quiet, 3)  # warm-up: connections, caches
         baseline = handler_latencies(quiet, 15)
 
+        # the install's provider sync reads app.info too (in its batch): count only what follows
+        app_info_at_install = slow.stats["methods"].get("app.info", 0)
         slow.rest_delays["app.info"] = delay  # under WEB_TIMEOUT's read timeout: it answers
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
@@ -200,6 +202,6 @@ def test_app_page_posts_naming_a_slow_portal_do_not_starve_the_handler(tmp_path,
     assert ratio_p50 < 5, (baseline, loaded)
     assert ratio_max < 30, (baseline, loaded)
     # Only as many posts as there are slots reached the slow portal; the rest got 503 at once.
-    assert slow.stats["methods"]["app.info"] <= web_slots.size
+    assert slow.stats["methods"]["app.info"] - app_info_at_install <= web_slots.size
     assert statuses[503] >= posts - web_slots.size
     assert sum(statuses.values()) == posts

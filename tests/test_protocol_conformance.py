@@ -175,7 +175,7 @@ def test_redirects_are_bounded(live_app, emulator):
     client = Bitrix24Client(svc.db, stored(server, portal).id, svc.config["bitrix24"])
     with pytest.raises(TransientError) as info:
         client.call("app.info")
-    assert info.value.code == "ERROR_REDIRECT"
+    assert info.value.code == "REDIRECT_REFUSED"
 
 
 class _RedirectsElsewhere:
@@ -201,7 +201,7 @@ def test_redirects_only_to_http_or_https(live_app, emulator):
         client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
         with pytest.raises(TransientError) as info:
             client.call("app.info")
-        assert info.value.code == "ERROR_REDIRECT" and "ftp" in str(info.value)
+        assert info.value.code == "REDIRECT_REFUSED" and "ftp" in str(info.value)
         assert stored(server, portal).client_endpoint == f"{elsewhere.base_url}/rest/"
     finally:
         elsewhere.stop()

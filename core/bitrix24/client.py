@@ -39,7 +39,7 @@ from .errors import (
     network_error,
 )
 from .oauth import CONNECT_TIMEOUT, inactive_portal_error, refresh_tokens
-from .policy import check_url, refuse_redirect
+from .policy import RedirectRefused, check_url, refuse_redirect
 
 __all__ = [
     "MAX_BATCH",
@@ -334,7 +334,7 @@ class Bitrix24Client:
         try:
             response, final_url = redirects.follow_redirects(url, response, send)
         except redirects.TooManyRedirects as exc:
-            raise TransientError("ERROR_REDIRECT", str(exc), response.status_code) from None
+            raise RedirectRefused("REDIRECT_REFUSED", str(exc), response.status_code) from None
         moved = redirects.moved_endpoint(endpoint, method, final_url)
         if moved is not None and 200 <= response.status_code < 300:
             # Only an answer that worked proves the new address is the portal.

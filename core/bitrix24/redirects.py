@@ -9,6 +9,7 @@ secret or a refresh token anywhere.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -45,7 +46,27 @@ def _target(url: str, response: requests.Response) -> str:
     if old.scheme == "https" and new.scheme != "https":
         # The access token travels with the request: never from TLS to plain text.
         raise TooManyRedirects("redirect from https to http refused")
+    if new.path != old.path:
+        # A renamed portal answers the same REST path on its new host (change-domen.md); a
+        # redirect anywhere else is not a move, and our token does not follow it there.
+        raise TooManyRedirects(f"redirect to another path ({new.path or '/'}) refused")
+    if _private(new.hostname) and not _private(old.hostname):
+        # A public portal must not steer us into our own network (loopback, private ranges).
+        raise TooManyRedirects("redirect from a public address to a private one refused")
     return target
+
+
+def _private(host: str | None) -> bool:
+    """Whether ``host`` is an IP literal of a loopback, private, link-local or reserved
+    network, or ``localhost``. (A name is not resolved here: requests resolves it when it
+    connects.)"""
+    if not host or host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return not address.is_global
 
 
 def follow_redirects(
