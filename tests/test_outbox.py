@@ -140,15 +140,20 @@ def test_transient_command_error_is_retried_later(svc, portal, portal_id):
         "INTERNAL_SERVER_ERROR", 500, count=1, methods=["messageservice.message.status.update"]
     )
     report = flush_portal(svc, portal_id, hold=False)
-    assert report.delivered == 1 and report.retried == 1 and report.remaining == 1
-    assert report.retry_in is not None and 0 < report.retry_in <= 1
-    with svc.db.session() as session:
-        entry = session.scalars(select(OutboxEntry)).one()
-        assert entry.attempts == 1 and entry.not_before is not None
-        assert "INTERNAL_SERVER_ERROR" in entry.last_error
-    time.sleep(report.retry_in)
-    again = flush_portal(svc, portal_id, hold=False)
-    assert again.delivered == 1 and again.remaining == 0
+    assert report.retried == 1 and report.dropped == 0
+    assert report.delivered + report.remaining == 2
+    if report.remaining:
+        # The retry's delay (full jitter, under 0.1 s in this config) had not passed before the
+        # flush ended; on a loaded machine it may have, and the same flush sent it again.
+        assert report.retry_in is not None and 0 < report.retry_in <= 1
+        with svc.db.session() as session:
+            entry = session.scalars(select(OutboxEntry)).one()
+            assert entry.attempts == 1 and entry.not_before is not None
+            assert "INTERNAL_SERVER_ERROR" in entry.last_error
+        time.sleep(report.retry_in)
+        again = flush_portal(svc, portal_id, hold=False)
+        assert again.delivered == 1 and again.remaining == 0
+    assert outbox(svc) == []
     assert [emulated_statuses(svc, portal, pk) for pk in pks] == [["delivered"]] * 2
 
 
