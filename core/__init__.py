@@ -34,6 +34,10 @@ def create_app(
         file. Tests pass one; production reads ``B24SMS_CONFIG`` or the package's
         ``default.toml``.
     :param config_path: a TOML file to read instead of ``B24SMS_CONFIG``.
+
+    With an empty ``secret_key`` this is where the generated one is made, in
+    ``instance/secret_key`` (see :func:`b24sms.config.prepare_instance`).
+
     :raises b24sms.config.ConfigError, b24sms.plugins.PluginError: the service cannot start.
     """
     from .app import build_app
