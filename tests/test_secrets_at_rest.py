@@ -120,12 +120,21 @@ def test_database_queue_and_key_files_are_private(tmp_path):
     assert again["service"]["encryption_keys"] == config["service"]["encryption_keys"]
 
 
-def test_an_existing_database_file_is_tightened(tmp_path):
-    path = tmp_path / "old.sqlite3"
+def test_an_existing_database_file_and_instance_folder_are_tightened(tmp_path):
+    instance = tmp_path / "instance"
+    instance.mkdir(mode=0o755)
+    instance.chmod(0o755)
+    path = instance / "old.sqlite3"
     path.touch(mode=0o644)
     path.chmod(0o644)
     Database(f"sqlite:///{path}").dispose()
-    assert mode(path) == 0o600
+    assert mode(path) == 0o600 and mode(instance) == 0o700
+    # a folder that is not ours alone keeps its mode
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir()
+    elsewhere.chmod(0o755)
+    Database(f"sqlite:///{elsewhere}/b24sms.sqlite3").dispose()
+    assert mode(elsewhere) == 0o755 and mode(elsewhere / "b24sms.sqlite3") == 0o600
 
 
 # -- a full run: no token in the database files or the logs ---------------------------------------
