@@ -291,3 +291,32 @@ def test_keys_commands(tmp_path):
     generated_key = (tmp_path / "encryption_key").read_text()
     assert generated_key not in rotate.stdout
     db.dispose()
+
+
+def test_an_encrypted_json_column_round_trips_and_rotates(tmp_path):
+    """The type a later secret column (per-portal gateway options) can use."""
+    from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+    from b24sms.crypto import EncryptedJSON
+
+    metadata = MetaData()
+    table = Table(
+        "portal_options",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("options", EncryptedJSON()),
+    )
+    db = keyed(Database(f"sqlite:///{tmp_path}/json.sqlite3"))
+    try:
+        metadata.create_all(db.engine)
+        options = {"auth_token": "twilio-token-0123456789", "from": "+15005550006"}
+        with db.engine.begin() as conn:
+            conn.execute(insert(table).values(id=1, options=options))
+            assert conn.execute(select(table.c.options)).scalar() == options
+            raw = conn.execute(text("SELECT options FROM portal_options")).scalar()
+        assert raw.startswith(PREFIX) and "twilio-token" not in raw
+        both = KeySet([generate_key(), ENCRYPTION_KEY])
+        report = rotate_stored_secrets(db.engine, metadata, both)
+        assert [(c.column, c.rotated) for c in report.columns] == [("options", 1)]
+    finally:
+        db.dispose()
