@@ -24,6 +24,7 @@ idempotent and safe to run again after an interruption.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -196,6 +197,24 @@ class EncryptedText(TypeDecorator[str]):
                 "this database engine has no encryption keys to read an encrypted column with"
             )
         return keys.decrypt(value)
+
+
+class EncryptedJSON(EncryptedText):
+    """A JSON value (say, a portal's secret gateway options) stored encrypted like
+    :class:`EncryptedText`, and rotated with it. Assign a new value to change it: changes made
+    inside a loaded dict are not noticed by the session."""
+
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return super().process_bind_param(text, dialect)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        text = super().process_result_value(value, dialect)
+        return None if text is None else json.loads(text)
 
 
 # -- rotation -------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ def private_folder(path: Path, *, tighten: bool = False) -> Path:
     return path
 
 
+def is_instance_folder(path: Path) -> bool:
+    """``instance/``: the folder of the embedded default's files, ours alone, kept 0700."""
+    return path.name == "instance"
+
+
 def private_file(path: Path) -> Path:
     """Make sure ``path`` exists with mode 0600 before another library opens it.
 
@@ -39,7 +44,7 @@ def private_file(path: Path) -> Path:
     of ours is tightened too. SQLite gives its ``-wal`` and ``-shm`` files the database file's
     mode.
     """
-    private_folder(path.parent)
+    private_folder(path.parent, tighten=is_instance_folder(path.parent))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
     os.close(fd)
     with contextlib.suppress(PermissionError):
@@ -53,7 +58,7 @@ def read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     Written to a temporary file and linked into place, so a process starting at the same
     moment never reads a half-written file: exactly one creator wins, the others read its key.
     """
-    private_folder(path.parent, tighten=path.parent.name == "instance")
+    private_folder(path.parent, tighten=is_instance_folder(path.parent))
     if not path.exists():
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:

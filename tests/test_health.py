@@ -136,3 +136,27 @@ def test_a_hanging_probe_times_out_and_is_not_started_twice():
     probe._running.join(5)  # type: ignore[union-attr]
     assert probe.run(lambda: None) == "ok"
     assert probe.run(lambda: 1 / 0) == "unavailable (ZeroDivisionError)"
+
+
+def test_the_probes_write_on_postgresql_and_redis(live_app, postgres_url, redis_url):
+    """Needs PostgreSQL and Redis on 127.0.0.1 (skipped with the reason when absent)."""
+    from sqlalchemy import select
+
+    from b24sms import migrate
+    from b24sms.db import Database
+    from b24sms.models import HealthCheck
+    from tests.deployment import reset_schema
+
+    reset_schema(postgres_url)
+    database = Database(postgres_url)
+    migrate.upgrade(database)
+    database.dispose()
+    server = live_app(service={"database_url": postgres_url, "queue_url": redis_url})
+    svc = server.app.extensions["b24sms"]
+    stamps = []
+    for _ in range(2):
+        assert health(server) == (200, {"database": "ok", "queue": "ok"})
+        with svc.db.session() as session:
+            stamps.append(session.scalar(select(HealthCheck.checked_at)))
+        assert svc.queue.huey.get("b24sms-health-probe", peek=True) is not None
+    assert stamps[0] is not None and stamps[1] > stamps[0]

@@ -89,7 +89,7 @@ def test_a_replayed_http_callback_adds_nothing(live_app, emulator, api):
     assert history(server, message_id) == history_before  # and nothing was recorded
 
     # outside the window (default 300 s) a report is refused, whatever its signature
-    for skew in (-301, 301):
+    for skew in (-310, 310):  # margin for whole-second timestamps and a slow machine
         late = post_callback(url, delivered, SECRET_A, timestamp=signed_at + skew)
         assert late.status_code == 401
     # signed anew by the gateway (only it knows the secret): recorded, not applied

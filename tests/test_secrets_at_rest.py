@@ -120,12 +120,21 @@ def test_database_queue_and_key_files_are_private(tmp_path):
     assert again["service"]["encryption_keys"] == config["service"]["encryption_keys"]
 
 
-def test_an_existing_database_file_is_tightened(tmp_path):
-    path = tmp_path / "old.sqlite3"
+def test_an_existing_database_file_and_instance_folder_are_tightened(tmp_path):
+    instance = tmp_path / "instance"
+    instance.mkdir(mode=0o755)
+    instance.chmod(0o755)
+    path = instance / "old.sqlite3"
     path.touch(mode=0o644)
     path.chmod(0o644)
     Database(f"sqlite:///{path}").dispose()
-    assert mode(path) == 0o600
+    assert mode(path) == 0o600 and mode(instance) == 0o700
+    # a folder that is not ours alone keeps its mode
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir()
+    elsewhere.chmod(0o755)
+    Database(f"sqlite:///{elsewhere}/b24sms.sqlite3").dispose()
+    assert mode(elsewhere) == 0o755 and mode(elsewhere / "b24sms.sqlite3") == 0o600
 
 
 # -- a full run: no token in the database files or the logs ---------------------------------------
@@ -282,3 +291,32 @@ def test_keys_commands(tmp_path):
     generated_key = (tmp_path / "encryption_key").read_text()
     assert generated_key not in rotate.stdout
     db.dispose()
+
+
+def test_an_encrypted_json_column_round_trips_and_rotates(tmp_path):
+    """The type a later secret column (per-portal gateway options) can use."""
+    from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+    from b24sms.crypto import EncryptedJSON
+
+    metadata = MetaData()
+    table = Table(
+        "portal_options",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("options", EncryptedJSON()),
+    )
+    db = keyed(Database(f"sqlite:///{tmp_path}/json.sqlite3"))
+    try:
+        metadata.create_all(db.engine)
+        options = {"auth_token": "twilio-token-0123456789", "from": "+15005550006"}
+        with db.engine.begin() as conn:
+            conn.execute(insert(table).values(id=1, options=options))
+            assert conn.execute(select(table.c.options)).scalar() == options
+            raw = conn.execute(text("SELECT options FROM portal_options")).scalar()
+        assert raw.startswith(PREFIX) and "twilio-token" not in raw
+        both = KeySet([generate_key(), ENCRYPTION_KEY])
+        report = rotate_stored_secrets(db.engine, metadata, both)
+        assert [(c.column, c.rotated) for c in report.columns] == [("options", 1)]
+    finally:
+        db.dispose()
