@@ -251,6 +251,22 @@ def test_payment_required_fails_new_messages_until_bitrix24_answers_again(live_a
     assert report.ok and stored(server, portal).payment_state is None
 
 
+def test_payment_required_from_the_oauth_server_marks_the_portal(live_app, emulator):
+    # settings/oauth/error-codes.md: "Until then, the authorization server will not issue tokens"
+    server = live_app(providers=LOG_PROVIDER)
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    portal.expire_tokens()
+    emulator.inject("PAYMENT_REQUIRED", 400, description="Payment required")
+    (report,) = sync_all(svc)
+    assert report.error is not None and report.error.code == "PAYMENT_REQUIRED"
+    row = stored(server, portal)
+    assert row.payment_state == PaymentState.PAYMENT_REQUIRED and row.state == "active"
+    (report,) = sync_all(svc)  # the next refresh works: paid again
+    assert report.ok and stored(server, portal).payment_state is None
+
+
 def test_payment_expired_from_app_info_and_onapppayment(live_app, emulator):
     server = live_app(providers=LOG_PROVIDER)
     svc = server.app.extensions["b24sms"]
