@@ -13,7 +13,7 @@ from sqlalchemy import select
 from b24sms.bitrix24.client import Bitrix24Client
 from b24sms.bitrix24.errors import TransientError
 from b24sms.bitrix24.redirects import MAX_HOPS
-from b24sms.models import Message, PaymentState, Portal
+from b24sms.models import Message, PaymentState, Portal, PortalPacing
 from b24sms.registration import public_url_problems, reconcile_due, sync_all
 from tests.conftest import wait_until
 from tests.test_app_page import open_page
@@ -133,6 +133,30 @@ def test_concurrent_reconciles_sync_a_portal_once(live_app, emulator):
         worker.join(timeout=30)
     assert sorted(len(r) for r in results) == [0, 1]  # one worker claimed it
     assert [e for e, _ in bindings(portal)] == APP_EVENTS  # bound once
+
+
+def test_reconcile_waits_while_the_portal_bucket_is_full(live_app, emulator):
+    # settings/performance/limits.md: a leaky bucket per portal; the reconcile spends from the
+    # estimate the outbox paces by, and leaves a busy portal to the next run.
+    server = live_app(providers=LOG_PROVIDER, bitrix24={"reconcile_interval": 60})
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with svc.db.session() as session:
+        row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
+        row.reconciled_at = now - dt.timedelta(seconds=120)
+        pacing = session.get(PortalPacing, row.id)  # the install's flush made it
+        pacing.bucket_level, pacing.bucket_at = 49.5, now
+    requests_before = portal.stats["requests"]
+    assert reconcile_due(svc) == []
+    assert portal.stats["requests"] == requests_before
+    with svc.db.session() as session:
+        session.get(PortalPacing, row.id).bucket_level = 0.0
+    (report,) = reconcile_due(svc)
+    assert report.ok
+    with svc.db.session() as session:
+        assert session.get(PortalPacing, row.id).bucket_level >= 2.0  # spent, for the outbox
 
 
 def test_reconcile_records_its_error(live_app, emulator):
