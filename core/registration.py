@@ -31,6 +31,7 @@ from .handler_keys import handler_key, verify_handler_key
 from .models import (
     PaymentState,
     Portal,
+    PortalPacing,
     PortalState,
     ProviderRegistration,
     RegistrationState,
@@ -487,6 +488,8 @@ def sync_all(service: _ServiceLike) -> list[SyncReport]:
     return [sync_portal(service, portal_id) for portal_id in ids]
 
 
+#: requests a reconcile of a portal usually costs: the reading batch and one batch of changes
+RECONCILE_COST = 2.0
 #: portals reconciled per periodic run at most: a run must not hold a worker for long
 RECONCILE_PER_RUN = 20
 #: each portal's interval is spread by this fraction, so portals installed together (a mass
@@ -508,9 +511,9 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     :data:`RECONCILE_PER_RUN` per run. Restores providers and event bindings Bitrix24 removed
     (an app update, an administrator), so the install page's "will be retried" holds.
 
-    A sync costs two requests (one when nothing changed) of a portal's burst of 50, and portals
-    are done one after another, so a run stays well under every portal's limit; a portal whose
-    status.update is blocked or that is rate limited answers so and is tried next interval.
+    A sync costs two requests (one when nothing changed) of a portal's burst of 50; they are
+    spent from the bucket estimate the outbox paces by, and a portal whose bucket has no room
+    for them is left to the next run. A portal that answers with a limit is tried next interval.
     """
     interval = float(service.config["bitrix24"].get("reconcile_interval", 3600.0))
     if interval <= 0:
@@ -533,6 +536,9 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     ][:RECONCILE_PER_RUN]
     reports = []
     for portal_id, at in due:
+        if not _room_in_bucket(service.db, portal_id, service.config["bitrix24"]):
+            log.info("portal %s: REST bucket busy, reconcile on the next run", portal_id)
+            continue
         if not _claim(service.db, portal_id, at, now):
             continue  # another worker's periodic run took it
         try:
@@ -540,6 +546,25 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
         except LookupError:
             continue  # uninstalled with CLEAN meanwhile
     return reports
+
+
+def _room_in_bucket(db: Database, portal_id: int, settings: Mapping[str, Any]) -> bool:
+    """Spend :data:`RECONCILE_COST` requests from the portal's leaky bucket as every process
+    estimates it (``portal_pacing``, which the outbox paces its status batches by, leaving a
+    slice of the burst to callers like this one); False when even that slice is taken."""
+    rate, burst = float(settings["requests_per_second"]), float(settings["burst"])
+    now = utcnow()
+    with db.session() as session:
+        state = session.get(PortalPacing, portal_id)
+        if state is None:
+            return True  # no outbox traffic ever: the bucket is empty
+        level = float(state.bucket_level or 0.0)
+        if state.bucket_at is not None:
+            level = max(0.0, level - max(0.0, (now - state.bucket_at).total_seconds()) * rate)
+        if level + RECONCILE_COST > burst:
+            return False
+        state.bucket_level, state.bucket_at = level + RECONCILE_COST, now
+        return True
 
 
 def _claim(db: Database, portal_id: int, seen: dt.datetime | None, now: dt.datetime) -> bool:

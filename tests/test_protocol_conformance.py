@@ -13,7 +13,7 @@ from sqlalchemy import select
 from b24sms.bitrix24.client import Bitrix24Client
 from b24sms.bitrix24.errors import TransientError
 from b24sms.bitrix24.redirects import MAX_HOPS
-from b24sms.models import Message, PaymentState, Portal
+from b24sms.models import Message, PaymentState, Portal, PortalPacing
 from b24sms.registration import public_url_problems, reconcile_due, sync_all
 from tests.conftest import wait_until
 from tests.test_app_page import open_page
@@ -135,6 +135,30 @@ def test_concurrent_reconciles_sync_a_portal_once(live_app, emulator):
     assert [e for e, _ in bindings(portal)] == APP_EVENTS  # bound once
 
 
+def test_reconcile_waits_while_the_portal_bucket_is_full(live_app, emulator):
+    # settings/performance/limits.md: a leaky bucket per portal; the reconcile spends from the
+    # estimate the outbox paces by, and leaves a busy portal to the next run.
+    server = live_app(providers=LOG_PROVIDER, bitrix24={"reconcile_interval": 60})
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with svc.db.session() as session:
+        row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
+        row.reconciled_at = now - dt.timedelta(seconds=120)
+        pacing = session.get(PortalPacing, row.id)  # the install's flush made it
+        pacing.bucket_level, pacing.bucket_at = 49.5, now
+    requests_before = portal.stats["requests"]
+    assert reconcile_due(svc) == []
+    assert portal.stats["requests"] == requests_before
+    with svc.db.session() as session:
+        session.get(PortalPacing, row.id).bucket_level = 0.0
+    (report,) = reconcile_due(svc)
+    assert report.ok
+    with svc.db.session() as session:
+        assert session.get(PortalPacing, row.id).bucket_level >= 2.0  # spent, for the outbox
+
+
 def test_reconcile_records_its_error(live_app, emulator):
     server = live_app(providers=LOG_PROVIDER)
     svc = server.app.extensions["b24sms"]
@@ -248,6 +272,22 @@ def test_payment_required_fails_new_messages_until_bitrix24_answers_again(live_a
 
     portal.payment_required = False
     (report,) = sync_all(svc)
+    assert report.ok and stored(server, portal).payment_state is None
+
+
+def test_payment_required_from_the_oauth_server_marks_the_portal(live_app, emulator):
+    # settings/oauth/error-codes.md: "Until then, the authorization server will not issue tokens"
+    server = live_app(providers=LOG_PROVIDER)
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    portal.expire_tokens()
+    emulator.inject("PAYMENT_REQUIRED", 400, description="Payment required")
+    (report,) = sync_all(svc)
+    assert report.error is not None and report.error.code == "PAYMENT_REQUIRED"
+    row = stored(server, portal)
+    assert row.payment_state == PaymentState.PAYMENT_REQUIRED and row.state == "active"
+    (report,) = sync_all(svc)  # the next refresh works: paid again
     assert report.ok and stored(server, portal).payment_state is None
 
 
