@@ -41,13 +41,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import ApiError
 from .hookspecs import hookimpl
 from .models import Message, OutboxEntry, Portal, utcnow
-from .statuses import FINAL_STATUSES, STATUSES
+from .statuses import FINAL_STATUSES, STATUSES, accepted_by_gateway
 
 if TYPE_CHECKING:
     import pluggy
@@ -261,14 +261,7 @@ class DatabaseCollector:
         yield states
 
     def _query(self) -> tuple[list[Any], list[Any], list[Any]]:
-        accepted = case(
-            (
-                Message.external_id.is_not(None)
-                | Message.status.in_(("sent", "delivered", "undelivered")),
-                1,
-            ),
-            else_=0,
-        )
+        accepted = accepted_by_gateway()
         with self.service.db.session() as session:
             messages = session.execute(
                 select(Message.code, Message.status, accepted, func.count()).group_by(

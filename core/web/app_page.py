@@ -32,7 +32,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..bitrix24.verify import probe_token
@@ -44,7 +44,7 @@ from ..models import Message, Portal, PortalState, ProviderRegistration, StatusE
 from ..portals import find_portal
 from ..registration import wanted_codes
 from ..service import Service
-from ..statuses import FINAL_STATUSES, STATUSES
+from ..statuses import DELIVERED, FINAL_STATUSES, STATUSES, accepted_by_gateway
 
 bp = Blueprint("app_page", __name__)
 
@@ -234,7 +234,7 @@ class StatsRow:
     @property
     def rate(self) -> float | None:
         """Delivered share of the messages that reached a final status."""
-        return self.counts["delivered"] / self.finished if self.finished else None
+        return self.counts[DELIVERED] / self.finished if self.finished else None
 
 
 @dataclass
@@ -304,22 +304,11 @@ def provider_rows(svc: Service, db_session: Session, session: PageSession) -> li
     return rows
 
 
-def _accepted_expression() -> Any:
-    return case(
-        (
-            Message.external_id.is_not(None)
-            | Message.status.in_(("sent", "delivered", "undelivered")),
-            1,
-        ),
-        else_=0,
-    )
-
-
 def provider_stats(
     db_session: Session, portal_id: int, codes: list[str], now: dt.datetime
 ) -> list[tuple[str, list[StatsRow], int]]:
     """Per window: (label, one row per CODE, the largest total, to scale the chart by)."""
-    accepted = _accepted_expression()
+    accepted = accepted_by_gateway()
     windows = []
     for label, span in WINDOWS:
         rows = {code: StatsRow(code) for code in codes}
