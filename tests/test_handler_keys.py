@@ -42,3 +42,23 @@ def test_a_non_ascii_key_on_the_handler_is_401_not_500(live_app, emulator):
     form = {"code": "smslog", "message_id": "m1", "message_to": "+14155550100", "message_body": "x"}
     response = requests.post(handler + "key=%C3%A9%C3%A9", data=form, timeout=10)
     assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+
+
+def test_a_provider_narrowed_to_other_portals_refuses_this_portals_calls(live_app, emulator):
+    from tests.conftest import SECRET_KEY
+
+    providers = {
+        "everyone": {"plugin": "log", "name": "Log for all"},
+        "narrow": {"plugin": "log", "name": "Log for one", "portals": ["some-other-portal"]},
+    }
+    server = live_app(providers=providers)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    assert "narrow" not in portal.senders  # provider sync honours the list already
+    form = {"message_to": "+14155550100", "message_body": "x"}
+    for code, expected in (("everyone", 200), ("narrow", 403)):
+        # the URL an earlier sync registered, before the provider was narrowed
+        url = handler_url(server.url, SECRET_KEY, portal.member_id, code)
+        response = requests.post(url, data={**form, "code": code, "message_id": code}, timeout=10)
+        assert response.status_code == expected, response.text
+    assert response.json()["error"] == "provider_not_for_portal"

@@ -258,6 +258,10 @@ def handler(code: str):
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
+    if provider.get("portals") is not None and member_id not in provider["portals"]:
+        # Narrowed by [providers.CODE] portals: an old HANDLER URL of another portal stays
+        # registered until `providers sync` removes it, and must not reach the gateway.
+        raise ApiError(403, "provider_not_for_portal", f"code: {code!r} is not for this portal")
 
     # 3. Stored durably (UnknownPortal / WrongApplicationToken answer 401), then answered.
     accepted = accept_message(svc, member_id, code, data, auth=auth)
