@@ -62,6 +62,10 @@ class Portal(Base):
     installed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     uninstalled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: HANDLER keys (b24sms.handler_keys): provider sync registers URLs of handler_key_version;
+    #: calls with keys from handler_key_oldest to it are accepted (`portals rotate-key`)
+    handler_key_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    handler_key_oldest: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     registrations: Mapped[list[ProviderRegistration]] = relationship(
         back_populates="portal", cascade="all, delete-orphan", passive_deletes=True

@@ -22,7 +22,7 @@ from ..bitrix24.payloads import (
 )
 from ..config import first_error
 from ..errors import ApiError, error_response
-from ..handler_keys import check_key
+from ..handler_keys import check_key, key_version
 from ..ingest import Refused, accept_message
 from ..models import Portal, PortalState
 from ..portals import (
@@ -234,7 +234,8 @@ def handler(code: str):
     #    against that portal, or against the address when the key proves nothing. Neither
     #    needs the body, so a refused call costs no parsing.
     member_id = request.args.get("member_id", "")
-    key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+    version = key_version(request.args.get("kv"))
+    key_valid = check_key(svc.settings, member_id, code, request.args.get("key"), version)
     too_many = limit_handler_call(member_id if key_valid else None)
     if too_many is not None:
         return too_many
@@ -253,7 +254,7 @@ def handler(code: str):
     if not member_id and auth.get("member_id"):
         # A URL without member_id: the key may still be the one of auth[member_id].
         member_id = auth["member_id"]
-        key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+        key_valid = check_key(svc.settings, member_id, code, request.args.get("key"), version)
     if not key_valid:
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
@@ -263,7 +264,7 @@ def handler(code: str):
         # registered until `providers sync` removes it, and must not reach the gateway.
         raise ApiError(403, "provider_not_for_portal", f"code: {code!r} is not for this portal")
 
-    # 3. Stored durably (UnknownPortal / WrongApplicationToken answer 401), then answered.
-    accepted = accept_message(svc, member_id, code, data, auth=auth)
+    # 3. Stored durably (a portal that refuses it: Refused, answered 401), then answered.
+    accepted = accept_message(svc, member_id, code, data, auth=auth, key_version=version)
     # Not jsonify: the same JSON for a fraction of its cost, on the busiest route.
     return current_app.response_class(json.dumps(accepted.answer()), mimetype="application/json")
