@@ -38,7 +38,6 @@ _NAME_SHOWN = 80
 #: what no stored text may hold: NUL (PostgreSQL refuses it) and lone surrogates (not Unicode:
 #: SQLite would store bytes it cannot read back)
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def _shown(name: str) -> str:
@@ -74,8 +73,8 @@ def parse_bracketed(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
                 raise PayloadError(raw_key, "is both a value and a table")
             result[raw_key] = value
             continue
-        parts = _key_parts(raw_key)
-        if len(parts) > MAX_DEPTH:
+        # (Counted first: a hostile key of 100,000 levels is refused before it is split.)
+        if raw_key.count("[") > MAX_DEPTH or len(parts := _key_parts(raw_key)) > MAX_DEPTH:
             raise PayloadError(raw_key, "is nested too deeply")
         node = result
         for i, part in enumerate(parts[:-1]):
@@ -110,28 +109,20 @@ def _slot(node: dict[str, Any], part: str, free: dict[int, int], raw_key: str) -
 
 
 def parse_json(text: str) -> Any:
-    """A JSON body, in time linear in its length, at most :data:`MAX_DEPTH` levels deep.
+    """A JSON body, in time linear in its length.
 
-    The depth is measured before parsing (strings skipped by one regular expression), so a
-    body nested 50,000 deep is refused rather than exhausting the interpreter's stack; arrays
-    and objects are held to :data:`MAX_ITEMS` entries and the body to :data:`MAX_FIELDS`
-    values by :func:`check_text`.
+    The decoder refuses nesting deeper than the interpreter's recursion limit by raising
+    RecursionError (a body nested 50,000 deep costs a thousand levels, then is refused); the
+    caps on depth (:data:`MAX_DEPTH`), entries (:data:`MAX_ITEMS`) and values
+    (:data:`MAX_FIELDS`) are then checked by :func:`check_text`.
 
     :raises PayloadError: ``field`` "body" for what is not JSON or is nested too deeply.
     """
-    depth = 0
-    if text.count("[") + text.count("{") > MAX_DEPTH:
-        for token in _JSON_TOKENS.finditer(text):
-            char = token.group()
-            if char in "[{":
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise PayloadError("body", f"nested more than {MAX_DEPTH} levels deep")
-            elif char in "]}":
-                depth -= 1
     try:
         return json.loads(text)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise PayloadError("body", f"nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError:
         raise PayloadError("body", "not valid JSON") from None
 
 
@@ -153,7 +144,7 @@ def _check_node(node: Any, name: str, depth: int, budget: list[int]) -> None:
             raise PayloadError(name or "body", "holds a NUL character or is not valid Unicode")
         return
     if isinstance(node, dict | list):
-        if depth >= MAX_DEPTH + 1:
+        if depth >= MAX_DEPTH:
             raise PayloadError(name or "body", f"nested more than {MAX_DEPTH} levels deep")
         if len(node) > MAX_ITEMS:
             raise PayloadError(name or "body", f"more than {MAX_ITEMS} entries")
