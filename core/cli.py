@@ -213,6 +213,33 @@ def portals_list(obj: Context) -> None:
             )
 
 
+@portals.command("rotate-key")
+@click.argument("member_id")
+@pass_ctx
+def portals_rotate_key(obj: Context, member_id: str) -> None:
+    """New HANDLER keys for one portal; the old ones stop working once its providers are synced.
+
+    The new key version is stored, then the portal's providers are registered with the new
+    URLs; when that sync fails, the old keys keep working until `b24sms providers sync` succeeds.
+    """
+    from .portals import find_portal
+    from .registration import sync_portal
+
+    service = obj.service
+    with service.db.session() as session:
+        portal = find_portal(session, member_id, lock=True)
+        if portal is None:
+            raise click.ClickException(f"no portal {member_id!r}")
+        portal.handler_key_version += 1
+        portal_id, version = portal.id, portal.handler_key_version
+    report = sync_portal(service, portal_id)
+    if not report.ok:
+        click.echo(f"{member_id}: key version {version} stored; provider sync failed: {report}")
+        click.echo("the old keys keep working until `b24sms providers sync` succeeds")
+        sys.exit(1)
+    click.echo(f"{member_id}: HANDLER keys rotated to version {version}; older keys refused")
+
+
 @cli.command()
 @click.option("--status", default=None, help="Only this status.")
 @click.option("--code", default=None, help="Only this provider CODE.")

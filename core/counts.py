@@ -35,12 +35,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .models import Message, MessageCount
-from .statuses import DELIVERED, SENT, UNDELIVERED
+from .statuses import ACCEPTED_STATUSES
 
 #: counter rows per key on PostgreSQL (SQLite has one writer at a time: one row is enough)
 SLOTS = 8
 #: statuses that say a gateway took the message, even when we never learnt its id
-_ACCEPTED_STATUSES = frozenset({SENT, DELIVERED, UNDELIVERED})
 _PENDING = "b24sms_message_counts"
 _SAVED = "b24sms_message_counts_savepoints"
 
@@ -49,7 +48,7 @@ Key = tuple[str, str, bool]
 
 def is_accepted(status: str | None, external_id: str | None) -> bool:
     """Whether a message counts as accepted by a gateway (``b24sms_messages_sent``)."""
-    return external_id is not None or status in _ACCEPTED_STATUSES
+    return external_id is not None or status in ACCEPTED_STATUSES
 
 
 def add(conn: Connection, key: Key, *, stored: int = 0, removed: int = 0) -> None:

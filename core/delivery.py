@@ -141,6 +141,69 @@ def _locked_with_portal(session: Session, message_pk: int) -> Message | None:
     ).first()
 
 
+def _not_due(
+    message: Message | None, message_pk: int, now: dt.datetime, stuck_after: float
+) -> DeliveryOutcome | None:
+    """Why this message gets no attempt now (a skipped outcome), or None when it does."""
+    if message is None:
+        log.warning("message %s: not found; nothing to send", message_pk)
+        return DeliveryOutcome(message_pk, "skipped", "not found")
+    if is_final(message.status):
+        return DeliveryOutcome(message_pk, "skipped", f"already {message.status}")
+    if message.next_attempt_at is None:
+        # The gateway took it; only reports move it on now.
+        return DeliveryOutcome(message_pk, "skipped", "handed to the gateway")
+    if message.sending_since is not None and message.sending_since > now - _seconds(stuck_after):
+        return DeliveryOutcome(message_pk, "skipped", "in flight")
+    early = (message.next_attempt_at - now).total_seconds()
+    if early > DUE_TOLERANCE:
+        # A duplicate trigger; the task of the scheduled attempt (or the sweep) comes later.
+        return DeliveryOutcome(message_pk, "skipped", "not due", retry_in=early)
+    return None
+
+
+def _unsendable(message: Message, gateway: Gateway | None, max_attempts: int) -> str | None:
+    """Why this message fails without a gateway call, or None when it can be sent."""
+    if message.to is None:
+        return "the recipient number could not be parsed"
+    if gateway is None:
+        return (
+            f"no gateway for provider CODE {message.code!r} (it was removed from the configuration)"
+        )
+    if message.attempts >= max_attempts:
+        # Earlier attempts were cut short (a worker died mid-send) and used up the budget.
+        return f"gave up after {message.attempts} attempts"
+    return None
+
+
+def _call_gateway(
+    gateway: Gateway, outgoing: OutgoingMessage
+) -> tuple[SendResult | None, GatewayError | None]:
+    """One ``gateway.send``: its result, or the error to record (a plugin's bug is retried)."""
+    started = time.perf_counter()
+    result: SendResult | None = None
+    error: GatewayError | None = None
+    try:
+        result = gateway.send(outgoing)
+        if not isinstance(result, SendResult):
+            raise TypeError(f"send() returned {type(result).__name__}, not SendResult")
+    except GatewayError as exc:
+        # Gateways echo numbers and texts in their errors: cleared before stored, logged, shown.
+        error = redacted_error(exc, outgoing.to, outgoing.body)
+    except Exception as exc:
+        # A bug or an unforeseen failure inside the plugin: keep the traceback, retry anyway —
+        # losing the message is worse than trying again.
+        log.exception(
+            "message %s (%s): gateway %s raised", outgoing.id, outgoing.code, gateway.name
+        )
+        result, error = (
+            None,
+            RetryableGatewayError(f"unexpected {type(exc).__name__} in the gateway"),
+        )
+    metrics.observe_gateway_send(outgoing.code, time.perf_counter() - started, error)
+    return result, error
+
+
 def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     """Make one send attempt for a message, if it is due, and record the outcome.
 
@@ -149,42 +212,19 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     number, or whose CODE no longer has a gateway, fails without a gateway call.
     """
     settings = service.settings
-    max_attempts = int(settings["max_attempts"])
     stuck_after = float(settings["stuck_after"])
     now = utcnow()
     failed_early: list[tuple[StatusChange, MessageInfo]] = []
     with service.db.session() as session:
         message = _locked_with_portal(session, message_pk)
-        if message is None:
-            log.warning("message %s: not found; nothing to send", message_pk)
-            return DeliveryOutcome(message_pk, "skipped", "not found")
-        if is_final(message.status):
-            return DeliveryOutcome(message_pk, "skipped", f"already {message.status}")
-        if message.next_attempt_at is None:
-            # The gateway took it; only reports move it on now.
-            return DeliveryOutcome(message_pk, "skipped", "handed to the gateway")
-        if message.sending_since is not None and message.sending_since > now - _seconds(
-            stuck_after
-        ):
-            return DeliveryOutcome(message_pk, "skipped", "in flight")
-        early = (message.next_attempt_at - now).total_seconds()
-        if early > DUE_TOLERANCE:
-            # A duplicate trigger; the task of the scheduled attempt (or the sweep) comes later.
-            return DeliveryOutcome(message_pk, "skipped", "not due", retry_in=early)
+        skipped = _not_due(message, message_pk, now, stuck_after)
+        if skipped is not None:
+            return skipped
+        assert message is not None
         portal = message.portal
         portal_id, domain, code = message.portal_id, portal.domain, message.code
         gateway = service.gateways.get(message.code)
-        problem: str | None = None
-        if message.to is None:
-            problem = "the recipient number could not be parsed"
-        elif gateway is None:
-            problem = (
-                f"no gateway for provider CODE {message.code!r} "
-                "(it was removed from the configuration)"
-            )
-        elif message.attempts >= max_attempts:
-            # Earlier attempts were cut short (a worker died mid-send) and used up the budget.
-            problem = f"gave up after {message.attempts} attempts"
+        problem = _unsendable(message, gateway, int(settings["max_attempts"]))
         if problem is not None:
             message.last_error = problem
             message.sending_since = None
@@ -220,23 +260,8 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
 
     # Committed: from here a crash leaves sending_since behind for the sweep.
     log.info("message %s (%s, %s): attempt %d", message_pk, code, domain, attempt)
-    error: GatewayError | None = None
-    result: SendResult | None = None
     attempt_started = time.monotonic()
-    started = time.perf_counter()
-    try:
-        result = gateway.send(outgoing)
-        if not isinstance(result, SendResult):
-            raise TypeError(f"send() returned {type(result).__name__}, not SendResult")
-    except GatewayError as exc:
-        # Gateways echo numbers and texts in their errors: cleared before stored, logged, shown.
-        error = redacted_error(exc, outgoing.to, outgoing.body)
-    except Exception as exc:
-        # A bug or an unforeseen failure inside the plugin: keep the traceback, retry anyway —
-        # losing the message is worse than trying again.
-        log.exception("message %s (%s): gateway %s raised", message_pk, code, gateway.name)
-        error = RetryableGatewayError(f"unexpected {type(exc).__name__} in the gateway")
-    metrics.observe_gateway_send(code, time.perf_counter() - started, error)
+    result, error = _call_gateway(gateway, outgoing)
     # Until the outcome is recorded, the sweep would take this attempt for lost and send the
     # message again: a database that is briefly unreachable must not cost a second send.
     deadline = attempt_started + RECORD_RETRY_SHARE * stuck_after

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .statuses import FINAL_STATUSES
+
 CLIENT_ID = "local.demo00000000000.00000000"
 
 
@@ -108,7 +110,7 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
                 statuses = portal.messages[message_id]["statuses"]
                 for entry in statuses[seen:]:
                     say(f"b24sms → messageservice.message.status.update: {entry['status']}")
-                    if entry["status"] in ("delivered", "undelivered", "failed"):
+                    if entry["status"] in FINAL_STATUSES:
                         final = entry["status"]
                 seen = len(statuses)
                 time.sleep(0.05)

@@ -58,6 +58,10 @@ class WrongApplicationToken(Refused):
     """The call's ``auth[application_token]`` is not the portal's."""
 
 
+class RetiredHandlerKey(Refused):
+    """The call's HANDLER key is of a version the portal no longer accepts (rotated)."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     """What :func:`accept_message` did: ``accepted`` (stored, handed to delivery) or
@@ -88,6 +92,8 @@ class Submission:
     auth: Mapping[str, Any]
     report: bool
     to: str | None
+    #: the HANDLER key version the call proved (None: not a HANDLER call, nothing to check)
+    key_version: int | None = None
     outcome: Accepted | None = None
     error: BaseException | None = None
     # Filled while the batch is stored; reset when it is tried again alone.
@@ -119,6 +125,7 @@ def accept_message(
     *,
     auth: Mapping[str, Any] | None = None,
     report: bool = True,
+    key_version: int | None = None,
 ) -> Accepted:
     """Store a message of portal ``member_id`` for provider ``code`` and hand it to delivery.
 
@@ -132,8 +139,11 @@ def accept_message(
         portal's.
     :param report: whether a failure decided here (an unusable number) goes to the portal's
         outbox; False for messages Bitrix24 does not know (app-page tests).
+    :param key_version: the HANDLER key version the call's key proved; it must be one the
+        portal still accepts.
     :raises UnknownPortal: the portal is not installed.
     :raises WrongApplicationToken: the call's application_token is not the portal's.
+    :raises RetiredHandlerKey: the call's key was retired by a rotation.
     """
     submission = Submission(
         member_id=member_id,
@@ -142,6 +152,7 @@ def accept_message(
         auth=auth or {},
         report=report,
         to=normalise_number(data["message_to"], svc.settings["default_region"]),
+        key_version=key_version,
     )
     svc.ingest.submit(submission)
     if submission.error is not None:
@@ -180,6 +191,8 @@ _PORTAL_COLUMNS = select(
     _portals.state,
     _portals.application_token,
     _portals.payment_state,
+    _portals.handler_key_oldest,
+    _portals.handler_key_version,
 )
 _PORTAL = _PORTAL_COLUMNS.where(_portals.member_id == bindparam("member_id"))
 _PORTALS = _PORTAL_COLUMNS.where(_portals.member_id.in_(bindparam("member_ids", expanding=True)))
@@ -234,14 +247,8 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
         storing: list[Submission] = []
         for submission in batch:
             portal = portals.get(submission.member_id)
-            if portal is None or portal.state == PortalState.UNINSTALLED:
-                submission.error = UnknownPortal("portal not installed")
-                continue
-            auth = submission.auth
-            if "application_token" in auth and not tokens_match(
-                portal.application_token, auth["application_token"]
-            ):
-                submission.error = WrongApplicationToken("application_token mismatch")
+            submission.error = _refusal(portal, submission)
+            if submission.error is not None:
                 continue
             submission.portal_id = portal.id
             storing.append(submission)
@@ -302,6 +309,23 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
             submission.outcome = Accepted("accepted", message_pk, submission.info.status)
 
 
+def _refusal(portal: Any, submission: Submission) -> Refused | None:
+    """Why the portal refuses this submission (a row of ``_PORTAL_COLUMNS``), or None."""
+    if portal is None or portal.state == PortalState.UNINSTALLED:
+        return UnknownPortal("portal not installed")
+    auth = submission.auth
+    if "application_token" in auth and not tokens_match(
+        portal.application_token, auth["application_token"]
+    ):
+        return WrongApplicationToken("application_token mismatch")
+    version = submission.key_version
+    if version is not None and not (
+        portal.handler_key_oldest <= version <= portal.handler_key_version
+    ):
+        return RetiredHandlerKey("handler key retired; the portal's providers were synced anew")
+    return None
+
+
 def _fail_at_once(
     session: Session, submission: Submission, message_pk: int, payment_state: str | None = None
 ) -> None:
@@ -359,6 +383,7 @@ __all__ = [
     "Accepted",
     "Ingest",
     "Refused",
+    "RetiredHandlerKey",
     "Submission",
     "accept_message",
     "normalise_number",

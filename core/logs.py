@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import redaction
 from .hookspecs import hookimpl
+from .statuses import QUEUED
 
 if TYPE_CHECKING:
     import pluggy
@@ -115,15 +116,16 @@ class StatusLog:
         # Every message starts queued; a failure decided while storing it (an unusable number)
         # is a change of its own, logged by b24sms_status_changed.
         self.log.info(
-            "message %s (%s, %s): stored, status queued",
+            "message %s (%s, %s): stored, status %s",
             message.message_id,
             message.code,
             message.domain,
+            QUEUED,
             extra={
                 "event": "message_status",
                 **self._fields(message),
                 "previous": None,
-                "status": "queued",
+                "status": QUEUED,
                 "source": "handler",
             },
         )

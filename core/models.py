@@ -95,6 +95,10 @@ class Portal(Base):
     #: the last reconcile (providers and event bindings against the config) and its error
     reconciled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     reconcile_error: Mapped[str | None] = mapped_column(Text)
+    #: HANDLER keys (b24sms.handler_keys): provider sync registers URLs of handler_key_version;
+    #: calls with keys from handler_key_oldest to it are accepted (`portals rotate-key`)
+    handler_key_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    handler_key_oldest: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     registrations: Mapped[list[ProviderRegistration]] = relationship(
         back_populates="portal", cascade="all, delete-orphan", passive_deletes=True

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, case, func, literal_column, select
+from sqlalchemy import Select, func, literal_column, select
 
 from .models import (
     FINAL_STATUS_LIST,
@@ -25,6 +25,7 @@ from .models import (
     ProviderRegistration,
     StatusEvent,
 )
+from .statuses import accepted_by_gateway
 
 
 def _literal_in(column: Any, values: Sequence[str]) -> Any:
@@ -138,22 +139,10 @@ def history_of(message_pks: Sequence[int]) -> Select[Any]:
     )
 
 
-def accepted_expression() -> Any:
-    """1 when a gateway accepted the message (``b24sms.counts.is_accepted``), else 0."""
-    return case(
-        (
-            Message.external_id.is_not(None)
-            | Message.status.in_(("sent", "delivered", "undelivered")),
-            1,
-        ),
-        else_=0,
-    )
-
-
 def portal_stats(portal_id: int, since: dt.datetime) -> Select[Any]:
     """The app page's delivery numbers: the portal's messages since ``since`` per CODE, status
     and accepted (a window of days: its cost follows the traffic, not the history)."""
-    accepted = accepted_expression()
+    accepted = accepted_by_gateway()
     return (
         select(Message.code, Message.status, accepted, func.count())
         .where(Message.portal_id == portal_id, Message.created_at >= since)

@@ -88,11 +88,11 @@ def public_url_problems(public_url: str) -> list[str]:
     return problems
 
 
-def handler_url(service: _ServiceLike, member_id: str, code: str) -> str:
+def handler_url(service: _ServiceLike, member_id: str, code: str, key_version: int = 0) -> str:
     """The HANDLER URL registered for ``code`` on the portal ``member_id`` (signed by
-    :mod:`b24sms.handler_keys`)."""
+    :mod:`b24sms.handler_keys`, for the portal's ``handler_key_version``)."""
     return handler_keys.handler_url(
-        service.public_url, service.config["service"]["secret_key"], member_id, code
+        service.public_url, service.config["service"]["secret_key"], member_id, code, key_version
     )
 
 
@@ -107,7 +107,9 @@ def wanted_codes(service: _ServiceLike, member_id: str) -> list[str]:
     ]
 
 
-def desired_providers(service: _ServiceLike, member_id: str) -> dict[str, dict[str, Any]]:
+def desired_providers(
+    service: _ServiceLike, member_id: str, key_version: int = 0
+) -> dict[str, dict[str, Any]]:
     """CODE → the ``messageservice.sender.add`` parameters of every provider the config wants on
     the portal ``member_id`` (:func:`wanted_codes`)."""
     wanted: dict[str, dict[str, Any]] = {}
@@ -116,7 +118,7 @@ def desired_providers(service: _ServiceLike, member_id: str) -> dict[str, dict[s
         wanted[code] = {
             "CODE": code,
             "TYPE": "SMS",
-            "HANDLER": handler_url(service, member_id, code),
+            "HANDLER": handler_url(service, member_id, code, key_version),
             "NAME": provider["name"],
             "DESCRIPTION": _description(provider),
         }
@@ -276,13 +278,14 @@ def sync_portal(
         if portal is None:
             raise LookupError(f"no portal with id {portal_id}")
         member_id, domain = portal.member_id, portal.domain
+        key_version, oldest_key = portal.handler_key_version, portal.handler_key_oldest
         records = {
             r.code: (r.state, r.fingerprint)
             for r in session.scalars(
                 select(ProviderRegistration).where(ProviderRegistration.portal_id == portal_id)
             )
         }
-    wanted = desired_providers(service, member_id)
+    wanted = desired_providers(service, member_id, key_version)
     sync = _Sync(
         service=service,
         client=client or Bitrix24Client(db, portal_id, service.config["bitrix24"]),
@@ -307,6 +310,7 @@ def sync_portal(
 
     _save(db, portal_id, sync.outcomes)
     _save_portal_state(db, portal_id, sync.report)
+    _retire_keys(db, portal_id, sync.report, oldest_key, key_version)
     log.info("provider sync %s", sync.report)
     return sync.report
 
@@ -475,6 +479,19 @@ def _save_portal_state(db: Database, portal_id: int, report: SyncReport) -> None
         elif report.error is None and portal.payment_state == PaymentState.PAYMENT_EXPIRED:
             # app.info answered without PAYMENT_EXPIRED: paid again.
             portal.payment_state = None
+
+
+def _retire_keys(
+    db: Database, portal_id: int, report: SyncReport, oldest_key: int, key_version: int
+) -> None:
+    """After a sync that registered every CODE with keys of ``key_version``, older keys go."""
+    if not report.ok or oldest_key >= key_version:
+        return
+    with db.session() as session:
+        portal = session.get(Portal, portal_id, with_for_update=True)
+        if portal is not None and portal.handler_key_oldest < key_version:
+            portal.handler_key_oldest = key_version
+    log.info("portal %s: HANDLER keys older than version %d retired", portal_id, key_version)
 
 
 def sync_all(service: _ServiceLike) -> list[SyncReport]:

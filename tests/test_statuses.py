@@ -174,3 +174,12 @@ def test_any_sequence_of_reports_only_moves_forward(svc, portal_id, reports):
     finals = [s for s in reports if s in FINAL_STATUSES]
     if finals:
         assert seen[-1] == finals[0]  # the first final word wins
+
+
+def test_the_status_groups_are_defined_once_and_cover_every_status():
+    from b24sms.statuses import ACCEPTED_STATUSES, IN_FLIGHT_STATUSES
+
+    assert set(STATUSES) == IN_FLIGHT_STATUSES | FINAL_STATUSES
+    assert not IN_FLIGHT_STATUSES & FINAL_STATUSES
+    # "failed" can be decided before any send, so it alone does not say a gateway took it
+    assert set(STATUSES) - {"queued", "failed"} == ACCEPTED_STATUSES

@@ -8,6 +8,7 @@ validate the HANDLER call and the install / event payloads, naming the field tha
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -26,7 +27,22 @@ MAX_APPLICATION_TOKEN = 255
 
 _KEY_RE = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _PART_RE = re.compile(r"\[([^\[\]]*)\]")
+#: levels of nesting at most: ``a[b][c][d][e]``, or five JSON objects / arrays inside each other
 MAX_DEPTH = 5
+#: fields of one body at most (a HANDLER call sends about twenty, an install about thirty)
+MAX_FIELDS = 1000
+#: items of one table or JSON array at most
+MAX_ITEMS = 1000
+#: characters of a field name quoted in an error answer
+_NAME_SHOWN = 80
+#: what no stored text may hold: NUL (PostgreSQL refuses it) and lone surrogates (not Unicode:
+#: SQLite would store bytes it cannot read back)
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _shown(name: str) -> str:
+    """A field name as an error answer quotes it: hostile names can be 256 KB long."""
+    return name if len(name) <= _NAME_SHOWN else name[: _NAME_SHOWN - 1] + "…"
 
 
 class PayloadError(ValueError):
@@ -34,45 +50,112 @@ class PayloadError(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
-        self.field = field
+        self.field = _shown(field)
 
 
 def parse_bracketed(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Nest ``a[b][c]=v`` pairs into ``{"a": {"b": {"c": v}}}``.
 
     ``a[]=x`` appends with the next free integer key. A key that is given twice keeps its last
-    value (as PHP does); a key used both as a value and as a table is an error.
+    value (as PHP does); a key used both as a value and as a table is an error. Linear in the
+    number of pairs (each table remembers its next free index), at most :data:`MAX_FIELDS`
+    pairs, :data:`MAX_DEPTH` levels and :data:`MAX_ITEMS` entries per table.
     """
     result: dict[str, Any] = {}
-    for raw_key, value in pairs:
+    #: id(table) -> its next free integer key (tables live as long as ``result``)
+    free: dict[int, int] = {}
+    for count, (raw_key, value) in enumerate(pairs, 1):
+        if count > MAX_FIELDS:
+            raise PayloadError(raw_key, f"more than {MAX_FIELDS} fields")
         if "[" not in raw_key and "]" not in raw_key and raw_key:
             # A plain key (half of a HANDLER call's): no parsing to do.
             if isinstance(result.get(raw_key), dict):
-                raise PayloadError(raw_key, f"{raw_key!r} is both a value and a table")
+                raise PayloadError(raw_key, "is both a value and a table")
             result[raw_key] = value
             continue
-        parts = _key_parts(raw_key)
-        if len(parts) > MAX_DEPTH:
-            raise PayloadError(raw_key, f"key {raw_key!r} is nested too deeply")
+        # (Counted first: a hostile key of 100,000 levels is refused before it is split.)
+        if raw_key.count("[") > MAX_DEPTH or len(parts := _key_parts(raw_key)) > MAX_DEPTH:
+            raise PayloadError(raw_key, "is nested too deeply")
         node = result
         for i, part in enumerate(parts[:-1]):
-            if part == "":
-                part = str(_next_index(node))
+            part = _slot(node, part, free, raw_key)
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 raise PayloadError(
-                    raw_key, f"{'.'.join(parts[: i + 1])} is both a value and a table"
+                    raw_key, f"{_shown('.'.join(parts[: i + 1]))} is both a value and a table"
                 )
             node = child
-        last = parts[-1]
-        if last == "":
-            last = str(_next_index(node))
+        last = _slot(node, parts[-1], free, raw_key)
         if isinstance(node.get(last), dict):
-            raise PayloadError(raw_key, f"{raw_key!r} is both a value and a table")
+            raise PayloadError(raw_key, "is both a value and a table")
         node[last] = value
     return result
+
+
+def _slot(node: dict[str, Any], part: str, free: dict[int, int], raw_key: str) -> str:
+    """The key ``part`` names in ``node`` (``""``: the next free integer), noting integers."""
+    if part == "":
+        part = str(free.get(id(node), 0))
+    if part in node:
+        return part
+    if len(node) >= MAX_ITEMS:
+        raise PayloadError(raw_key, f"more than {MAX_ITEMS} entries in one table")
+    # (int() refuses numbers of more than 4,300 digits: such a key is a name, not an index.)
+    if part.isdecimal() and len(part) <= 18:
+        free[id(node)] = max(free.get(id(node), 0), int(part) + 1)
+    return part
+
+
+def parse_json(text: str) -> Any:
+    """A JSON body, in time linear in its length.
+
+    The decoder refuses nesting deeper than the interpreter's recursion limit by raising
+    RecursionError (a body nested 50,000 deep costs a thousand levels, then is refused); the
+    caps on depth (:data:`MAX_DEPTH`), entries (:data:`MAX_ITEMS`) and values
+    (:data:`MAX_FIELDS`) are then checked by :func:`check_text`.
+
+    :raises PayloadError: ``field`` "body" for what is not JSON or is nested too deeply.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise PayloadError("body", f"nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError:
+        raise PayloadError("body", "not valid JSON") from None
+
+
+def check_text(payload: Any) -> None:
+    """Every key and text value of a read body: no NUL, no lone surrogate, within the caps.
+
+    :raises PayloadError: naming the first field (``auth[member_id]``) that breaks a rule.
+    """
+    budget = [MAX_FIELDS]
+    _check_node(payload, "", 0, budget)
+
+
+def _check_node(node: Any, name: str, depth: int, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise PayloadError(name or "body", f"more than {MAX_FIELDS} fields")
+    if isinstance(node, str):
+        if _BAD_TEXT.search(node):
+            raise PayloadError(name or "body", "holds a NUL character or is not valid Unicode")
+        return
+    if isinstance(node, dict | list):
+        if depth >= MAX_DEPTH:
+            raise PayloadError(name or "body", f"nested more than {MAX_DEPTH} levels deep")
+        if len(node) > MAX_ITEMS:
+            raise PayloadError(name or "body", f"more than {MAX_ITEMS} entries")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            key = str(key)
+            if _BAD_TEXT.search(key):
+                raise PayloadError(
+                    _shown(repr(key)), "a field name holds a NUL character or is not valid Unicode"
+                )
+            _check_node(value, f"{name}[{key}]" if name else key, depth + 1, budget)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -89,7 +172,7 @@ def _key_parts(raw_key: str) -> tuple[str, ...]:
             return (raw_key[:opening], inner)
     match = _KEY_RE.match(raw_key)
     if not match:
-        raise PayloadError(raw_key, f"malformed key {raw_key!r}")
+        raise PayloadError(raw_key, "malformed key")
     return (match.group(1), *_PART_RE.findall(match.group(2)))
 
 
@@ -97,6 +180,9 @@ def parse_urlencoded(text: str) -> list[tuple[str, str]]:
     """The pairs of an ``application/x-www-form-urlencoded`` body, as
     ``urllib.parse.parse_qsl(text, keep_blank_values=True)`` gives them, at half its cost:
     most names and many values need no unquoting, and are not passed through it."""
+    if text.count("&") >= MAX_FIELDS:
+        # Counted before anything is split: a hostile body costs one pass over its bytes.
+        raise PayloadError("body", f"more than {MAX_FIELDS} fields")
     pairs = []
     for field in text.split("&"):
         if not field:
@@ -117,11 +203,6 @@ def _unquote_name(name: str) -> str:
     """A field name, unquoted: cached, since each call of one kind sends the same names
     (``auth%5Bmember_id%5D`` …), while its values differ."""
     return unquote(name.replace("+", " "))
-
-
-def _next_index(node: dict[str, Any]) -> int:
-    numbers = [int(k) for k in node if k.isdigit()]
-    return max(numbers) + 1 if numbers else 0
 
 
 class _Text(fields.String):

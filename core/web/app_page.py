@@ -47,7 +47,7 @@ from ..models import Message, Portal, PortalState, ProviderRegistration, utcnow
 from ..portals import find_portal
 from ..registration import wanted_codes
 from ..service import Service
-from ..statuses import FINAL_STATUSES, STATUSES
+from ..statuses import DELIVERED, FINAL_STATUSES, STATUSES
 
 bp = Blueprint("app_page", __name__)
 
@@ -290,7 +290,7 @@ class StatsRow:
     @property
     def rate(self) -> float | None:
         """Delivered share of the messages that reached a final status."""
-        return self.counts["delivered"] / self.finished if self.finished else None
+        return self.counts[DELIVERED] / self.finished if self.finished else None
 
 
 @dataclass

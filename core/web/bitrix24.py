@@ -15,8 +15,10 @@ from ..bitrix24.payloads import (
     EventSchema,
     InstallFormSchema,
     PayloadError,
+    check_text,
     load_handler_call,
     parse_bracketed,
+    parse_json,
     parse_urlencoded,
 )
 from ..bitrix24.policy import WEB_TIMEOUT, SlotsBusy, web_slots
@@ -29,7 +31,7 @@ from ..bitrix24.verify import (
 )
 from ..config import first_error
 from ..errors import ApiError, error_response
-from ..handler_keys import check_key
+from ..handler_keys import check_key, key_version
 from ..ingest import Refused, accept_message
 from ..models import PortalState
 from ..portals import (
@@ -76,24 +78,40 @@ def service() -> Service:
 
 
 def read_payload() -> dict[str, Any]:
-    """The request body as nested fields: a bracketed form, or a JSON object (for tools)."""
+    """The request body as nested fields: a bracketed form, or a JSON object (for tools).
+
+    Read in time linear in its size, within the caps of :mod:`b24sms.bitrix24.payloads`, and
+    every key and text value checked (no NUL, no lone surrogate): 400 naming the field.
+    """
+    try:
+        payload = _parse_body()
+        check_text(payload)
+    except PayloadError as exc:
+        raise ApiError(400, "invalid_payload", f"{exc.field}: {exc}") from None
+    return payload
+
+
+def _parse_body() -> dict[str, Any]:
     if request.mimetype == "application/json":
-        data = request.get_json(silent=True)
+        try:
+            data = parse_json(_body_text())
+        except PayloadError as exc:
+            raise ApiError(400, "invalid_json", f"{exc.field}: {exc}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         return data
+    if request.mimetype == "application/x-www-form-urlencoded":
+        # What request.form does for this type (werkzeug: parse_qsl of the whole body, limited
+        # to MAX_CONTENT_LENGTH), without its MultiDict and at half parse_qsl's cost.
+        return parse_bracketed(parse_urlencoded(_body_text()))
+    return parse_bracketed(request.form.items(multi=True))
+
+
+def _body_text() -> str:
     try:
-        if request.mimetype == "application/x-www-form-urlencoded":
-            # What request.form does for this type (werkzeug: parse_qsl of the whole body,
-            # limited to MAX_CONTENT_LENGTH), without its MultiDict and at half parse_qsl's cost.
-            try:
-                text = request.get_data().decode()
-            except UnicodeDecodeError:
-                raise ApiError(400, "invalid_payload", "the body is not UTF-8") from None
-            return parse_bracketed(parse_urlencoded(text))
-        return parse_bracketed(request.form.items(multi=True))
-    except PayloadError as exc:
-        raise ApiError(400, "invalid_payload", f"{exc.field}: {exc}") from None
+        return request.get_data().decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_payload", "the body is not UTF-8") from None
 
 
 def load(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -310,7 +328,8 @@ def handler(code: str):
     #    against that portal, or against the address when the key proves nothing. Neither
     #    needs the body, so a refused call costs no parsing.
     member_id = request.args.get("member_id", "")
-    key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+    version = key_version(request.args.get("kv"))
+    key_valid = check_key(svc.settings, member_id, code, request.args.get("key"), version)
     too_many = limit_handler_call(member_id if key_valid else None)
     if too_many is not None:
         return too_many
@@ -329,13 +348,17 @@ def handler(code: str):
     if not member_id and auth.get("member_id"):
         # A URL without member_id: the key may still be the one of auth[member_id].
         member_id = auth["member_id"]
-        key_valid = check_key(svc.settings, member_id, code, request.args.get("key"))
+        key_valid = check_key(svc.settings, member_id, code, request.args.get("key"), version)
     if not key_valid:
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
+    if provider.get("portals") is not None and member_id not in provider["portals"]:
+        # Narrowed by [providers.CODE] portals: an old HANDLER URL of another portal stays
+        # registered until `providers sync` removes it, and must not reach the gateway.
+        raise ApiError(403, "provider_not_for_portal", f"code: {code!r} is not for this portal")
 
-    # 3. Stored durably (UnknownPortal / WrongApplicationToken answer 401), then answered.
-    accepted = accept_message(svc, member_id, code, data, auth=auth)
+    # 3. Stored durably (a portal that refuses it: Refused, answered 401), then answered.
+    accepted = accept_message(svc, member_id, code, data, auth=auth, key_version=version)
     # Not jsonify: the same JSON for a fraction of its cost, on the busiest route.
     return current_app.response_class(json.dumps(accepted.answer()), mimetype="application/json")
