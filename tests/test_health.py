@@ -142,14 +142,14 @@ def test_the_probes_write_on_postgresql_and_redis(live_app, postgres_url, redis_
     """Needs PostgreSQL and Redis on 127.0.0.1 (skipped with the reason when absent)."""
     from sqlalchemy import select
 
-    from b24sms import migrate
+    from b24sms import schema
     from b24sms.db import Database
     from b24sms.models import HealthCheck
     from tests.deployment import reset_schema
 
     reset_schema(postgres_url)
     database = Database(postgres_url)
-    migrate.upgrade(database)
+    schema.upgrade(database)
     database.dispose()
     server = live_app(service={"database_url": postgres_url, "queue_url": redis_url})
     svc = server.app.extensions["b24sms"]
