@@ -149,7 +149,8 @@ def test_a_forged_install_of_an_unknown_portal_is_refused_and_the_attacker_hears
 
 
 @pytest.mark.parametrize(
-    "variant", ["client_endpoint", "domain", "member_id", "server_endpoint", "ui_domain"]
+    "variant",
+    ["client_endpoint", "domain", "domain_userinfo", "member_id", "server_endpoint", "ui_domain"],
 )
 def test_an_install_disagreeing_with_the_oauth_answer_is_refused(
     live_app, emulator, attacker, variant
@@ -170,6 +171,9 @@ def test_an_install_disagreeing_with_the_oauth_answer_is_refused(
         claim["client_endpoint"] = f"{attacker.url}/rest/"
     elif variant == "domain":
         claim["domain"] = attacker.host
+    elif variant == "domain_userinfo":
+        field = "domain"
+        claim["domain"] = f"{attacker.host}@{own.domain}"  # urlsplit's host: the real one
     elif variant == "member_id":
         claim["member_id"] = victim.member_id
     elif variant == "server_endpoint":

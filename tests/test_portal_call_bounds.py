@@ -59,6 +59,7 @@ def test_a_portal_redirect_is_not_followed(live_app, emulator):
         with pytest.raises(RedirectRefused) as refused:
             client.call("messageservice.sender.list")
         assert refused.value.http_status == 302
+        assert refused.value.location == f"{internal.url}/internal/admin"
         assert [r.method for r in moved.requests] == ["POST"]
         assert internal.requests == []
 

@@ -51,7 +51,13 @@ class EndpointRefused(PermanentError):
 
 class RedirectRefused(TransientError):
     """The server answered a redirect, which we do not follow. Transient: the work is kept and
-    retried (a renamed portal is moved by the domain-change handling, not by us)."""
+    retried (a renamed portal is moved by the domain-change handling, not by us).
+
+    :attr:`location` is the answer's ``Location`` header (None when absent), for that handling;
+    it is not part of the message, which is logged.
+    """
+
+    location: str | None = None
 
 
 class SlotsBusy(TransientError):
@@ -80,11 +86,13 @@ def refuse_redirect(response: requests.Response) -> None:
     """Raise :class:`RedirectRefused` when ``response`` is a 3xx (sent without following it)."""
     if 300 <= response.status_code < 400:
         host = urlsplit(response.url or "").netloc or "?"
-        raise RedirectRefused(
+        error = RedirectRefused(
             "REDIRECT_REFUSED",
             f"{host} answered {response.status_code}; redirects are not followed",
             response.status_code,
         )
+        error.location = response.headers.get("Location")
+        raise error
 
 
 class CallSlots:

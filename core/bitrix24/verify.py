@@ -22,6 +22,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -316,7 +317,10 @@ def _agree(claim: InstallClaim, proven: ProvenInstall) -> None:
     mismatch = None
     if claim.member_id != proven.member_id:
         mismatch = "member_id"
-    elif _netloc(f"{_scheme(proven.client_endpoint)}://{claim.domain}") != proven.domain:
+    elif (
+        not _HOST.fullmatch(claim.domain)
+        or _netloc(f"{_scheme(proven.client_endpoint)}://{claim.domain}") != proven.domain
+    ):
         mismatch = "domain"
     elif (
         claim.client_endpoint is not None
@@ -337,6 +341,8 @@ def _agree(claim: InstallClaim, proven: ProvenInstall) -> None:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: what a domain field may hold: a host name or IPv4 address, and a port (no user, no path)
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?")
 
 
 def _scheme(url: str) -> str:

@@ -6,8 +6,10 @@ in the query. Who is asking is settled like this:
 
 1. ``member_id`` must be an installed, active portal;
 2. ``AUTH_ID`` must be alive *at that portal*: ``app.info`` is called at the portal's stored
-   ``client_endpoint`` (never at the request's ``DOMAIN``, which anybody can write) and the
-   answer is cached briefly (:func:`b24sms.bitrix24.verify.probe_token`);
+   ``client_endpoint`` (never at the request's ``DOMAIN``, which anybody can write), must
+   name our app (``CODE``), and is cached briefly (:func:`b24sms.bitrix24.verify.probe_token`).
+   The check holds one of the process's few portal-call slots with short timeouts; when all
+   are taken the page answers 503 rather than let slow portals take the HANDLER's threads;
 3. the page then carries a short-lived session token, signed with ``secret_key`` and bound to
    the portal (member_id and row id), in every form: filters, paging and the test-message form
    are all POSTs. Cookies would not do: in Bitrix24's frame ours are third-party cookies, which
