@@ -57,12 +57,13 @@ def test_names_follow_from_the_one_given(name, plugin, distribution, module, cls
     assert names.class_prefix == cls and names.module.isidentifier()
 
 
-def _install(package: Path) -> None:
-    """``pip install -e`` like an author; without build isolation when the venv can build
+def _install(package: Path, *, editable: bool = True) -> None:
+    """``pip install [-e]`` like an author; without build isolation when the venv can build
     offline, else with it."""
-    base = [sys.executable, "-m", "pip", "install", "--no-deps", "-q"]
+    base = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q"]
+    target = ["-e", str(package)] if editable else [str(package)]
     for extra in (["--no-build-isolation"], []):
-        done = run([*base, *extra, "-e", str(package)], package.parent)
+        done = run([*base, *extra, *target], package.parent)
         if done.returncode == 0:
             return
     pytest.fail(f"pip install -e {package} failed:\n{done.stdout}\n{done.stderr}")
@@ -158,13 +159,15 @@ def test_the_example_plugin_passes_its_tests_with_the_kit(tmp_path):
 
     try:
         importlib.metadata.distribution("b24sms-example-gateway")
-        installed_before = True  # another test installed it: leave it installed after
+        # another test installed it: leave it installed after, as a copy in site-packages
+        # (not an editable install pointing into this test's temporary directory)
+        installed_before = True
     except importlib.metadata.PackageNotFoundError:
         installed_before = False
     # from a copy, so the work tree gets no build/ or *.egg-info
     package = tmp_path / "b24sms-example-gateway"
     shutil.copytree(EXAMPLE, package, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    _install(package)
+    _install(package, editable=False)
     try:
         result = _pytest(package)
         assert result.returncode == 0, result.stdout + result.stderr
