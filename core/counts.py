@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import event, inspect
+from sqlalchemy import Table, event, inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -100,7 +100,7 @@ _UPSERTS: dict[str, Any] = {}
 def _upsert(dialect: str) -> Any:
     statement = _UPSERTS.get(dialect)
     if statement is None:
-        table = MessageCount.__table__
+        table = cast(Table, MessageCount.__table__)
         insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
         statement = insert.on_conflict_do_update(
             index_elements=[table.c.code, table.c.status, table.c.accepted, table.c.slot],

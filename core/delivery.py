@@ -258,6 +258,8 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
         _after_commit(service, portal_id, failed_early)
         return DeliveryOutcome(message_pk, "failed", problem)
 
+    # _unsendable refused a message without a gateway: from here there is one.
+    assert gateway is not None
     # Committed: from here a crash leaves sending_since behind for the sweep.
     log.info("message %s (%s, %s): attempt %d", message_pk, code, domain, attempt)
     attempt_started = time.monotonic()

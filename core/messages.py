@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -114,7 +114,7 @@ def _statement(session: Session, name: str) -> Any:
     if statement is None:
         insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
         if name == "upsert_report":
-            outbox = OutboxEntry.__table__
+            outbox = cast(Table, OutboxEntry.__table__)
             upsert = insert_for(outbox)
             statement = upsert.on_conflict_do_update(
                 index_elements=[outbox.c.message_pk],

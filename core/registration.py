@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
@@ -48,6 +48,9 @@ __all__ = [
     "verify_handler_key",
     "wanted_codes",
 ]
+
+if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
 
 log = logging.getLogger(__name__)
 
@@ -589,11 +592,14 @@ def _claim(db: Database, portal_id: int, seen: dt.datetime | None, now: dt.datet
     syncs of one portal at once could both find an event unbound and bind it twice."""
     same = Portal.reconciled_at.is_(None) if seen is None else Portal.reconciled_at == seen
     with db.session() as session:
-        claimed = session.execute(
-            update(Portal)
-            .where(Portal.id == portal_id, same)
-            .values(reconciled_at=now)
-            .execution_options(synchronize_session=False)
+        claimed = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(Portal)
+                .where(Portal.id == portal_id, same)
+                .values(reconciled_at=now)
+                .execution_options(synchronize_session=False)
+            ),
         ).rowcount
     return bool(claimed)
 

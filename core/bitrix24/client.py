@@ -289,11 +289,11 @@ class Bitrix24Client:
                 response = self._follow(endpoint, method, url, response, send)
             refuse_redirect(response)  # any other 3xx
         except (requests.RequestException, Bitrix24Error) as exc:
-            error = exc if isinstance(exc, Bitrix24Error) else network_error(exc, url)
+            failure = exc if isinstance(exc, Bitrix24Error) else network_error(exc, url)
             metrics.observe_rest_request(method, time.perf_counter() - started)
-            metrics.count_rest_error(method, error.code)
-            log.warning("%s: %s failed: %s", self.domain, method, error)
-            raise error from None
+            metrics.count_rest_error(method, failure.code)
+            log.warning("%s: %s failed: %s", self.domain, method, failure)
+            raise failure from None
         metrics.observe_rest_request(method, time.perf_counter() - started)
         try:
             payload = response.json()

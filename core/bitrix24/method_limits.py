@@ -57,7 +57,7 @@ def operating_reset_at(body: Any) -> dt.datetime | None:
     if not isinstance(block, Mapping):
         return None
     try:
-        stamp = float(block.get("operating_reset_at"))
+        stamp = float(block.get("operating_reset_at"))  # type: ignore[arg-type]  # None: TypeError below
         return dt.datetime.fromtimestamp(stamp, dt.UTC).replace(tzinfo=None)
     except (TypeError, ValueError, OverflowError, OSError):
         return None

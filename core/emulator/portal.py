@@ -927,7 +927,7 @@ class EmulatedPortal:
         deadline = time.monotonic() + timeout
         while True:
             status = self.final_status(message_id)
-            if status in statuses:
+            if status is not None and status in statuses:
                 return status
             if time.monotonic() >= deadline:
                 with self._lock:

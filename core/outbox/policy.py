@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import delete
 
@@ -30,6 +30,8 @@ from ..models import OutboxEntry, Portal, PortalPacing, utcnow
 from .pacing import Pacing, seconds
 
 if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
+
     from ..bitrix24.client import BatchResult
     from ..service import Service
     from .flush import FlushReport, Step
@@ -136,10 +138,13 @@ def record_answer(
             key = str(entry.id)
             same_version = (OutboxEntry.id == entry.id) & (OutboxEntry.version == entry.version)
             if key in result.results:
-                gone = session.execute(
-                    delete(OutboxEntry)
-                    .where(same_version)
-                    .execution_options(synchronize_session=False)
+                gone = cast(
+                    "CursorResult[Any]",
+                    session.execute(
+                        delete(OutboxEntry)
+                        .where(same_version)
+                        .execution_options(synchronize_session=False)
+                    ),
                 ).rowcount
                 if gone:
                     report.delivered += 1
