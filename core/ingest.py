@@ -250,13 +250,14 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
             submission.error = _refusal(portal, submission)
             if submission.error is not None:
                 continue
+            assert portal is not None  # _refusal refuses a portal we do not know
             submission.portal_id = portal.id
             storing.append(submission)
         if not storing:
             return
         rows = [
             message_row(
-                portal_id=s.portal_id,
+                portal_id=_portal_id(s),
                 code=s.code,
                 message_id=s.data["message_id"],
                 to_raw=s.data["message_to"],
@@ -271,7 +272,7 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
         stored = insert_message_rows(conn, rows, now=now)
         for submission in storing:
             portal = portals[submission.member_id]
-            key = (submission.portal_id, submission.data["message_id"])
+            key = (_portal_id(submission), submission.data["message_id"])
             message_pk = stored.pop(key, None)
             if message_pk is None:
                 # Stored before, by a call that raced us to it, or twice in this batch.
@@ -306,7 +307,14 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
                     last_error=None,
                     created_at=now,
                 )
+            assert submission.info is not None  # set by both branches above
             submission.outcome = Accepted("accepted", message_pk, submission.info.status)
+
+
+def _portal_id(submission: Submission) -> int:
+    """The portal a submission that passed :func:`_refusal` is stored for."""
+    assert submission.portal_id is not None
+    return submission.portal_id
 
 
 def _refusal(portal: Any, submission: Submission) -> Refused | None:

@@ -11,7 +11,7 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import unquote
 
 from marshmallow import EXCLUDE, Schema, fields, validate
@@ -208,7 +208,10 @@ def _unquote_name(name: str) -> str:
 class _Text(fields.String):
     """A string field that refuses tables where a single value belongs."""
 
-    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "must be a single text value"}
+    # marshmallow merges this with the base class's messages (instance attribute there)
+    default_error_messages: dict[str, str | list[Any] | dict[Any, Any]] = {
+        "invalid": "must be a single text value"
+    }
 
 
 class AuthSchema(Schema):
