@@ -264,3 +264,135 @@ def test_a_256_kb_hostile_body_costs_no_more_than_ten_good_calls(world):
         took = time.perf_counter() - started
         assert response.status_code == 400, response.text[:300]
         assert took <= ten_good, f"{content_type} body: {took:.3f}s, ten good calls {ten_good:.3f}s"
+
+
+# -- the other public routes: install, events, callbacks, the app page ---------------------------
+
+_OTHER_ROUTES = ["/bitrix24/install", "/bitrix24/events", "/gateways/smslog/callback", "/app"]
+_EVENTS = ["ONAPPINSTALL", "ONAPPUPDATE", "ONAPPUNINSTALL", "ONAPPPAYMENT"]
+
+
+def _event_form(portal: Any, event: str) -> dict[str, str]:
+    """An event as Bitrix24 posts it, but with tokens nobody issued: nothing in it can be proven,
+    so whatever a hostile field does, the portal must stay as it was."""
+    return {
+        "event": event,
+        "data[CLEAN]": "0",
+        "ts": str(int(time.time())),
+        "auth[access_token]": "a" * 70,
+        "auth[refresh_token]": "r" * 70,
+        "auth[application_token]": "t" * 32,
+        "auth[domain]": portal.domain,
+        "auth[client_endpoint]": portal.client_endpoint,
+        "auth[server_endpoint]": "https://oauth.bitrix.info/rest/",
+        "auth[member_id]": portal.member_id,
+        "auth[expires_in]": "3600",
+        "AUTH_ID": "a" * 70,
+        "REFRESH_ID": "r" * 70,
+        "member_id": portal.member_id,
+        "APP_SID": "s" * 32,
+    }
+
+
+@st.composite
+def hostile_forms(draw, portal: Any) -> tuple[str, str, bytes]:
+    """(route, content type, body): a real-looking request to a public route other than the
+    HANDLER, with one field made hostile: a NUL or lone surrogate, far too long, nested too deep."""
+    route = draw(st.sampled_from(_OTHER_ROUTES))
+    form: dict[str, Any] = _event_form(portal, draw(st.sampled_from(_EVENTS)))
+    field = draw(st.sampled_from(sorted(form)))
+    kind = draw(st.sampled_from(["text", "long", "deep", "key"]))
+    if kind == "text":
+        form[field] = form[field][: draw(st.integers(0, 8))] + draw(_HOSTILE_TEXT)
+    elif kind == "long":
+        form[field] = "7" * draw(st.integers(256, 20_000))
+    elif kind == "deep":
+        form["__deep__"] = "__DEEP__"
+        text = json.dumps(form).replace('"__DEEP__"', "[" * 50_000 + "]" * 50_000)
+        return route, "application/json", text.encode()
+    else:
+        form[draw(_HOSTILE_TEXT)] = "1"
+    if draw(st.booleans()):
+        return route, "application/json", json.dumps(form).encode()
+    # a form: PHP bracket names as Bitrix24 sends them; surrogates as their UTF-8-ish escapes
+    pairs = "&".join(
+        f"{requests.utils.quote(k, safe='[]', errors='surrogatepass')}="
+        f"{requests.utils.quote(v, safe='', errors='surrogatepass')}"
+        for k, v in form.items()
+    )
+    return route, "application/x-www-form-urlencoded", pairs.encode()
+
+
+def _portal_row(server) -> tuple[Any, ...]:
+    from b24sms.models import Portal
+
+    db = server.app.extensions["b24sms"].db
+    with db.session() as session:
+        rows = session.execute(
+            select(
+                Portal.member_id,
+                Portal.domain,
+                Portal.client_endpoint,
+                Portal.state,
+                Portal.access_token,
+                Portal.refresh_token,
+                Portal.application_token,
+            )
+        ).all()
+    return tuple(tuple(row) for row in rows)
+
+
+def test_hostile_fields_on_the_other_public_routes_never_5xx_and_change_nothing(world):
+    """Install, events, gateway callbacks and the app page on SQLite and PostgreSQL: over-long
+    fields, NULs, lone surrogates, deep nesting and hostile keys get a 4xx (JSON for the API
+    routes), never a 5xx; no portal changes, nothing is stored; HANDLER calls sent at the same
+    time all get 200."""
+    server, portal = world
+    handler = portal.senders["smslog"]["HANDLER"]
+    auth = {"member_id": portal.member_id, "application_token": portal.application_token}
+    before = _portal_row(server)
+    good_answers: list[int] = []
+    stop = threading.Event()
+
+    def good_caller(worker: int) -> None:
+        session, n = requests.Session(), 0
+        while not stop.is_set():
+            n += 1
+            call = {**_good(worker * 100_000 + n), "message_id": f"beside-{worker}-{n}"}
+            good_answers.append(
+                session.post(handler, json={**call, "auth": auth}, timeout=30).status_code
+            )
+
+    tried: dict[str, int] = {}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hostile_forms(portal))
+    def check(case):
+        route, content_type, body = case
+        response = requests.post(
+            server.url + route, data=body, headers={"Content-Type": content_type}, timeout=30
+        )
+        tried[route] = tried.get(route, 0) + 1
+        if response.status_code == 200:
+            # ONAPPPAYMENT proves nothing and changes nothing: it only has the portal asked at
+            # its stored address (on-app-payment.md; tests/test_protocol_conformance.py)
+            assert response.json() == {"result": "payment noted"}, response.text[:300]
+            return
+        assert 400 <= response.status_code < 500, (route, response.status_code, response.text[:300])
+        if route != "/app":  # the app page answers its frame with HTML
+            answer = response.json()
+            assert set(answer) == {"error", "message"}
+        assert "Traceback" not in response.text
+
+    with ThreadPoolExecutor(2) as pool:
+        callers = [pool.submit(good_caller, worker) for worker in range(2)]
+        try:
+            check()
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.result()
+    assert set(tried) == set(_OTHER_ROUTES), tried
+    assert _portal_row(server) == before
+    assert good_answers and set(good_answers) == {200}, set(good_answers)
+    assert _stored(server, "beside-") == len(good_answers)

@@ -39,6 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import queries
+from ..bitrix24.payloads import PayloadError, check_text
 from ..bitrix24.policy import SlotsBusy
 from ..bitrix24.verify import probe_token
 from ..errors import ApiError
@@ -550,6 +551,19 @@ def connection_state(db_session: Session, portal_id: int) -> dict[str, Any]:
 
 
 # -- routes --------------------------------------------------------------------------------------
+
+
+@bp.before_request
+def refuse_hostile_text() -> None:
+    """The same text hygiene as the Bitrix24 routes (b24sms.bitrix24.payloads.check_text): a
+    NUL or lone surrogate in the page's form or query is a 400 naming the field, before any of it
+    reaches a query (PostgreSQL refuses NUL with an error, not an empty result)."""
+    fields = {key: request.form.getlist(key) for key in request.form}
+    fields.update({f"?{key}": request.args.getlist(key) for key in request.args})
+    try:
+        check_text(fields)
+    except PayloadError as exc:
+        raise ApiError(400, "invalid_payload", f"{exc.field}: {exc}") from None
 
 
 @bp.route("/app", methods=["GET", "POST"])
