@@ -9,9 +9,7 @@ from __future__ import annotations
 import html
 import logging
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -163,47 +161,9 @@ iframe{{display:block;margin:12px auto;border:0;background:#fff}}</style></head>
 <script>document.getElementById("launch").submit();</script></body></html>"""
 
 
-@pytest.fixture
-def launcher():
-    """Serves launcher pages on loopback, as the portal serves the page around the app's frame.
-
-    (A data: URL would be simpler, but Chromium's local-network-access checks block a frame of
-    an opaque origin from loading a loopback address.)
-    """
-    pages: dict[str, bytes] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = pages.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def serve(page: str) -> str:
-        path = f"/launch/{len(pages)}"
-        pages[path] = page.encode()
-        return f"http://127.0.0.1:{server.server_port}{path}"
-
-    #: where the launcher pages are: the portal's domain, the only page that may frame the app
-    serve.host = f"127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
-    try:
-        yield serve
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.slow
 @pytest.mark.browser
-def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher, caplog):
+def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, caplog):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -211,9 +171,9 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
     caplog.set_level(logging.INFO)
     started = time.monotonic()
     server = live_app(providers=PROVIDERS, metrics={"enabled": True, "token": METRICS_TOKEN})
-    # The launcher plays the portal's page around the frame: the portal's domain is its address
-    # (the app page's frame-ancestors allows the portal's own domain only).
-    portal = emulator.add_portal(domain=launcher.host)
+    # The portal serves the page around the frame from its own domain, as a real portal does: the
+    # app page's frame-ancestors allows that domain only.
+    portal = emulator.add_portal()
     assert portal.install(server.url).status_code == 200
     delivered_id, response = portal.send_sms("smslog", "+14155550123", "Your code: 1234")
     assert response.status_code == 200, response.text
@@ -224,7 +184,7 @@ def test_app_page_end_to_end_in_chromium(live_app, emulator, chromium, launcher,
 
     driver = chromium
     wait = WebDriverWait(driver, 15)
-    driver.get(launcher(launcher_page(server.url, portal.placement_auth())))
+    driver.get(portal.serve_page(launcher_page(server.url, portal.placement_auth())))
     wait.until(EC.frame_to_be_available_and_switch_to_it("b24app"))
     wait.until(EC.presence_of_element_located((By.ID, "messages")))
 

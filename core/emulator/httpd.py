@@ -42,6 +42,13 @@ class RestError(Exception):
         return {"error": self.code, "error_description": self.description, **self.extra}
 
 
+@dataclass(frozen=True)
+class HtmlPage:
+    """An answer that is a page of the portal's own UI, not a REST payload."""
+
+    html: str
+
+
 @dataclass
 class HttpRequest:
     """One incoming request, already decoded."""
@@ -163,12 +170,16 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _write_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if isinstance(payload, HtmlPage):
+            data, content_type = payload.html.encode("utf-8"), "text/html; charset=utf-8"
+        else:
+            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            content_type = "application/json; charset=utf-8"
         try:
             self.send_response(status)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

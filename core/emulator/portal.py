@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import requests
 
 from .events import EventBindings
-from .httpd import HttpRequest, JSONAnswer, RestError, ServerThread, time_block
+from .httpd import HtmlPage, HttpRequest, JSONAnswer, RestError, ServerThread, time_block
 from .php_lenient_form import php_form_decode
 
 if TYPE_CHECKING:
@@ -216,6 +216,8 @@ class EmulatedPortal:
         self._injections: list[_Injection] = []
         #: seconds a REST method waits before it is answered, by method (tests set it any time)
         self.rest_delays: dict[str, float] = {}
+        #: pages of the portal's own UI (path -> HTML), served on GET: see :meth:`serve_page`
+        self.pages: dict[str, str] = {}
         self._bucket = 0.0
         self._bucket_at = time.monotonic()
         self._owner_ids = itertools.count(1)
@@ -411,6 +413,9 @@ class EmulatedPortal:
     def handle_http(self, request: HttpRequest) -> JSONAnswer:
         """Answer one HTTP request to this portal (called by the server thread)."""
         if not request.path.startswith("/rest/"):
+            page = self.pages.get(request.path) if request.verb == "GET" else None
+            if page is not None:
+                return 200, HtmlPage(page)
             return 404, _method_not_found().body()
         method = request.path[len("/rest/") :].strip("/").lower()
         method = method.removesuffix(".json")
@@ -939,6 +944,14 @@ class EmulatedPortal:
                     f"seen {seen}"
                 )
             time.sleep(0.02)
+
+    def serve_page(self, html: str) -> str:
+        """Serve ``html`` as a page of this portal's own UI (its domain, like the page around an
+        app's frame on a real portal) and return its URL."""
+        with self._lock:
+            path = f"/page/{len(self.pages)}"
+            self.pages[path] = html
+        return f"{self.base_url}{path}"
 
     def placement_auth(self) -> dict[str, str]:
         """The form an app page opened in a Bitrix24 frame receives (query fields included).
