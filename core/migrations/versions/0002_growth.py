@@ -36,6 +36,13 @@ INDEXES = (
     ("ix_messages_not_final_code_updated", ["code", "updated_at"], NOT_FINAL),
     ("ix_messages_unredacted", ["created_at"], f"{FINAL} AND redacted_at IS NULL"),
     ("ix_messages_final_created", ["created_at"], FINAL),
+    # replaces 0001's ix_messages_portal_created (portal_id, created_at): the app page's
+    # statistics then read the index alone
+    (
+        "ix_messages_portal_created_covering",
+        ["portal_id", "created_at", "code", "status", "external_id"],
+        None,
+    ),
 )
 
 
@@ -47,6 +54,7 @@ def upgrade() -> None:
         if where is not None:
             condition["postgresql_where"] = sa.text(where)
         op.create_index(name, "messages", columns, unique=False, **condition)
+    op.drop_index("ix_messages_portal_created", table_name="messages")
 
     counts = op.create_table(
         "message_counts",
@@ -72,6 +80,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("message_counts")
+    op.create_index(
+        "ix_messages_portal_created", "messages", ["portal_id", "created_at"], unique=False
+    )
     for name, _, _ in reversed(INDEXES):
         op.drop_index(name, table_name="messages")
     with op.batch_alter_table("messages", schema=None) as batch_op:
