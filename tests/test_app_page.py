@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from b24sms.bitrix24 import verify
 from b24sms.models import Message, OutboxEntry
-from b24sms.web import app_page
+from b24sms.web import app_page, app_session
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -439,10 +439,10 @@ def test_sessions_expire(live_app, emulator):
     portal = installed_portal(server, emulator)
     token = session_token(open_page(server, portal.placement_auth()).text)
     with server.app.app_context():
-        session = app_page.read_session(token)
+        session = app_session.read_session(token)
         assert session.member_id == portal.member_id
-        with pytest.raises(app_page.Unauthorized, match="expired"):
-            app_page.read_session(token, now=time.time() + app_page.SESSION_MAX + 1)
+        with pytest.raises(app_session.Unauthorized, match="expired"):
+            app_session.read_session(token, now=time.time() + app_session.SESSION_MAX + 1)
 
 
 def test_a_portal_never_sees_another_portals_data(live_app, emulator):
