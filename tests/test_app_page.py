@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from b24sms.bitrix24 import verify
 from b24sms.models import Message, OutboxEntry
 from b24sms.web import app_page, app_session
+from tests.helpers import frame_body, frame_query, open_page
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -44,26 +45,6 @@ def _fresh_probe_cache():
 
 def db_of(server):
     return server.app.extensions["b24sms"].db
-
-
-def frame_query(auth: dict[str, str]) -> dict[str, str]:
-    """What Bitrix24 puts in the frame URL's query; the rest travels in the POST body."""
-    return {k: auth[k] for k in ("DOMAIN", "PROTOCOL", "LANG", "APP_SID")}
-
-
-def frame_body(auth: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in auth.items() if k not in frame_query(auth)}
-
-
-def open_page(server, auth: dict[str, str], **headers: str) -> requests.Response:
-    """POST the placement form the way Bitrix24's frame does."""
-    return requests.post(
-        f"{server.url}/app",
-        params=frame_query(auth),
-        data=frame_body(auth),
-        headers=headers,
-        timeout=10,
-    )
 
 
 def session_token(page_html: str) -> str:

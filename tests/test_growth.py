@@ -269,7 +269,7 @@ def _pager_form(html: str, button: str) -> dict[str, str]:
 
 
 def test_app_page_older_and_newer_links_walk_the_list(live_app, emulator) -> None:
-    from tests.test_app_page import open_page
+    from tests.helpers import open_page
 
     server = live_app()
     portal = emulator.add_portal()
