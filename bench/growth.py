@@ -119,7 +119,7 @@ class Client:
         import requests
 
         from b24sms.registration import handler_url
-        from b24sms.web.app_page import PageSession, issue_session
+        from b24sms.web.app_session import PageSession, issue_session
 
         self.base = base
         self.portal_id, self.member_id, self.app_token = portal
@@ -204,7 +204,7 @@ def measure(kind: str, size: int) -> dict[str, float]:
     from b24sms.delivery import apply_reports, poll_due, sweep
     from b24sms.gateway import StatusReport
     from b24sms.models import utcnow
-    from b24sms.web.app_page import PAGE_SIZE
+    from b24sms.web.app_data import PAGE_SIZE
     from tests.history import load_history
 
     results: dict[str, float] = {}

@@ -150,6 +150,11 @@ def portal_stats(portal_id: int, since: dt.datetime) -> Select[Any]:
     )
 
 
+def registrations_of(portal_id: int) -> Select[Any]:
+    """The app page's providers: the portal's provider registrations (state, last error)."""
+    return select(ProviderRegistration).where(ProviderRegistration.portal_id == portal_id)
+
+
 def known_codes(portal_id: int) -> Select[Any]:
     """The app page's CODE filter: every CODE ever registered on the portal (the registrations
     table, not a DISTINCT over its messages)."""
@@ -228,6 +233,7 @@ RECURRING: dict[str, Callable[[dt.datetime], Select[Any]]] = {
     "app page: statistics, 24 h": lambda now: portal_stats(1, _ago(now, days=1)),
     "app page: statistics, 7 days": lambda now: portal_stats(1, _ago(now, days=7)),
     "app page: known codes": lambda now: known_codes(1),
+    "app page: providers": lambda now: registrations_of(1),
     "retention: redact": lambda now: to_redact(_ago(now, days=30), 500),
     "retention: delete": lambda now: to_delete(_ago(now, days=180), 500),
     "erase portal: final": lambda now: portal_final_messages(1, 500),

@@ -229,6 +229,14 @@ class Queue:
     # -- tasks ----------------------------------------------------------------------------------
 
     def _register_tasks(self) -> None:
+        # One group of tasks a method; each sets the attributes the enqueue_* methods submit.
+        self._register_send_tasks()
+        self._register_flush_task()
+        self._register_periodic_tasks()
+        self._register_reconcile_tasks()
+
+    def _register_send_tasks(self) -> None:
+        """``send_message`` (one message) and ``send_messages`` (one HANDLER batch's)."""
         service = self.service
         huey = self.huey
 
@@ -264,6 +272,14 @@ class Queue:
                         "message %s: the send attempt failed; the sweep retries it", message_pk
                     )
 
+        self.send_message: TaskWrapper = send_message
+        self.send_messages: TaskWrapper = send_messages
+
+    def _register_flush_task(self) -> None:
+        """``flush_outbox``: report a portal's waiting statuses to Bitrix24."""
+        service = self.service
+        huey = self.huey
+
         @huey.task(name="flush_outbox", priority=PRIORITY_FLUSH)
         def flush_outbox(portal_id: int) -> None:
             from .outbox import flush_portal
@@ -279,6 +295,13 @@ class Queue:
                 self.enqueue_flush(
                     portal_id, delay=report.retry_in, coalesce=report.stopped is not None
                 )
+
+        self.flush_outbox: TaskWrapper = flush_outbox
+
+    def _register_periodic_tasks(self) -> None:
+        """``sweep`` (lost and stuck attempts, polling) and ``retention``, every sweep_interval."""
+        service = self.service
+        huey = self.huey
 
         # The scheduler checks periodic tasks every sweep_interval seconds (see _consumer), so
         # the validator accepts every moment it is asked about.
@@ -297,6 +320,14 @@ class Queue:
 
             periodic(service)
 
+        self.sweep_task: TaskWrapper = sweep_task
+        self.retention_task: TaskWrapper = retention_task
+
+    def _register_reconcile_tasks(self) -> None:
+        """``reconcile`` (periodic: the portals due) and ``reconcile_portal`` (one, on demand)."""
+        service = self.service
+        huey = self.huey
+
         @huey.periodic_task(lambda timestamp: True, name="reconcile", priority=PRIORITY_SWEEP)
         def reconcile_task() -> None:
             from .registration import reconcile_due
@@ -313,11 +344,6 @@ class Queue:
 
         self.reconcile_task: TaskWrapper = reconcile_task
         self.reconcile_portal: TaskWrapper = reconcile_portal
-        self.send_message: TaskWrapper = send_message
-        self.send_messages: TaskWrapper = send_messages
-        self.flush_outbox: TaskWrapper = flush_outbox
-        self.sweep_task: TaskWrapper = sweep_task
-        self.retention_task: TaskWrapper = retention_task
 
     # -- enqueueing -----------------------------------------------------------------------------
 

@@ -128,3 +128,41 @@ def gateway() -> Iterator[Any]:
 
     with FakeSmsApi() as api:
         yield api
+
+
+@pytest.fixture
+def capture() -> Iterator[Any]:
+    """Every log record of the test (every logger at DEBUG), kept by a
+    :class:`tests.helpers.Capture` as text and as JSON; the levels are restored afterwards."""
+    import logging
+
+    from tests.helpers import Capture
+
+    handler = Capture()
+    root = logging.getLogger()
+    names = ("", "werkzeug", "urllib3", "twilio", "b24sms", "sqlalchemy.engine")
+    saved = {name: logging.getLogger(name).level for name in names}
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def issued_tokens(monkeypatch) -> list[str]:
+    """Every access and refresh token any emulated portal issues, old and new."""
+    from b24sms.emulator.portal import EmulatedPortal
+
+    tokens: list[str] = []
+    original = EmulatedPortal._issue_pair_locked
+
+    def recording(self) -> None:
+        original(self)
+        tokens.extend([self.access_token, self.refresh_token])
+
+    monkeypatch.setattr(EmulatedPortal, "_issue_pair_locked", recording)
+    return tokens

@@ -1,5 +1,7 @@
 """Helpers the test modules share: a gateway whose answers a test scripts, an event recorder,
-a service on a fresh SQLite database, and rows (portals, messages) put in directly.
+a service on a fresh SQLite database, rows (portals, messages) put in directly, the ``b24sms``
+command run as a process, the app page opened the way Bitrix24's frame opens it, and a log
+handler that keeps every record.
 
 Test modules import these from here rather than from one another, so that each test module
 can change without breaking another.
@@ -7,13 +9,19 @@ can change without breaking another.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
+import requests
 from sqlalchemy import select
 
-from b24sms import hookimpl
+from b24sms import hookimpl, logs
 from b24sms.config import validate_config
 from b24sms.gateway import (
     Gateway,
@@ -32,9 +40,11 @@ from b24sms.models import (
 from b24sms.plugins import make_plugin_manager
 from b24sms.schema import upgrade
 from b24sms.service import Service
+from b24sms.testing.service import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 from b24sms.testing.service import service_config as base_config
 
 CODE = "scripted"
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- a gateway whose answers a test scripts ------------------------------------------------------
@@ -213,3 +223,98 @@ def gateway(svc: Service) -> ScriptedGateway:
     gw = svc.gateways[CODE]
     assert isinstance(gw, ScriptedGateway)
     return gw
+
+
+# -- the b24sms command, as a process ------------------------------------------------------------
+
+
+def b24sms(
+    *args: str, config: Path | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """Run the ``b24sms`` command in a fresh process (no ``B24SMS_*`` variable of ours leaks
+    in), with ``config`` as ``B24SMS_CONFIG``; the result is returned, never raised."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("B24SMS_")}
+    if config is not None:
+        env["B24SMS_CONFIG"] = str(config)
+    return subprocess.run(
+        [sys.executable, "-c", "from b24sms.cli import main; main()", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd or REPO,
+    )
+
+
+def write_config(tmp_path: Path, public_url: str, oauth_url: str, providers: str) -> Path:
+    """A config file for the command: SQLite in ``tmp_path``, the test app's credentials,
+    ``providers`` as TOML text (e.g. :data:`LOG_PROVIDER`)."""
+    path = tmp_path / "b24sms.toml"
+    path.write_text(f"""
+[service]
+public_url = "{public_url}"
+secret_key = "{SECRET_KEY}"
+database_url = "sqlite:///{tmp_path}/cli.sqlite3"
+queue_url = "memory://"
+
+[bitrix24]
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+oauth_url = "{oauth_url}"
+{providers}
+""")
+    return path
+
+
+LOG_PROVIDER = """
+[providers.smslog]
+plugin = "log"
+name = "Log only"
+"""
+
+
+# -- the app page, opened as Bitrix24's frame opens it -------------------------------------------
+
+
+def frame_query(auth: dict[str, str]) -> dict[str, str]:
+    """What Bitrix24 puts in the frame URL's query; the rest travels in the POST body."""
+    return {k: auth[k] for k in ("DOMAIN", "PROTOCOL", "LANG", "APP_SID")}
+
+
+def frame_body(auth: dict[str, str]) -> dict[str, str]:
+    """What Bitrix24 sends in the frame's POST body (AUTH_ID, member_id, …)."""
+    return {k: v for k, v in auth.items() if k not in frame_query(auth)}
+
+
+def open_page(server, auth: dict[str, str], **headers: str) -> requests.Response:
+    """POST the placement form the way Bitrix24's frame does."""
+    return requests.post(
+        f"{server.url}/app",
+        params=frame_query(auth),
+        data=frame_body(auth),
+        headers=headers,
+        timeout=10,
+    )
+
+
+# -- every log record ----------------------------------------------------------------------------
+
+#: loggers of the test doubles standing in for other parties (the SMTP server's protocol log)
+FOREIGN_LOGGERS = ("mail.log",)
+
+
+class Capture(logging.Handler):
+    """Every record, formatted as text (with traceback) and as JSON (with extra fields)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._text = logging.Formatter("%(name)s %(levelname)s %(message)s")
+        self._json = logs.JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(FOREIGN_LOGGERS):
+            return
+        self.lines.append(self._text.format(record))
+        self.lines.append(self._json.format(record))

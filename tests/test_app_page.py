@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 
 from b24sms.bitrix24 import verify
 from b24sms.models import Message, OutboxEntry
-from b24sms.web import app_page
+from b24sms.web import app_page, app_session
+from tests.helpers import frame_body, frame_query, open_page
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -42,26 +43,6 @@ def _fresh_probe_cache():
 
 def db_of(server):
     return server.app.extensions["b24sms"].db
-
-
-def frame_query(auth: dict[str, str]) -> dict[str, str]:
-    """What Bitrix24 puts in the frame URL's query; the rest travels in the POST body."""
-    return {k: auth[k] for k in ("DOMAIN", "PROTOCOL", "LANG", "APP_SID")}
-
-
-def frame_body(auth: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in auth.items() if k not in frame_query(auth)}
-
-
-def open_page(server, auth: dict[str, str], **headers: str) -> requests.Response:
-    """POST the placement form the way Bitrix24's frame does."""
-    return requests.post(
-        f"{server.url}/app",
-        params=frame_query(auth),
-        data=frame_body(auth),
-        headers=headers,
-        timeout=10,
-    )
 
 
 def session_token(page_html: str) -> str:
@@ -399,10 +380,10 @@ def test_sessions_expire(live_app, emulator):
     portal = installed_portal(server, emulator)
     token = session_token(open_page(server, portal.placement_auth()).text)
     with server.app.app_context():
-        session = app_page.read_session(token)
+        session = app_session.read_session(token)
         assert session.member_id == portal.member_id
-        with pytest.raises(app_page.Unauthorized, match="expired"):
-            app_page.read_session(token, now=time.time() + app_page.SESSION_MAX + 1)
+        with pytest.raises(app_session.Unauthorized, match="expired"):
+            app_session.read_session(token, now=time.time() + app_session.SESSION_MAX + 1)
 
 
 def test_a_portal_never_sees_another_portals_data(live_app, emulator):

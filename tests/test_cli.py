@@ -2,60 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
+from tests.conftest import CLIENT_SECRET, SECRET_KEY
+from tests.helpers import LOG_PROVIDER, b24sms, write_config
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def b24sms(
-    *args: str, config: Path | None = None, cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("B24SMS_")}
-    if config is not None:
-        env["B24SMS_CONFIG"] = str(config)
-    return subprocess.run(
-        [sys.executable, "-c", "from b24sms.cli import main; main()", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd or REPO,
-    )
-
-
-def write_config(tmp_path: Path, public_url: str, oauth_url: str, providers: str) -> Path:
-    path = tmp_path / "b24sms.toml"
-    path.write_text(f"""
-[service]
-public_url = "{public_url}"
-secret_key = "{SECRET_KEY}"
-database_url = "sqlite:///{tmp_path}/cli.sqlite3"
-queue_url = "memory://"
-
-[bitrix24]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-oauth_url = "{oauth_url}"
-{providers}
-""")
-    return path
-
-
-LOG_PROVIDER = """
-[providers.smslog]
-plugin = "log"
-name = "Log only"
-"""
 
 
 def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):

@@ -81,3 +81,101 @@ def test_the_example_plugin_is_where_the_docs_say(docs):
     root = DOCS.parent.parent / "examples" / "b24sms-example-gateway"
     assert (root / "pyproject.toml").is_file() and (root / "README.md").is_file()
     assert "[project.entry-points.b24sms]" in (root / "pyproject.toml").read_text()
+
+
+# -- CONTRIBUTING.md names paths that exist ------------------------------------------------------
+
+ROOT = DOCS.parent.parent
+CONTRIBUTING = ROOT / "CONTRIBUTING.md"
+#: a path from the repository's root: a top-level folder, then anything a path holds
+#: (``<name>`` stands for any name); not part of a URL or of a longer path
+_PATH = re.compile(
+    r"(?<![\w/.:-])((?:\.ci|bench|config|core|docs|examples|plugins|tests|typecheck)"
+    r"/[\w./<>-]*)"
+)
+#: a file named on its own inside backticks (``flush.py``, beside the folder named before it)
+_BARE_FILE = re.compile(r"`([\w-]+\.(?:py|md|toml|html))`")
+
+
+def missing_paths(text: str, root: Path) -> list[str]:
+    """The paths ``text`` names that are not in ``root``: a path from the root must exist
+    (``<name>`` matching at least one name), a bare file name must exist somewhere below it."""
+    missing = []
+    for path in sorted(set(_PATH.findall(text))):
+        path = path.rstrip(".")
+        pattern = re.sub(r"<[^<>/]*>", "*", path.rstrip("/"))
+        if not any(root.glob(pattern)):
+            missing.append(path)
+    for name in sorted(set(_BARE_FILE.findall(text))):
+        if "/" not in name and not any(root.glob(f"*/**/{name}")) and not (root / name).exists():
+            missing.append(name)
+    return missing
+
+
+def test_contributing_names_only_paths_that_exist():
+    text = CONTRIBUTING.read_text(encoding="utf-8")
+    assert "core/web/app_page.py" in text  # the check reads the paths it is meant to read
+    missing = missing_paths(text, ROOT)
+    assert not missing, f"CONTRIBUTING.md names paths that do not exist: {missing}"
+
+
+def test_the_path_check_sees_a_renamed_module(tmp_path):
+    (tmp_path / "core" / "outbox").mkdir(parents=True)
+    (tmp_path / "core" / "outbox" / "pacing.py").write_text("")
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "log.py").write_text("")
+    text = (
+        "`core/outbox/pacing.py`, `core/outbox/` (`pacing.py`), `plugins/<name>.py`; gone: "
+        "`core/outbox.py`, `core/ratelimit.py`, `core/web/` (`ratelimit.py`), "
+        "see https://example.com/core/nothing.py"
+    )
+    assert missing_paths(text, tmp_path) == [
+        "core/outbox.py",
+        "core/ratelimit.py",
+        "core/web/",
+        "ratelimit.py",
+    ]
+
+
+# -- test modules stand alone --------------------------------------------------------------------
+
+
+def imports_of_test_modules(path: Path) -> list[str]:
+    """What ``path`` imports from a test module (``tests.test_*``, or ``.test_*`` relatively)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("tests.test_")]
+        elif isinstance(node, ast.ImportFrom):
+            package = "." * node.level if node.level else "tests."
+            module = node.module or ""
+            if module.startswith("test_" if node.level else "tests.test_"):
+                found.append(("." * node.level) + module)
+            elif module == ("" if node.level else "tests"):
+                found += [package + a.name for a in node.names if a.name.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another():
+    offenders = {
+        str(path.relative_to(ROOT)): imports
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if (imports := imports_of_test_modules(path))
+    }
+    assert not offenders, f"share these through tests/helpers.py instead: {offenders}"
+
+
+def test_the_import_check_sees_an_import_of_a_test_module(tmp_path):
+    module = tmp_path / "test_example.py"
+    module.write_text(
+        "from tests.test_cli import b24sms\nimport tests.test_app_page\n"
+        "from . import test_secrets\nfrom .test_growth import x\n"
+        "from tests.helpers import open_page\nfrom tests import helpers, test_docs\n"
+    )
+    assert imports_of_test_modules(module) == [
+        "tests.test_cli",
+        "tests.test_app_page",
+        ".test_secrets",
+        ".test_growth",
+        "tests.test_docs",
+    ]

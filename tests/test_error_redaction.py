@@ -21,8 +21,7 @@ from b24sms.redaction import (
     redacted_error,
 )
 from tests.conftest import SECRET_KEY
-from tests.test_app_page import open_page
-from tests.test_cli import b24sms
+from tests.helpers import b24sms, open_page
 
 NUMBER = "+14155550177"
 #: longer than the gateway's 200-character error snippet, with a line break (JSON-escaped)

@@ -13,8 +13,8 @@ import requests
 from sqlalchemy import select
 
 from b24sms.models import Portal
-from b24sms.web.app_page import portal_origin
-from tests.test_app_page import frame_body, frame_query
+from b24sms.web.security_headers import portal_origin
+from tests.helpers import frame_body, frame_query
 
 LOG_ONLY = {"smslog": {"plugin": "log", "name": "Log"}}
 

@@ -24,7 +24,7 @@ from b24sms import counts, schema
 from b24sms.db import Database
 from b24sms.messages import insert_message_rows, message_row
 from b24sms.models import Message, Portal, ProviderRegistration
-from b24sms.web.app_page import PAGE_SIZE, Filters, message_rows
+from b24sms.web.app_data import PAGE_SIZE, Filters, message_rows
 from tests.history import add_portals, each_database, load_history, migrated_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,7 +269,7 @@ def _pager_form(html: str, button: str) -> dict[str, str]:
 
 
 def test_app_page_older_and_newer_links_walk_the_list(live_app, emulator) -> None:
-    from tests.test_app_page import open_page
+    from tests.helpers import open_page
 
     server = live_app()
     portal = emulator.add_portal()

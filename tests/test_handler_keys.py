@@ -69,7 +69,7 @@ def test_rotating_one_portals_keys_refuses_its_old_urls_after_the_sync(
 ):
     from b24sms.models import Portal
     from tests.conftest import SECRET_KEY
-    from tests.test_cli import LOG_PROVIDER, b24sms, write_config
+    from tests.helpers import LOG_PROVIDER, b24sms, write_config
 
     server = live_app(providers={"smslog": {"plugin": "log", "name": "Log only"}})
     portal, other = emulator.add_portal(), emulator.add_portal()

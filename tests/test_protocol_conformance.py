@@ -16,7 +16,7 @@ from b24sms.bitrix24.redirects import MAX_HOPS
 from b24sms.models import Message, PaymentState, Portal, PortalPacing
 from b24sms.registration import public_url_problems, reconcile_due, sync_all
 from tests.conftest import wait_until
-from tests.test_app_page import open_page
+from tests.helpers import open_page
 
 LOG_PROVIDER = {"smslog": {"plugin": "log", "name": "Log only"}}
 APP_EVENTS = ["ONAPPUNINSTALL", "ONAPPUPDATE"]

@@ -21,8 +21,8 @@ from b24sms.messages import insert_message_rows, message_row, record_status
 from b24sms.models import Message, Portal, PortalState, StatusEvent, utcnow
 from b24sms.portals import find_portal, uninstall
 from tests.conftest import base_config
+from tests.helpers import b24sms
 from tests.history import add_portals, each_database
-from tests.test_cli import b24sms
 
 NOW = dt.datetime(2026, 12, 1, 12, 0)
 #: (status, age in days) of the messages every test starts with, per portal

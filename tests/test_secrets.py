@@ -22,10 +22,8 @@ from aiosmtpd.smtp import AuthResult
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from b24sms import logs
 from b24sms.config import ConfigError, validate_config
 from b24sms.db import Database
-from b24sms.emulator.portal import EmulatedPortal
 from b24sms.models import Portal, PortalState
 from b24sms.redaction import QueryRedactingFilter, install_log_filters, redact_query
 from b24sms.registration import handler_key, sync_all
@@ -43,24 +41,6 @@ SMTP_PASSWORD = "smtp-password-s3cr3t-value"
 SMTP_BAD_PASSWORD = "smtp-wrong-password-0000"
 TWILIO_BAD_TOKEN = "twilio-wrong-auth-token-0000"
 METRICS_TOKEN = "metrics-bearer-token-0123456789"
-#: loggers of the test doubles standing in for other parties (the SMTP server's protocol log)
-FOREIGN_LOGGERS = ("mail.log",)
-
-
-class Capture(logging.Handler):
-    """Every record, formatted as text (with traceback) and as JSON (with extra fields)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self._text = logging.Formatter("%(name)s %(levelname)s %(message)s")
-        self._json = logs.JsonFormatter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(FOREIGN_LOGGERS):
-            return
-        self.lines.append(self._text.format(record))
-        self.lines.append(self._json.format(record))
 
 
 class AnswerRecorder:
@@ -92,22 +72,6 @@ class AnswerRecorder:
         return [body]
 
 
-@pytest.fixture
-def capture() -> Iterator[Capture]:
-    handler = Capture()
-    root = logging.getLogger()
-    names = ("", "werkzeug", "urllib3", "twilio", "b24sms", "sqlalchemy.engine")
-    saved = {name: logging.getLogger(name).level for name in names}
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def all_loggers_to_debug() -> None:
     """After the app is built: its logging set-up raises urllib3 to INFO; undo that here."""
     for name in ("werkzeug", "urllib3", "twilio", "b24sms"):
@@ -131,20 +95,6 @@ def smtp() -> Iterator[tuple[LoopbackController, Recorder]]:
         yield controller, recorder
     finally:
         controller.stop()
-
-
-@pytest.fixture
-def issued_tokens(monkeypatch) -> list[str]:
-    """Every access and refresh token any emulated portal issues, old and new."""
-    tokens: list[str] = []
-    original = EmulatedPortal._issue_pair_locked
-
-    def recording(self) -> None:
-        original(self)
-        tokens.extend([self.access_token, self.refresh_token])
-
-    monkeypatch.setattr(EmulatedPortal, "_issue_pair_locked", recording)
-    return tokens
 
 
 def providers(twilio: FakeTwilio, api: FakeSmsApi, smtp_port: int) -> dict:

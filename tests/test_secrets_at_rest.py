@@ -30,8 +30,7 @@ from b24sms.models import Base, Portal
 from b24sms.schema import upgrade
 from b24sms.service import Service
 from tests.conftest import ENCRYPTION_KEY, base_config, keyed
-from tests.test_cli import b24sms, write_config
-from tests.test_secrets import capture, issued_tokens  # noqa: F401 - fixtures used below
+from tests.helpers import b24sms, write_config
 
 LOG_ONLY = {"smslog": {"plugin": "log", "name": "Log"}}
 
@@ -143,8 +142,8 @@ def test_an_existing_database_file_and_instance_folder_are_tightened(tmp_path):
 def test_no_token_in_the_database_files_or_the_logs(
     live_app,
     emulator,
-    capture,  # noqa: F811 - the fixture imported above
-    issued_tokens,  # noqa: F811
+    capture,
+    issued_tokens,
     tmp_path,
 ):
     server = live_app(providers=LOG_ONLY, service={"log_level": "DEBUG"})

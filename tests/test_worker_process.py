@@ -13,20 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from sqlalchemy import select
 
-from b24sms import hookimpl
-from b24sms.config import load_config
-from b24sms.gateway import Gateway, OutgoingMessage, SendResult, StatusReport
 from b24sms.models import Message
 from b24sms.outbox import outbox_backlog
-from b24sms.plugins import make_plugin_manager
 from b24sms.service import Service
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, SECRET_KEY
 from tests.deployment import write_config
+from tests.fakes.blocking_gateway import build
 from tests.helpers import add_message, add_portal, create_schema, load
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
@@ -35,44 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE = "blocking"
 
 
-class BlockingGateway(Gateway):
-    """Delivers at once, unless the file ``<control>/block`` exists: then it announces the send
-    in ``<control>/started-<id>`` and blocks until the file goes (or its process is killed)."""
-
-    name: ClassVar[str] = "blocking"
-    statuses: ClassVar[dict[str, str]] = {"accepted": "sent", "DELIVRD": "delivered"}
-
-    def send(self, message: OutgoingMessage) -> SendResult:
-        control = Path(self.options["control"])
-        if (control / "block").exists():
-            (control / f"started-{message.id}").write_text(str(os.getpid()))
-            while (control / "block").exists():
-                time.sleep(0.05)
-        return SendResult(
-            external_id=f"w-{message.id}-{message.attempt}",
-            raw_status="accepted",
-            later=(StatusReport("DELIVRD"),),
-        )
-
-
-class BlockingPlugin:
-    @hookimpl
-    def b24sms_register_gateways(self, register: Callable[[type[Gateway]], None]) -> None:
-        register(BlockingGateway)
-
-
-def build(config_path: Path) -> Service:
-    """The service as both processes build it: from the file, with the blocking gateway."""
-    pm = make_plugin_manager(environ={"B24SMS_LOAD_PLUGINS": ""})
-    pm.register(BlockingPlugin(), name="blocking-test")
-    return Service(load_config(config_path, environ={}), plugin_manager=pm)
-
-
 WORKER_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO,
                     format="%(asctime)s %(process)d %(threadName)s %(name)s %(message)s")
-from tests.test_worker_process import build
+from tests.fakes.blocking_gateway import build
 build(sys.argv[1]).queue.run_consumer(workers=4)
 """
 
