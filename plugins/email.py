@@ -16,7 +16,17 @@ Options (``[providers.<CODE>]``):
 - ``routes`` — a table of number prefix → address template; the longest matching prefix wins and
   ``address`` is the fallback (``routes = { "+49" = "{national}@sms.example.de" }``);
 - ``subject`` — a template with the same placeholders plus ``{code}`` (default ``SMS``);
-- ``timeout`` — seconds for the SMTP conversation (default 10).
+- ``timeout`` — seconds for the SMTP conversation (default 10);
+- ``max_connections`` — SMTP connections open at once (default 8): sends from more threads
+  wait up to ``timeout`` for one to come free. Many servers limit connections per client;
+- ``connection_max_age`` — seconds a connection is reused before it is closed and replaced
+  (default 60).
+
+Connections are reused between sends (:class:`SmtpPool`): one is opened (TLS, login) only when
+none is free; one idle for a few seconds is checked with ``NOOP`` first, and one the server has
+closed meanwhile is replaced. A mail is sent again on a fresh connection only when the server
+dropped the old one before it took anything: at ``MAIL FROM``, never once the mail's data went
+out, so this never sends a mail twice.
 
 The gateway never reports ``delivered``: a ``250`` from the SMTP server only says the server took
 the mail. Whether the carrier's gateway turned it into a text, and whether that reached the phone,
@@ -25,12 +35,14 @@ is not something SMTP can tell, so the message stays ``sent``.
 
 from __future__ import annotations
 
-import functools
 import smtplib
 import socket
 import ssl
 import string
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any, ClassVar
@@ -41,6 +53,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from b24sms import hookimpl
 from b24sms.gateway import (
     Gateway,
+    GatewayContext,
     GatewayError,
     OutgoingMessage,
     PermanentGatewayError,
@@ -107,6 +120,10 @@ class EmailOptions(Schema):
     )
     subject = fields.String(load_default="SMS", validate=_check_subject)
     timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
+    max_connections = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1000))
+    connection_max_age = fields.Float(
+        load_default=60.0, validate=validate.Range(min=0, min_inclusive=False)
+    )
 
     @validates_schema
     def _check(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -128,6 +145,139 @@ def number_parts(e164: str) -> dict[str, str]:
     return {"digits": digits, "e164": "+" + digits, "national": national or digits}
 
 
+class _StaleConnection(Exception):
+    """The server dropped (or refused with 421) a connection at ``MAIL FROM``: it took nothing
+    of the mail, so the mail may go out on a fresh connection. The cause is the error."""
+
+
+class PoolBusy(Exception):
+    """Every connection of a :class:`SmtpPool` stayed lent out for as long as a send waits."""
+
+
+class _ReusableMixin:
+    """``MAIL FROM`` failing on a dead connection raises :class:`_StaleConnection`."""
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        try:
+            code, text = super().mail(sender, options)  # type: ignore[misc]
+        except OSError as exc:  # SMTPServerDisconnected, resets, timeouts: all OSErrors
+            raise _StaleConnection from exc
+        if code == 421:  # "closing the channel": RFC 5321 4.2.3
+            self.close()  # type: ignore[attr-defined]
+            raise _StaleConnection from smtplib.SMTPSenderRefused(code, text, sender)
+        return code, text
+
+
+class _SMTP(_ReusableMixin, smtplib.SMTP):
+    pass
+
+
+class _SMTPSSL(_ReusableMixin, smtplib.SMTP_SSL):
+    pass
+
+
+@dataclass
+class PooledConnection:
+    """One SMTP session of a :class:`SmtpPool`."""
+
+    smtp: smtplib.SMTP
+    opened: float = field(default_factory=time.monotonic)
+    used: float = field(default_factory=time.monotonic)
+    #: True when it served a send before (it may have been dropped since)
+    reused: bool = False
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+class SmtpPool:
+    """Up to ``size`` SMTP connections to one server, lent to one sending thread at a time.
+
+    ``acquire`` lends an idle connection (the most recently used first; checked with NOOP when
+    idle longer than ``noop_after``; replaced when older than ``max_age``) or opens one with
+    ``connect`` while fewer than ``size`` are open, else waits up to ``wait`` seconds.
+    ``release`` takes it back, or closes it when the send left it in an unknown state.
+    """
+
+    #: seconds idle after which a connection is checked with NOOP before it is lent again
+    noop_after = 5.0
+
+    def __init__(
+        self, connect: Callable[[], smtplib.SMTP], size: int, max_age: float, wait: float
+    ) -> None:
+        self.connect = connect
+        self.size = size
+        self.max_age = max_age
+        self.wait = wait
+        self._idle: list[PooledConnection] = []
+        self._open = 0
+        self._changed = threading.Condition()
+
+    def acquire(self) -> PooledConnection:
+        """A connection for one send; raises :class:`PoolBusy` when all stayed lent out for
+        ``wait`` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._idle or self._open < self.size, self.wait):
+                raise PoolBusy(f"all {self.size} SMTP connections stayed busy")
+            if not self._idle:
+                self._open += 1
+                return self._new_in_slot()
+            conn = self._idle.pop()
+        if time.monotonic() - conn.opened >= self.max_age or not self._alive(conn):
+            return self.replace(conn)
+        return conn
+
+    def _alive(self, conn: PooledConnection) -> bool:
+        if time.monotonic() - conn.used < self.noop_after:
+            return True
+        try:
+            return conn.smtp.noop()[0] == 250
+        except (smtplib.SMTPException, OSError):
+            return False
+
+    def _new_in_slot(self) -> PooledConnection:
+        """Open a connection in a slot already counted in ``_open``; gives the slot back on
+        failure."""
+        try:
+            return PooledConnection(self.connect())
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
+
+    def replace(self, conn: PooledConnection) -> PooledConnection:
+        """Close ``conn`` and open a fresh connection in its place."""
+        _quit(conn.smtp)
+        return self._new_in_slot()
+
+    def release(self, conn: PooledConnection, *, reusable: bool) -> None:
+        """Take ``conn`` back for the next send, or close it when it is not ``reusable``."""
+        if reusable:
+            conn.used, conn.reused = time.monotonic(), True
+            with self._changed:
+                self._idle.append(conn)
+                self._changed.notify()
+            return
+        _quit(conn.smtp)
+        with self._changed:
+            self._open -= 1
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Close the idle connections (those lent out close when they come back)."""
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._changed.notify_all()
+        for conn in idle:
+            _quit(conn.smtp)
+
+
 class EmailGateway(Gateway):
     """Email-to-SMS: one mail per message to an address derived from the number."""
 
@@ -143,6 +293,17 @@ class EmailGateway(Gateway):
         "address": "{digits}@sms.example.com",
         "timeout": 2,
     }
+
+    def __init__(self, options: Mapping[str, Any], context: GatewayContext) -> None:
+        super().__init__(options, context)
+        # Built once: a default context loads the system's certificate store.
+        self._tls = ssl.create_default_context() if options["security"] != "none" else None
+        self._pool = SmtpPool(
+            self._connect,
+            size=options["max_connections"],
+            max_age=options["connection_max_age"],
+            wait=options["timeout"],
+        )
 
     @property
     def port(self) -> int:
@@ -178,45 +339,78 @@ class EmailGateway(Gateway):
         mail.set_content(message.body, cte=None if message.body.isascii() else "quoted-printable")
         return mail
 
-    @functools.cached_property
-    def _tls(self) -> ssl.SSLContext:
-        # Built once: a default context loads the system's certificate store.
-        return ssl.create_default_context()
-
     def _connect(self) -> smtplib.SMTP:
+        """A new connection, TLS on and logged in when a user is set."""
         host, port, timeout = self.options["smtp_host"], self.port, self.options["timeout"]
         security = self.options["security"]
+        smtp: smtplib.SMTP
         if security == "ssl":
-            return smtplib.SMTP_SSL(host, port, timeout=timeout, context=self._tls)
-        smtp = smtplib.SMTP(host, port, timeout=timeout)
+            smtp = _SMTPSSL(host, port, timeout=timeout, context=self._tls)
+        else:
+            smtp = _SMTP(host, port, timeout=timeout)
         try:
             if security == "starttls":
                 smtp.ehlo()
                 smtp.starttls(context=self._tls)
                 smtp.ehlo()
+            if self.options["smtp_user"]:
+                smtp.login(self.options["smtp_user"], self.options["smtp_password"] or "")
         except BaseException:
             smtp.close()
             raise
         return smtp
 
     def send(self, message: OutgoingMessage) -> SendResult:
-        """Hand the mail to the SMTP server; ``250`` is ``sent``, never more."""
+        """Hand the mail to the SMTP server; ``250`` is ``sent``, never more.
+
+        Safe from several threads at once: each send has a pooled connection to itself.
+        """
         mail = self.build_mail(message)
         try:
-            smtp = self._connect()
-            try:
-                if self.options["smtp_user"]:
-                    smtp.login(self.options["smtp_user"], self.options["smtp_password"] or "")
-                smtp.send_message(mail)
-            finally:
-                try:
-                    smtp.quit()
-                except (smtplib.SMTPException, OSError):
-                    smtp.close()
+            self._send_pooled(mail)
+        except PoolBusy as exc:
+            raise RetryableGatewayError(
+                f"{self.options['smtp_host']}:{self.port}: {exc} for {self.options['timeout']:g} s",
+                code="busy",
+            ) from None
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes raw
             raise self._error(exc) from None
         self.logger.debug("SMTP server %s took %s", self.options["smtp_host"], mail["Message-ID"])
         return SendResult(external_id=mail["Message-ID"], raw_status="250", status=SENT)
+
+    def _send_pooled(self, mail: EmailMessage) -> None:
+        conn: PooledConnection | None = self._pool.acquire()
+        reusable = False
+        try:
+            try:
+                conn.smtp.send_message(mail)
+            except _StaleConnection as stale:
+                if not conn.reused:
+                    raise stale.__cause__ or stale from None
+                # Dropped while idle, before it took anything: once more on a fresh one.
+                self.logger.debug("SMTP connection was closed by the server; reconnecting")
+                stale_conn, conn = conn, None  # replace() gives the slot back if it fails
+                conn = self._pool.replace(stale_conn)
+                try:
+                    conn.smtp.send_message(mail)
+                except _StaleConnection as again:
+                    raise again.__cause__ or again from None
+            reusable = True
+        except smtplib.SMTPResponseException as exc:
+            # sendmail reset the transaction (RSET) after a refusal: the connection goes on,
+            # unless the server said it is closing it (421).
+            reusable = exc.smtp_code != 421
+            raise
+        except smtplib.SMTPRecipientsRefused:
+            reusable = True
+            raise
+        finally:
+            if conn is not None:
+                self._pool.release(conn, reusable=reusable)
+
+    def close(self) -> None:
+        """Close the pooled SMTP connections."""
+        self._pool.close()
 
     def _error(self, exc: Exception) -> GatewayError:
         where = f"{self.options['smtp_host']}:{self.port}"

@@ -21,6 +21,13 @@ Placeholders in the string values of ``body``: ``{to}`` (E.164), ``{body}``, ``{
 ``{{`` and ``}}`` are literal braces. Substitution is one pass over the configured template,
 so a message text holding ``{to}`` stays as written.
 
+Connections are pooled: one :class:`requests.Session` per provider, its pool as large as the
+number of sends the core runs at once (``GatewayContext.concurrency`` when the core sets it, else
+32), so concurrent sends from several threads reuse kept-alive connections instead of opening
+one each. ``idempotency_header`` (e.g. ``"Idempotency-Key"``; default none) sends
+``idempotency_key`` (default ``"{id}"``: our id, the same on every retry) with each request, so
+a re-send after a crash is harmless at a gateway that honours the header.
+
 Answers: 2xx is accepted; 429 and 5xx, timeouts and connection errors are retried (honouring
 ``Retry-After``); other 4xx fail the message at once. Delivery reports must be signed: without a
 ``callback_secret`` every callback is rejected, because an unauthenticated report would let
@@ -45,6 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from requests.adapters import HTTPAdapter
 
 from b24sms import __version__, hookimpl
 from b24sms.gateway import (
@@ -67,8 +75,11 @@ from b24sms.statuses import SENT, STATUSES
 #: the placeholders a ``body`` string may use
 PLACEHOLDERS = ("to", "body", "message_id", "id", "code", "callback_url")
 _PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-#: body keys whose literal values are kept out of error messages
-
+#: the placeholders an ``idempotency_key`` may use: ours alone, never what a portal sent
+KEY_PLACEHOLDERS = ("id", "code")
+#: sends in flight at once through one gateway when the core does not say
+DEFAULT_CONCURRENCY = 32
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 #: seconds an old-style (body-only) signature is remembered against replays
 LEGACY_REPLAY_MEMORY = 7 * 24 * 3600.0
@@ -210,6 +221,19 @@ def _check_body(value: Any, path: str = "body", *, nested_ok: bool = True) -> No
         raise ValidationError(f"{path}: unsupported value {type(value).__name__}")
 
 
+def _check_idempotency_key(template: str) -> None:
+    """Our own values only, and ``{id}`` among them: a key without it would be the same for
+    every message, and a gateway honouring it would drop all but the first."""
+    names = template_fields(template)
+    unknown = [name for name in names if name not in KEY_PLACEHOLDERS]
+    if unknown:
+        raise ValidationError(f"unknown placeholder {{{unknown[0]}}} (known: {{id}}, {{code}})")
+    if "id" not in names:
+        raise ValidationError("must contain {id}, or every message would share one key")
+    if not template.isascii() or not template.isprintable():
+        raise ValidationError("must be printable ASCII (it is sent as a header value)")
+
+
 class HttpOptions(Schema):
     """Options of the ``http`` gateway."""
 
@@ -238,6 +262,13 @@ class HttpOptions(Schema):
         load_default=dict,
     )
     timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
+    #: the header that carries ``idempotency_key`` (e.g. ``Idempotency-Key``); none: not sent
+    idempotency_header = fields.String(
+        load_default=None,
+        validate=validate.Regexp(_HEADER_NAME, error="must be an HTTP header name"),
+    )
+    #: the key's template: ``{id}`` (ours, the same on every retry) and ``{code}``
+    idempotency_key = fields.String(load_default="{id}", validate=_check_idempotency_key)
 
     @validates_schema
     def _check(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -282,9 +313,17 @@ class HttpGateway(Gateway):
         self._replays = ReplayGuard()
         #: the verified report being handled by this thread, remembered once it was applied
         self._pending = threading.local()
+        #: sends the core may run at once through this instance: the pool keeps as many
+        self.concurrency = max(1, int(getattr(context, "concurrency", 0) or DEFAULT_CONCURRENCY))
+        # One session shared by every sending thread: its headers are set here, once, and
+        # never touched again; each request's own values travel as arguments. urllib3's pool
+        # is thread-safe; requests' default adapter would keep only 10 connections per host.
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"b24sms/{__version__}"
         self._session.headers.update(options["headers"])
+        adapter = HTTPAdapter(pool_maxsize=self.concurrency)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
 
     @staticmethod
     def _collect_secrets(options: Mapping[str, Any]) -> list[str]:
@@ -334,6 +373,9 @@ class HttpGateway(Gateway):
         options = self.options
         body = render_body(options["body"], self._values(message))
         kwargs: dict[str, Any] = {"timeout": options["timeout"], "allow_redirects": False}
+        if options["idempotency_header"]:
+            key = render(options["idempotency_key"], {"id": str(message.id), "code": self.code})
+            kwargs["headers"] = {options["idempotency_header"]: key}
         if options["method"] == "GET":
             kwargs["params"] = body
         elif options["encoding"] == "json":

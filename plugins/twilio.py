@@ -10,6 +10,13 @@ Options (``[providers.<CODE>]``):
   a local fake in tests);
 - ``timeout`` — seconds for one API request (default 10).
 
+Connections are pooled: the library's :class:`TwilioHttpClient` keeps one ``requests`` session
+per provider, and its pool is sized here to the number of sends the core runs at once
+(``GatewayContext.concurrency`` when the core sets it, else 32) for ``https`` and ``http``
+alike. The library's own default is ``min(32, CPUs + 4)`` connections for ``https`` only (6 on
+a 2-core machine) and requests' 10 for anything else: more concurrent sends than that would
+open a connection each and throw it away after.
+
 Twilio's status words map to Bitrix24's: accepted, scheduled, queued, sending → queued;
 sent → sent; delivered, read → delivered; undelivered → undelivered; failed, canceled → failed.
 
@@ -28,6 +35,7 @@ from typing import Any, ClassVar
 
 import requests
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
@@ -68,6 +76,8 @@ TWILIO_STATUSES: dict[str, str] = {
 #: Twilio error codes worth another try although their HTTP status says otherwise
 RETRYABLE_CODES = frozenset({20429, 20500, 20503, 30001})
 _LIBRARY_PREFIX = re.compile(r"^Unable to \w+ (record|page)s?: ")
+#: sends in flight at once through one gateway when the core does not say
+DEFAULT_CONCURRENCY = 32
 
 
 class TwilioOptions(Schema):
@@ -98,10 +108,19 @@ class TwilioOptions(Schema):
 
 
 class _HttpClient(TwilioHttpClient):
-    """The library's client, remembering each thread's last answer headers (for Retry-After)."""
+    """The library's client with a connection pool of ``pool_size``, remembering each
+    thread's last answer headers (for Retry-After).
 
-    def __init__(self, timeout: float) -> None:
+    Safe to share between threads: the library's ``request`` keeps no state between calls that
+    it reads back (only ``_test_only_last_*``, which nothing here reads), and the answer headers
+    are kept per thread.
+    """
+
+    def __init__(self, timeout: float, pool_size: int) -> None:
         super().__init__(timeout=timeout)
+        adapter = HTTPAdapter(pool_maxsize=pool_size)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
         self._last = threading.local()
 
     def request(self, *args: Any, **kwargs: Any) -> Response:
@@ -135,7 +154,9 @@ class TwilioGateway(Gateway):
         self.callbacks = options["status_callback"]
         # without callbacks nothing tells us about delivery: ask Twilio now and then
         self.poll_interval = None if options["status_callback"] else 60.0
-        self._http = _HttpClient(timeout=options["timeout"])
+        #: sends the core may run at once through this instance: the pool keeps as many
+        self.concurrency = max(1, int(getattr(context, "concurrency", 0) or DEFAULT_CONCURRENCY))
+        self._http = _HttpClient(timeout=options["timeout"], pool_size=self.concurrency)
         self.client = Client(options["account_sid"], options["auth_token"], http_client=self._http)
         if options["api_base_url"]:
             self.client.api.base_url = options["api_base_url"].rstrip("/")

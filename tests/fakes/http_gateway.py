@@ -27,7 +27,15 @@ Scripting (all thread-safe; each call adds to what was scripted before):
 - ``api.require_headers = {"Authorization": "Bearer t"}`` — other requests answer 401;
 - ``api.initial_status = "QUEUED"`` — the status word put in successful answers;
 - ``api.echo_failures = True`` — scripted failures without a ``body`` repeat the number and
-  text they were sent (``{"error": "cannot deliver to +1…: …", "to": …, "text": …}``).
+  text they were sent (``{"error": "cannot deliver to +1…: …", "to": …, "text": …}``);
+- ``api.idempotency_header = "Idempotency-Key"`` (or ``FakeSmsApi(idempotency_header=…)``) —
+  honour that header as idempotent APIs do: a send whose key was accepted before answers the
+  first answer again and adds no message (``api.replayed`` counts those); a key whose send
+  failed is not remembered, so its retry is a send like any other. Sends with one key are
+  handled one after the other.
+
+Connections: ``api.connections`` counts the TCP connections the fake accepted (kept-alive ones
+once), ``api.peak_in_flight`` the most requests it was answering at one time.
 
 Delivery reports: ``signature_header(body, secret, timestamp)`` is the ``t=…,v1=…`` value the
 ``http`` gateway checks, ``sign(body, secret)`` the old-style signature of the body alone;
@@ -98,12 +106,23 @@ class RecordedRequest:
 Answer = tuple[int, Mapping[str, str], bytes]
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's backlog of 5 resets connections when a burst of clients connects at once
+    # (the concurrency tests); real servers listen with a backlog of 128 and more.
+    request_queue_size = 128
+
+
 class FakeServer:
     """A threaded HTTP server on 127.0.0.1:0 that records requests and answers ``handle()``."""
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.lock = threading.Lock()
+        #: TCP connections accepted; a kept-alive connection counts once however many requests
+        self.connections = 0
+        #: requests being answered right now, and the most there ever were at once
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -114,6 +133,11 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with fake.lock:
+                    fake.connections += 1
 
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -129,7 +153,13 @@ class FakeServer:
                 )
                 with fake.lock:
                     fake.requests.append(request)
-                status, headers, payload = fake.handle(request)
+                    fake.in_flight += 1
+                    fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+                try:
+                    status, headers, payload = fake.handle(request)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
                 try:
                     self.send_response(status)
                     for name, value in headers.items():
@@ -145,7 +175,7 @@ class FakeServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -199,6 +229,7 @@ class FakeSmsApi(FakeServer):
         initial_status: str = "",
         delay: float = 0.0,
         require_headers: Mapping[str, str] | None = None,
+        idempotency_header: str | None = None,
     ) -> None:
         super().__init__()
         self.initial_status = initial_status
@@ -209,6 +240,12 @@ class FakeSmsApi(FakeServer):
         self.messages: list[dict[str, str]] = []
         #: scripted failures repeat the number and text they were sent (as many APIs do)
         self.echo_failures = False
+        #: the header an idempotent API reads its key from; None: keys are ignored
+        self.idempotency_header = idempotency_header
+        #: sends answered with a remembered answer instead of becoming a message
+        self.replayed = 0
+        self._answers_by_key: dict[str, Answer] = {}
+        self._key_locks: dict[str, threading.Lock] = {}
         self._failures: list[_Failure] = []
         self._ids = itertools.count(1)
 
@@ -258,6 +295,24 @@ class FakeSmsApi(FakeServer):
         return json.dumps({"error": f"cannot deliver to {to}: {text}", "to": to, "text": text})
 
     def handle(self, request: RecordedRequest) -> Answer:
+        key = request.header(self.idempotency_header) if self.idempotency_header else None
+        if not key:
+            return self._send(request)
+        with self.lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self.lock:
+                first = self._answers_by_key.get(key)
+                if first is not None:
+                    self.replayed += 1
+                    return first
+            answer = self._send(request)
+            if 200 <= answer[0] < 300:
+                with self.lock:
+                    self._answers_by_key[key] = answer
+            return answer
+
+    def _send(self, request: RecordedRequest) -> Answer:
         if self.delay:
             time.sleep(self.delay)
         shape = request.path.strip("/").split("/")[0]

@@ -1,4 +1,10 @@
-"""A real SMTP server on 127.0.0.1 (aiosmtpd) that keeps every mail, for the email gateway."""
+"""A real SMTP server on 127.0.0.1 (aiosmtpd) that keeps every mail, for the email gateway.
+
+``recorder.connections`` counts the SMTP connections the server accepted and
+``recorder.peers`` holds the client address of each mail's connection (equal: one connection
+reused). ``LoopbackController(recorder, …, timeout=0.5)`` drops connections idle that long, as
+servers do (aiosmtpd's idle timeout; default 300 s).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 __all__ = ["LoopbackController", "Recorder"]
 
@@ -20,6 +27,10 @@ class Recorder:
     mails: list[Any] = field(default_factory=list)
     rcpt_answer: str | None = None
     data_answer: str | None = None
+    #: SMTP connections accepted (counted by :class:`LoopbackController`'s server)
+    connections: int = 0
+    #: the client (host, port) of each kept mail's connection
+    peers: list[tuple[str, int]] = field(default_factory=list)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.rcpt_answer:
@@ -31,16 +42,33 @@ class Recorder:
         if self.data_answer:
             return self.data_answer
         self.mails.append(envelope)
+        self.peers.append(tuple(session.peer))
         return "250 Message accepted for delivery"
 
     def parsed(self, index: int = -1) -> email.message.EmailMessage:
         return email.message_from_bytes(self.mails[index].content, policy=email.policy.default)
 
 
+class _CountingSMTP(SMTP):
+    """aiosmtpd's server, counting the connections it accepts in its handler."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if isinstance(self.event_handler, Recorder):
+            # the server's event loop is one thread: no lock needed
+            self.event_handler.connections += 1
+
+
 class LoopbackController(Controller):
     """aiosmtpd's Controller on port 0: the real port is read back from the bound socket."""
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
 
     def _trigger_server(self) -> None:
         if self.port == 0:
             self.port = self.server.sockets[0].getsockname()[1]
         super()._trigger_server()
+        # that was aiosmtpd's own probe (it has read the greeting): not a client's connection
+        if isinstance(self.handler, Recorder):
+            self.handler.connections = 0
