@@ -35,6 +35,10 @@ class MessageInfo:
 
     @classmethod
     def from_row(cls, message: Message) -> MessageInfo:
+        # Copied field by field like the gateway's OutgoingMessage in b24sms.delivery, on
+        # purpose: the hooks' snapshot and the gateway contract are separate public types
+        # (a hook sees status and errors, a gateway the callback URL and attempt) that change
+        # apart.
         return cls(
             id=message.id,
             message_id=message.message_id,

@@ -231,9 +231,8 @@ class Queue:
     def _register_tasks(self) -> None:
         # One group of tasks a method; each sets the attributes the enqueue_* methods submit.
         self._register_send_tasks()
-        self._register_flush_task()
+        self._register_portal_tasks()
         self._register_periodic_tasks()
-        self._register_reconcile_tasks()
 
     def _register_send_tasks(self) -> None:
         """``send_message`` (one message) and ``send_messages`` (one HANDLER batch's)."""
@@ -275,8 +274,9 @@ class Queue:
         self.send_message: TaskWrapper = send_message
         self.send_messages: TaskWrapper = send_messages
 
-    def _register_flush_task(self) -> None:
-        """``flush_outbox``: report a portal's waiting statuses to Bitrix24."""
+    def _register_portal_tasks(self) -> None:
+        """``flush_outbox`` (report a portal's waiting statuses to Bitrix24) and
+        ``reconcile_portal`` (one portal's providers and event bindings, on demand)."""
         service = self.service
         huey = self.huey
 
@@ -296,10 +296,19 @@ class Queue:
                     portal_id, delay=report.retry_in, coalesce=report.stopped is not None
                 )
 
+        @huey.task(name="reconcile_portal", priority=PRIORITY_SWEEP)
+        def reconcile_portal(portal_id: int) -> None:
+            from .registration import sync_portal
+
+            with contextlib.suppress(LookupError):  # uninstalled with CLEAN meanwhile
+                sync_portal(service, portal_id)
+
         self.flush_outbox: TaskWrapper = flush_outbox
+        self.reconcile_portal: TaskWrapper = reconcile_portal
 
     def _register_periodic_tasks(self) -> None:
-        """``sweep`` (lost and stuck attempts, polling) and ``retention``, every sweep_interval."""
+        """``sweep`` (lost and stuck attempts, polling), ``retention`` and ``reconcile`` (the
+        portals due), every sweep_interval."""
         service = self.service
         huey = self.huey
 
@@ -320,14 +329,6 @@ class Queue:
 
             periodic(service)
 
-        self.sweep_task: TaskWrapper = sweep_task
-        self.retention_task: TaskWrapper = retention_task
-
-    def _register_reconcile_tasks(self) -> None:
-        """``reconcile`` (periodic: the portals due) and ``reconcile_portal`` (one, on demand)."""
-        service = self.service
-        huey = self.huey
-
         @huey.periodic_task(lambda timestamp: True, name="reconcile", priority=PRIORITY_SWEEP)
         def reconcile_task() -> None:
             from .registration import reconcile_due
@@ -335,15 +336,9 @@ class Queue:
             # Each run does only the portals due after [bitrix24] reconcile_interval.
             reconcile_due(service)
 
-        @huey.task(name="reconcile_portal", priority=PRIORITY_SWEEP)
-        def reconcile_portal(portal_id: int) -> None:
-            from .registration import sync_portal
-
-            with contextlib.suppress(LookupError):  # uninstalled with CLEAN meanwhile
-                sync_portal(service, portal_id)
-
+        self.sweep_task: TaskWrapper = sweep_task
+        self.retention_task: TaskWrapper = retention_task
         self.reconcile_task: TaskWrapper = reconcile_task
-        self.reconcile_portal: TaskWrapper = reconcile_portal
 
     # -- enqueueing -----------------------------------------------------------------------------
 

@@ -89,9 +89,11 @@ ROOT = DOCS.parent.parent
 CONTRIBUTING = ROOT / "CONTRIBUTING.md"
 #: a path from the repository's root: a top-level folder, then anything a path holds
 #: (``<name>`` stands for any name); not part of a URL or of a longer path
+_TOP_FOLDERS = (".ci", "bench", "config", "core", "docs", "examples", "plugins", "tests")
 _PATH = re.compile(
-    r"(?<![\w/.:-])((?:\.ci|bench|config|core|docs|examples|plugins|tests|typecheck)"
-    r"/[\w./<>-]*)"
+    r"(?<![\w/.:-])((?:"
+    + "|".join(re.escape(top) for top in (*_TOP_FOLDERS, "typecheck"))
+    + r")/[\w./<>-]*)"
 )
 #: a file named on its own inside backticks (``flush.py``, beside the folder named before it)
 _BARE_FILE = re.compile(r"`([\w-]+\.(?:py|md|toml|html))`")
@@ -107,7 +109,8 @@ def missing_paths(text: str, root: Path) -> list[str]:
         if not any(root.glob(pattern)):
             missing.append(path)
     for name in sorted(set(_BARE_FILE.findall(text))):
-        if "/" not in name and not any(root.glob(f"*/**/{name}")) and not (root / name).exists():
+        # Looked for in the project's own folders only (not in .venv, where any name exists).
+        if not any(any(root.glob(f"{top}/**/{name}")) for top in _TOP_FOLDERS):
             missing.append(name)
     return missing
 
