@@ -38,15 +38,15 @@ def write(tmp_path, text: str):
 
 def test_loads_expands_and_applies_defaults(tmp_path):
     config = load_config(write(tmp_path, GOOD), environ={"KEY": "k" * 20})
-    service = config["service"]
-    assert service["secret_key"] == "k" * 20
-    assert service["default_region"] == "DE"
-    assert service["public_url"] == "https://sms.example.com"
-    assert service["queue_url"].startswith("sqlite:///")
-    assert config["bitrix24"]["requests_per_second"] == 2.0
-    provider = config["providers"]["sms1"]
-    assert provider["plugin"] == "log" and provider["enabled"] is True
-    assert provider["options"] == {"outcome": "sent"}
+    service = config.service
+    assert service.secret_key == "k" * 20
+    assert service.default_region == "DE"
+    assert service.public_url == "https://sms.example.com"
+    assert service.queue_url.startswith("sqlite:///")
+    assert config.bitrix24.requests_per_second == 2.0
+    provider = config.providers["sms1"]
+    assert provider.code == "sms1" and provider.plugin == "log" and provider.enabled is True
+    assert provider.options == {"outcome": "sent"}
 
 
 def test_unset_variable_names_file_key_and_variable(tmp_path):
@@ -116,17 +116,17 @@ def test_missing_file_is_named(tmp_path):
 def test_default_config_runs_with_no_edits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(environ={})
-    assert config["service"]["database_url"].startswith("sqlite:///")
-    assert [p["plugin"] for p in config["providers"].values()] == ["log"]
+    assert config.service.database_url.startswith("sqlite:///")
+    assert [p.plugin for p in config.providers.values()] == ["log"]
     # loading and validating write nothing; start-up generates the secret key
-    assert config["service"]["secret_key"] == ""
+    assert config.service.secret_key == ""
     assert list(tmp_path.iterdir()) == []
     prepared = prepare_instance(config)
-    assert config["service"]["secret_key"] == ""
+    assert config.service.secret_key == ""
     # the generated secret key is kept, not regenerated on the next start
-    key = prepared["service"]["secret_key"]
+    key = prepared.service.secret_key
     assert len(key) >= 32 and (tmp_path / "instance" / "secret_key").read_text() == key
-    assert prepare_instance(load_config(environ={}))["service"]["secret_key"] == key
+    assert prepare_instance(load_config(environ={})).service.secret_key == key
     # owner-only: the key signs every HANDLER URL
     assert stat.S_IMODE((tmp_path / "instance").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "instance" / "secret_key").stat().st_mode) == 0o600
@@ -145,13 +145,13 @@ def test_configured_keys_write_nothing_at_start_up(tmp_path, monkeypatch):
     key = generate_key()
     service = {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}
     config = validate_config({"service": {**service, "encryption_keys": [key]}}, environ={})
-    prepared = prepare_instance(config)["service"]
-    assert (prepared["secret_key"], prepared["encryption_keys"]) == ("s" * 16, [key])
+    prepared = prepare_instance(config).service
+    assert (prepared.secret_key, prepared.encryption_keys) == ("s" * 16, (key,))
     assert list(tmp_path.iterdir()) == []
     # without encryption keys, start-up makes this machine's key (validation still writes nothing)
     config = validate_config({"service": service}, environ={})
     assert list(tmp_path.iterdir()) == []
-    assert prepare_instance(config)["service"]["encryption_keys"] != []
+    assert prepare_instance(config).service.encryption_keys != ()
     assert list(tmp_path.iterdir()) != []
 
 
@@ -188,11 +188,11 @@ def test_example_config_is_valid(tmp_path):
         "GATEWAY_B_CALLBACK_SECRET": "d",
     }
     config = load_config(example, environ=env)
-    assert len(config["providers"]) >= 5
+    assert len(config.providers) >= 5
 
 
 def test_validate_config_accepts_dicts():
     config = validate_config(
         {"service": {"public_url": "http://127.0.0.1:1", "secret_key": "s" * 16}}, environ={}
     )
-    assert config["providers"] == {}
+    assert config.providers == {}

@@ -104,7 +104,7 @@ def service() -> Service:
 
 
 def _serializer(salt: str) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(service().settings["secret_key"], salt=salt)
+    return URLSafeTimedSerializer(service().settings.secret_key, salt=salt)
 
 
 def issue_session(session: PageSession) -> str:
@@ -168,7 +168,7 @@ def authenticate() -> tuple[PageSession, str]:
         # take the threads the HANDLER needs (the page answers 503 instead).
         try:
             confirmed = probe_token(
-                endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"], ttl=PROBE_TTL
+                endpoint, form.get("AUTH_ID", ""), svc.config.bitrix24, ttl=PROBE_TTL
             )
         except SlotsBusy:
             raise PortalBusy(
@@ -347,13 +347,13 @@ def provider_rows(svc: Service, db_session: Session, session: PageSession) -> li
             state, error = "pending", None
         if provider is None:
             state = f"{state} (no longer configured)"
-        elif not provider["enabled"]:
+        elif not provider.enabled:
             state = f"{state} (disabled)"
         rows.append(
             ProviderRow(
                 code=code,
-                name=provider_name(provider["name"], session.lang) if provider else code,
-                plugin=provider["plugin"] if provider else "-",
+                name=provider_name(provider.name, session.lang) if provider else code,
+                plugin=provider.plugin if provider else "-",
                 state=state,
                 last_error=error,
                 usable=code in wanted,
