@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from marshmallow import (
@@ -84,8 +84,8 @@ class ServiceConfig:
     max_body_bytes: int
     workers: int
     threads: int
-    log_format: str
-    log_level: str
+    log_format: Literal["text", "json"]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,8 @@ class RateLimitConfig:
     """``[rate_limit]``: token buckets on the public routes."""
 
     enabled: bool
-    storage: str
+    #: auto: Redis when the queue is Redis (or redis_url is set), else memory
+    storage: Literal["auto", "memory", "redis"]
     redis_url: str = field(repr=False)
     #: a number of proxies, or the proxies' addresses and networks
     trusted_proxies: int | tuple[str, ...]
