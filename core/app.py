@@ -33,15 +33,15 @@ def build_app(
             config = load_config(config_path, environ)
         # Start-up, not validation, creates the instance folder and the generated secret key.
         config = prepare_instance(config)
-        logs.configure(config["service"])
+        logs.configure(config.service)
         service = Service(config, environ=environ)
     if service.db.is_sqlite:
         # The embedded database upgrades itself; a shared server is upgraded by `b24sms db upgrade`.
         schema.upgrade(service.db)
 
     app = Flask(__name__, instance_relative_config=False)
-    app.config["SECRET_KEY"] = service.settings["secret_key"]
-    app.config["MAX_CONTENT_LENGTH"] = service.settings["max_body_bytes"]
+    app.config["SECRET_KEY"] = service.settings.secret_key
+    app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes
     app.json = _JSONProvider(app)
     app.extensions["b24sms"] = service
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .service import Service
 
 #: the plugin manager main() loaded (None: the service loads its own)
 _plugin_manager: Any = None
@@ -19,10 +22,10 @@ class Context:
 
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
-        self._service: Any = None
+        self._service: Service | None = None
 
     @property
-    def service(self) -> Any:
+    def service(self) -> Service:
         if self._service is None:
             from . import logs
             from .config import ConfigError, load_config, prepare_instance
@@ -31,7 +34,7 @@ class Context:
 
             try:
                 config = prepare_instance(load_config(self.config_path))
-                logs.configure(config["service"])
+                logs.configure(config.service)
                 # The plugins main() loaded for their commands serve the service too.
                 self._service = Service(config, plugin_manager=_plugin_manager)
             except (ConfigError, PluginError) as exc:
@@ -76,15 +79,15 @@ def serve(obj: Context, host: str, port: int, threads: int | None, consumer: boo
     svc = obj.service
     app = build_app(service=svc)
     if consumer is None:
-        consumer = svc.settings["queue_url"].startswith(("sqlite", "memory"))
-    embedded = svc.queue.start_embedded(svc.settings["workers"]) if consumer else None
+        consumer = svc.settings.queue_url.startswith(("sqlite", "memory"))
+    embedded = svc.queue.start_embedded(svc.settings.workers) if consumer else None
     click.echo(
         f"b24sms {__version__} serving on http://{host}:{port} "
         f"(public URL {svc.public_url}; consumer {'on' if embedded else 'off'})"
     )
     try:
         waitress.serve(
-            app, host=host, port=port, threads=threads or svc.settings["threads"], ident="b24sms"
+            app, host=host, port=port, threads=threads or svc.settings.threads, ident="b24sms"
         )
     finally:
         if embedded is not None:
@@ -99,7 +102,7 @@ def serve(obj: Context, host: str, port: int, threads: int | None, consumer: boo
 def worker(obj: Context, workers: int | None, no_periodic: bool) -> None:
     """Run a queue consumer only (for separate machines)."""
     svc = obj.service
-    svc.queue.run_consumer(workers=workers or svc.settings["workers"], periodic=not no_periodic)
+    svc.queue.run_consumer(workers=workers or svc.settings.workers, periodic=not no_periodic)
 
 
 @cli.group()
@@ -147,8 +150,8 @@ def providers_list(obj: Context) -> None:
         note += f"; last error: {reconcile_error}" if reconcile_error else ""
         by_code.setdefault(registration.code, []).append(f"{domain} ({note})")
     for code, provider in svc.providers.items():
-        state = "enabled" if provider["enabled"] else "disabled"
-        click.echo(f"{code}  plugin={provider['plugin']}  {state}  name={provider['name']!r}")
+        state = "enabled" if provider.enabled else "disabled"
+        click.echo(f"{code}  plugin={provider.plugin}  {state}  name={provider.name!r}")
         for line in by_code.get(code, []) or ["(not registered on any portal)"]:
             click.echo(f"    {line}")
 
@@ -278,10 +281,10 @@ def messages(
 def purge(obj: Context, dry_run: bool) -> None:
     """Apply [retention] now: redact and delete old final messages, finish erasing portals
     uninstalled with CLEAN (in small batches, beside the running service)."""
-    from .retention import Settings, pending, run
+    from .retention import pending, run
 
     svc = obj.service
-    settings = Settings.of(svc.config)
+    settings = svc.config.retention
     click.echo(
         f"retention: redact after {settings.redact_after_days or 'never'} days, "
         f"delete after {settings.delete_after_days or 'never'} days (final messages only)"
@@ -301,7 +304,7 @@ def plugins(obj: Context) -> None:
     svc = obj.service
     types_by_plugin: dict[str, list[str]] = {}
     for gtype in svc.gateway_types.values():
-        codes = [c for c, p in svc.providers.items() if p["plugin"] == gtype.name]
+        codes = [c for c, p in svc.providers.items() if p.plugin == gtype.name]
         types_by_plugin.setdefault(gtype.plugin, []).append(
             f"{gtype.name} (codes: {', '.join(codes) or '-'})"
         )

@@ -5,22 +5,40 @@ the package, so a wheel install starts from any directory). Any problem is raise
 :class:`ConfigError` naming the file, the key and what is wrong, and the service does not start.
 Plugin options are validated later, by each plugin's own schema (see :mod:`b24sms.plugins`).
 
+The result is a frozen :class:`Config` of typed sections (:class:`ServiceConfig`,
+:class:`Bitrix24Config`, :class:`ProviderConfig` …), built by the schemas' ``post_load``: code
+reads ``config.service.public_url``, never string keys. A new key goes into a schema and its
+section's dataclass.
+
 Loading and validating write nothing: the instance folder and the generated secret key are made
 at start-up, by :func:`prepare_instance` (called by ``create_app`` and the CLI).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    INCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates,
+    validates_schema,
+)
 
 #: the embedded default (SQLite under instance/, one log-only provider), package data
 DEFAULT_CONFIG = resources.files(__package__ or "b24sms").joinpath("default.toml")
@@ -33,6 +51,129 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, the key and the problem."""
+
+
+# -- the typed config: what the schemas below build ------------------------------------------
+# Frozen: one process shares one config between threads, and nothing may change it after
+# start-up. The defaults live in the schemas only (one place), so these classes have none.
+# Secrets are left out of the repr, so a config that reaches a log line or a traceback
+# shows none.
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """``[service]``."""
+
+    #: without a trailing slash; handler and callback URLs are built below it
+    public_url: str
+    #: empty until :func:`prepare_instance` put this machine's generated key in
+    secret_key: str = field(repr=False)
+    #: keys replaced by a rotation, still accepted on HANDLER URLs (empty ones dropped)
+    previous_secret_keys: tuple[str, ...] = field(repr=False)
+    #: Fernet keys, the first encrypts; empty until :func:`prepare_instance` (empty ones dropped)
+    encryption_keys: tuple[str, ...] = field(repr=False)
+    #: URLs may carry a password
+    database_url: str = field(repr=False)
+    queue_url: str = field(repr=False)
+    default_region: str
+    max_attempts: int
+    retry_base_delay: float
+    retry_max_delay: float
+    stuck_after: float
+    sweep_interval: float
+    max_body_bytes: int
+    workers: int
+    threads: int
+    log_format: Literal["text", "json"]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+@dataclass(frozen=True, slots=True)
+class Bitrix24Config:
+    """``[bitrix24]``: the app's credentials and how we call portals."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    oauth_url: str
+    requests_per_second: float
+    burst: int
+    timeout: float
+    user_agent: str
+    allowed_domains: tuple[str, ...]
+    reconcile_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: ``GET /metrics``."""
+
+    enabled: bool
+    token: str = field(repr=False)
+    database: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``[rate_limit]``: token buckets on the public routes."""
+
+    enabled: bool
+    #: auto: Redis when the queue is Redis (or redis_url is set), else memory
+    storage: Literal["auto", "memory", "redis"]
+    redis_url: str = field(repr=False)
+    #: a number of proxies, or the proxies' addresses and networks
+    trusted_proxies: int | tuple[str, ...]
+    exempt: tuple[str, ...]
+    portal_rate: float
+    portal_burst: int
+    ip_rate: float
+    ip_burst: int
+    failure_rate: float
+    failure_burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``[retention]``: how long message data is kept."""
+
+    redact_after_days: int
+    delete_after_days: int
+    batch_size: int
+
+
+#: ``name`` / ``description``: one string, or language → text (a plain dict, so that it goes
+#: into Bitrix24's JSON as it is; typed read-only)
+LocalizedText = str | Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One ``[providers.<CODE>]`` table: the core's keys, and the rest as the plugin's
+    ``options`` (a read-only mapping, validated later by the plugin's own schema)."""
+
+    code: str
+    plugin: str
+    name: LocalizedText
+    description: LocalizedText
+    #: member_ids to register on; None: every portal
+    portals: tuple[str, ...] | None
+    enabled: bool
+    #: may hold the gateway's credentials
+    options: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration (:func:`load_config`, :func:`validate_config`)."""
+
+    service: ServiceConfig
+    bitrix24: Bitrix24Config
+    #: CODE → provider, in the file's order (read-only)
+    providers: Mapping[str, ProviderConfig]
+    metrics: MetricsConfig
+    rate_limit: RateLimitConfig
+    retention: RetentionConfig
+    #: where it came from, for error messages
+    filename: str = "<config>"
 
 
 def expand_variables(value: Any, environ: Mapping[str, str], path: str, filename: str) -> Any:
@@ -113,6 +254,26 @@ class ServiceSchema(Schema):
         load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
     )
 
+    @validates("encryption_keys")
+    def check_encryption_keys(self, value: list[str], **kwargs: Any) -> None:
+        from .crypto import InvalidKey, KeySet
+
+        keys = [key for key in value if key]
+        if keys:
+            try:
+                KeySet(keys)
+            except InvalidKey as exc:
+                # InvalidKey names the key by its position, never by its value
+                raise ValidationError(str(exc)) from None
+
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> ServiceConfig:
+        # Empty strings are dropped, so `${OLD_KEY:-}` and `${KEY:-}` can stand for "none".
+        data["previous_secret_keys"] = tuple(k for k in data["previous_secret_keys"] if k)
+        data["encryption_keys"] = tuple(k for k in data["encryption_keys"] if k)
+        data["public_url"] = data["public_url"].rstrip("/")
+        return ServiceConfig(**data)
+
 
 class Bitrix24Schema(Schema):
     class Meta:
@@ -140,6 +301,11 @@ class Bitrix24Schema(Schema):
     #: seconds between reconciles of each portal's providers and event bindings (0: never)
     reconcile_interval = fields.Float(load_default=3600.0, validate=validate.Range(min=0))
 
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> Bitrix24Config:
+        data["allowed_domains"] = tuple(data["allowed_domains"])
+        return Bitrix24Config(**data)
+
 
 class MetricsSchema(Schema):
     """``[metrics]``: the Prometheus endpoint ``GET /metrics``, off unless asked for."""
@@ -155,6 +321,10 @@ class MetricsSchema(Schema):
     )
     #: counts computed from the shared database at scrape time (see b24sms.metrics)
     database = fields.Boolean(load_default=True)
+
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> MetricsConfig:
+        return MetricsConfig(**data)
 
 
 def _check_proxies(value: Any) -> None:
@@ -201,12 +371,26 @@ class RateLimitSchema(Schema):
     failure_rate = fields.Float(load_default=0.5, validate=validate.Range(min=0.001))
     failure_burst = fields.Integer(load_default=30, validate=validate.Range(min=1))
 
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> RateLimitConfig:
+        proxies = data["trusted_proxies"]
+        data["trusted_proxies"] = proxies if isinstance(proxies, int) else tuple(proxies)
+        data["exempt"] = tuple(data["exempt"])
+        return RateLimitConfig(**data)
+
 
 class ProviderSchema(Schema):
-    """The core's part of a ``[providers.<CODE>]`` table; the rest goes to the plugin."""
+    """The core's part of a ``[providers.<CODE>]`` table; the rest goes to the plugin.
+
+    :param code: the table's CODE, which the loaded :class:`ProviderConfig` carries.
+    """
 
     class Meta:
         unknown = INCLUDE
+
+    def __init__(self, code: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.code = code
 
     plugin = fields.String(required=True, validate=validate.Length(min=1))
     name = fields.Raw(required=True)
@@ -242,6 +426,21 @@ class ProviderSchema(Schema):
             "must be a string or a table of language = description", "description"
         )
 
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> ProviderConfig:
+        core = {k: data.pop(k) for k in list(data) if k in CORE_PROVIDER_KEYS}
+        portals = core["portals"]
+        return ProviderConfig(
+            code=self.code,
+            plugin=core["plugin"],
+            name=core["name"],
+            description=core["description"],
+            portals=None if portals is None else tuple(portals),
+            enabled=core["enabled"],
+            # the rest: the plugin's options, validated by its own schema when gateways are built
+            options=MappingProxyType(data),
+        )
+
 
 CORE_PROVIDER_KEYS = frozenset(ProviderSchema().fields)
 
@@ -259,6 +458,10 @@ class RetentionSchema(Schema):
     #: messages per transaction: small, so the HANDLER never waits long for the writer lock
     batch_size = fields.Integer(load_default=500, validate=validate.Range(min=1, max=10_000))
 
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> RetentionConfig:
+        return RetentionConfig(**data)
+
 
 class ConfigSchema(Schema):
     class Meta:
@@ -270,6 +473,48 @@ class ConfigSchema(Schema):
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
     rate_limit = fields.Nested(RateLimitSchema, load_default=lambda: RateLimitSchema().load({}))
     retention = fields.Nested(RetentionSchema, load_default=lambda: RetentionSchema().load({}))
+
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> Config:
+        # Errors raised here are keyed like field errors, so they read
+        # "providers.<CODE>.<key>: ..." like every other problem.
+        providers: dict[str, ProviderConfig] = {}
+        for code, table in data["providers"].items():
+            if not CODE_RE.match(code):
+                raise ValidationError(
+                    {
+                        "providers": {
+                            code: [
+                                "a provider CODE may hold only letters, digits, '.', '_' and '-'"
+                            ]
+                        }
+                    }
+                )
+            try:
+                providers[code] = ProviderSchema(code).load(table)
+            except ValidationError as exc:
+                raise ValidationError({"providers": {code: exc.messages}}) from None
+        service: ServiceConfig = data["service"]
+        limits: RateLimitConfig = data["rate_limit"]
+        queue_is_redis = service.queue_url.startswith(("redis://", "rediss://"))
+        if limits.storage == "redis" and not (limits.redis_url or queue_is_redis):
+            raise ValidationError(
+                {
+                    "rate_limit": {
+                        "redis_url": [
+                            'storage = "redis" needs a redis_url (or a redis:// queue_url)'
+                        ]
+                    }
+                }
+            )
+        return Config(
+            service=service,
+            bitrix24=data["bitrix24"],
+            providers=MappingProxyType(providers),
+            metrics=data["metrics"],
+            rate_limit=limits,
+            retention=data["retention"],
+        )
 
 
 def first_error(messages: Any, prefix: str = "", *, brackets: bool = False) -> tuple[str, str]:
@@ -303,8 +548,8 @@ def _field_problem(messages: Any) -> str:
 
 def load_config(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Read, expand and validate the configuration file; return a plain dict.
+) -> Config:
+    """Read, expand and validate the configuration file; return the typed :class:`Config`.
 
     :param path: the TOML file; default ``B24SMS_CONFIG`` or the package's ``default.toml``.
     :param environ: variables for ``${VAR}``; default ``os.environ``.
@@ -328,70 +573,23 @@ def load_config(
 
 
 def validate_config(
-    raw: dict[str, Any], environ: Mapping[str, str] | None = None, filename: str = "<config>"
-) -> dict[str, Any]:
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, filename: str = "<config>"
+) -> Config:
     """Expand and validate an already parsed configuration (tests build these as dicts).
 
     Pure: writes nothing. An empty ``service.secret_key`` stays empty here; start-up fills it
     with :func:`prepare_instance`.
+
+    :returns: the typed, frozen :class:`Config`.
+    :raises ConfigError: naming the file, the key and the problem.
     """
     environ = os.environ if environ is None else environ
-    expanded = expand_variables(raw, environ, "", filename)
+    expanded = expand_variables(dict(raw), environ, "", filename)
     try:
-        config = ConfigSchema().load(expanded)
+        config: Config = ConfigSchema().load(expanded)
     except ValidationError as exc:
         raise ConfigError(f"{filename}: {_field_problem(exc.messages)}") from None
-    providers: dict[str, dict[str, Any]] = {}
-    for code, table in config["providers"].items():
-        if not CODE_RE.match(code):
-            raise ConfigError(
-                f"{filename}: providers.{code}: a provider CODE may hold only letters, digits, "
-                "'.', '_' and '-'"
-            )
-        try:
-            provider = ProviderSchema().load(table)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{filename}: providers.{code}.{_field_problem(exc.messages)}"
-            ) from None
-        core = {k: provider.pop(k) for k in list(provider) if k in CORE_PROVIDER_KEYS}
-        core["options"] = provider
-        core["code"] = code
-        providers[code] = core
-    config["providers"] = providers
-    config["service"]["public_url"] = config["service"]["public_url"].rstrip("/")
-    _check_rate_limit_storage(config, filename)
-    config["service"]["previous_secret_keys"] = [
-        key for key in config["service"]["previous_secret_keys"] if key
-    ]
-    config["service"]["encryption_keys"] = _encryption_keys(config["service"], filename)
-    config["filename"] = filename
-    return config
-
-
-def _check_rate_limit_storage(config: dict[str, Any], filename: str) -> None:
-    limits = config["rate_limit"]
-    queue_is_redis = config["service"]["queue_url"].startswith(("redis://", "rediss://"))
-    if limits["storage"] == "redis" and not (limits["redis_url"] or queue_is_redis):
-        raise ConfigError(
-            f'{filename}: rate_limit.redis_url: storage = "redis" needs a redis_url '
-            "(or a redis:// queue_url)"
-        )
-
-
-def _encryption_keys(service: dict[str, Any], filename: str) -> list[str]:
-    """The configured keys, checked (empty strings dropped, so ``${KEY:-}`` works). None set:
-    :func:`prepare_instance` uses this machine's generated key at start-up."""
-    from .crypto import InvalidKey, KeySet
-
-    keys = [key for key in service["encryption_keys"] if key]
-    if not keys:
-        return []
-    try:
-        KeySet(keys)
-    except InvalidKey as exc:
-        raise ConfigError(f"{filename}: service.encryption_keys: {exc}") from None
-    return keys
+    return dataclasses.replace(config, filename=filename)
 
 
 def instance_encryption_key(database_url: str) -> str:
@@ -440,20 +638,21 @@ def instance_secret_key(instance: Path | None = None) -> str:
     return read_or_create_secret(path, lambda: secrets.token_urlsafe(32))
 
 
-def prepare_instance(config: Mapping[str, Any], instance: Path | None = None) -> dict[str, Any]:
+def prepare_instance(config: Config, instance: Path | None = None) -> Config:
     """The start-up step after validation: the config with an empty ``secret_key`` and empty
     ``encryption_keys`` replaced by this machine's generated ones (created on first start in
     ``instance/secret_key`` and next to the SQLite database).
 
-    Returns a new dict; ``config`` is not changed. A config with its keys set writes nothing.
+    Returns a new :class:`Config` (``dataclasses.replace``); ``config`` is frozen and stays as it
+    was. A config with its keys set writes nothing.
 
     :param instance: the instance folder; default ``instance/`` in the working directory.
     """
-    prepared = dict(config)
-    service = dict(config["service"])
-    if not service["secret_key"]:
-        service["secret_key"] = instance_secret_key(instance)
-    if not service["encryption_keys"]:
-        service["encryption_keys"] = [instance_encryption_key(service["database_url"])]
-    prepared["service"] = service
-    return prepared
+    service = config.service
+    if not service.secret_key:
+        service = dataclasses.replace(service, secret_key=instance_secret_key(instance))
+    if not service.encryption_keys:
+        service = dataclasses.replace(
+            service, encryption_keys=(instance_encryption_key(service.database_url),)
+        )
+    return dataclasses.replace(config, service=service)

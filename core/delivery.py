@@ -212,7 +212,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
     number, or whose CODE no longer has a gateway, fails without a gateway call.
     """
     settings = service.settings
-    stuck_after = float(settings["stuck_after"])
+    stuck_after = settings.stuck_after
     now = utcnow()
     failed_early: list[tuple[StatusChange, MessageInfo]] = []
     with service.db.session() as session:
@@ -224,7 +224,7 @@ def deliver(service: Service, message_pk: int) -> DeliveryOutcome:
         portal = message.portal
         portal_id, domain, code = message.portal_id, portal.domain, message.code
         gateway = service.gateways.get(message.code)
-        problem = _unsendable(message, gateway, int(settings["max_attempts"]))
+        problem = _unsendable(message, gateway, settings.max_attempts)
         if problem is not None:
             message.last_error = problem
             message.sending_since = None
@@ -379,7 +379,7 @@ def _record_failure(
     service: Service, message_pk: int, error: GatewayError, domain: str
 ) -> DeliveryOutcome:
     settings = service.settings
-    max_attempts = int(settings["max_attempts"])
+    max_attempts = settings.max_attempts
     changes: list[tuple[StatusChange, MessageInfo]] = []
     delay: float | None = None
     with service.db.session() as session:
@@ -394,8 +394,8 @@ def _record_failure(
         if will_retry:
             delay = retry_delay(
                 attempts,
-                float(settings["retry_base_delay"]),
-                float(settings["retry_max_delay"]),
+                settings.retry_base_delay,
+                settings.retry_max_delay,
                 error.retry_after,
             )
             message.next_attempt_at = utcnow() + _seconds(delay)
@@ -526,7 +526,7 @@ def sweep(service: Service) -> SweepReport:
     Re-queued messages get ``next_attempt_at = now``, so the next sweep leaves them alone for
     another ``stuck_after`` seconds; a duplicate task is harmless (:func:`deliver` skips).
     """
-    stuck_after = float(service.settings["stuck_after"])
+    stuck_after = service.settings.stuck_after
     now = utcnow()
     cutoff = now - _seconds(stuck_after)
     with service.db.session() as session:

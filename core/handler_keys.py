@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+from .config import ServiceConfig
 
 __all__ = [
     "HANDLER_KEY_LENGTH",
@@ -74,10 +75,10 @@ def key_version(text: str | None) -> int | None:
     return version if 0 < version <= MAX_KEY_VERSION else None
 
 
-def handler_secret_keys(settings: Mapping[str, Any]) -> tuple[str, ...]:
+def handler_secret_keys(settings: ServiceConfig) -> tuple[str, ...]:
     """The keys HANDLER URLs are checked against: ``secret_key`` first, then the
     ``previous_secret_keys`` of a rotation in progress (see docs/operations.md)."""
-    return (settings["secret_key"], *settings.get("previous_secret_keys", ()))
+    return (settings.secret_key, *settings.previous_secret_keys)
 
 
 def handler_key_generation(
@@ -134,7 +135,7 @@ def verify_handler_key(
 
 
 def check_key(
-    settings: Mapping[str, Any],
+    settings: ServiceConfig,
     member_id: str,
     code: str,
     key: str | None,

@@ -151,7 +151,7 @@ def accept_message(
         data=data,
         auth=auth or {},
         report=report,
-        to=normalise_number(data["message_to"], svc.settings["default_region"]),
+        to=normalise_number(data["message_to"], svc.settings.default_region),
         key_version=key_version,
     )
     svc.ingest.submit(submission)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import redaction
@@ -16,6 +15,7 @@ from .statuses import QUEUED
 if TYPE_CHECKING:
     import pluggy
 
+    from .config import ServiceConfig
     from .event_hooks import MessageInfo
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -39,21 +39,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-def configure(settings: Mapping[str, Any]) -> None:
+def configure(settings: ServiceConfig) -> None:
     """Install one handler on the root logger (idempotent: tests build many apps).
 
     On the root, so the lines of waitress, gunicorn and huey come out in the same format (and as
     JSON when asked) — and so ``waitress.serve`` does not add a second handler of its own
     (it calls ``logging.basicConfig()`` when the root has none) that would print every line twice.
     """
-    logging.getLogger("b24sms").setLevel(settings.get("log_level", "INFO"))
+    logging.getLogger("b24sms").setLevel(settings.log_level)
     logger = logging.getLogger()
     for handler in list(logger.handlers):
         if getattr(handler, "_b24sms", False):
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._b24sms = True  # type: ignore[attr-defined]
-    if settings.get("log_format") == "json":
+    if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

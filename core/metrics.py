@@ -344,7 +344,7 @@ def exposition(service: Service) -> bytes:
         sources.append(registry)
     else:
         sources.append(REGISTRY)
-    if service.config.get("metrics", {}).get("database", True):
+    if service.config.metrics.database:
         sources.append(DatabaseCollector(service))
     return generate_latest(_Scrape(sources))
 
@@ -364,10 +364,10 @@ def _token_ok(expected: str) -> bool:
 def metrics_endpoint() -> Response:
     """Prometheus exposition; 404 when disabled, 401 without the configured bearer token."""
     service: Service = current_app.extensions["b24sms"]
-    settings = service.config.get("metrics", {})
-    if not settings.get("enabled"):
+    settings = service.config.metrics
+    if not settings.enabled:
         raise ApiError(404, "not_found", "metrics are disabled ([metrics] enabled = false)")
-    token = settings.get("token") or ""
+    token = settings.token
     if token and not _token_ok(token):
         response = Response(
             '{"error": "unauthorized", "message": "a valid bearer token is required"}\n',
@@ -408,8 +408,8 @@ def init_app(app: Flask, service: Service) -> None:
     app.before_request(_start_timer)
     app.after_request(_observe_handler)
     app.register_blueprint(bp)
-    settings = service.config.get("metrics", {})
-    if settings.get("enabled") and not settings.get("token"):
+    settings = service.config.metrics
+    if settings.enabled and not settings.token:
         log.warning(
             "metrics: GET /metrics is served without a token; keep it off the internet "
             "or set [metrics] token"

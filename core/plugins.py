@@ -23,7 +23,7 @@ import pluggy
 from marshmallow import RAISE, ValidationError
 
 from . import hookspecs
-from .config import first_error
+from .config import ProviderConfig, first_error
 from .gateway import Gateway, GatewayContext
 
 ENTRY_POINT_GROUP = "b24sms"
@@ -109,15 +109,22 @@ def gateway_types(pm: pluggy.PluginManager) -> dict[str, GatewayType]:
 
 
 def build_gateways(
-    providers: Mapping[str, Mapping[str, Any]],
+    providers: Mapping[str, ProviderConfig | Mapping[str, Any]],
     types: Mapping[str, GatewayType],
     public_url: str,
     filename: str = "<config>",
 ) -> dict[str, Gateway]:
-    """One gateway instance per provider CODE, its options validated by the plugin's schema."""
+    """One gateway instance per provider CODE, its options validated by the plugin's schema.
+
+    :param providers: CODE → the config's :class:`~b24sms.config.ProviderConfig`, or, as plugin
+        tests write it, a table ``{"plugin": name, "options": {...}}``.
+    """
     gateways: dict[str, Gateway] = {}
     for code, provider in providers.items():
-        plugin = provider["plugin"]
+        if isinstance(provider, ProviderConfig):
+            plugin, options = provider.plugin, provider.options
+        else:
+            plugin, options = provider["plugin"], provider.get("options", {})
         gtype = types.get(plugin)
         if gtype is None:
             known = ", ".join(sorted(types)) or "none loaded"
@@ -125,7 +132,9 @@ def build_gateways(
                 f"{filename}: providers.{code}.plugin: unknown gateway plugin {plugin!r} "
                 f"(known: {known})"
             )
-        options: Mapping[str, Any] = provider.get("options", {})
+        # A plugin gets a dict of its own, as before the config was typed: the schema's load
+        # makes one, and without a schema it is a copy of the config's read-only table.
+        options = dict(options)
         if gtype.cls.options_schema is not None:
             try:
                 options = gtype.cls.options_schema(unknown=RAISE).load(options)

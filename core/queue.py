@@ -489,7 +489,7 @@ class Queue:
                 "a consumer needs sqlite:///, postgresql:// or redis://"
             )
         self._ensure_schema()
-        interval = float(self.service.settings["sweep_interval"])
+        interval = self.service.settings.sweep_interval
         scheduler_class = type("SweepScheduler", (Scheduler,), {"periodic_task_seconds": interval})
         consumer_class = type("B24smsConsumer", (Consumer,), {"scheduler_class": scheduler_class})
         return consumer_class(

@@ -27,9 +27,10 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from .config import RateLimitConfig
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +207,14 @@ class RedisBuckets(_Operations):
             pass
 
 
-def make_buckets(settings: Mapping[str, Any], queue_url: str) -> Buckets:
+def make_buckets(settings: RateLimitConfig, queue_url: str) -> Buckets:
     """The store ``[rate_limit] storage`` asks for (``auto``: Redis when the queue is Redis).
 
     Buckets in the queue's Redis are namespaced by the queue's ``queue=`` name, like the queue
     itself, so deployments sharing one Redis keep their budgets apart.
     """
-    storage = settings.get("storage", "auto")
-    redis_url, namespace = settings.get("redis_url") or "", ""
+    storage = settings.storage
+    redis_url, namespace = settings.redis_url, ""
     if not redis_url and queue_url.startswith(("redis://", "rediss://")):
         from .queue import split_queue_name
 

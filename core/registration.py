@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from . import handler_keys
 from .bitrix24.client import MAX_BATCH, Bitrix24Client
 from .bitrix24.errors import Bitrix24Error, MethodNotFound
+from .config import Bitrix24Config, Config, ProviderConfig
 from .db import Database
 from .handler_keys import handler_key, verify_handler_key
 from .models import (
@@ -63,8 +64,8 @@ class _ServiceLike(Protocol):
     """What this module needs of :class:`b24sms.service.Service`."""
 
     db: Database
-    config: Any
-    providers: dict[str, dict[str, Any]]
+    config: Config
+    providers: Mapping[str, ProviderConfig]
 
     @property
     def public_url(self) -> str: ...
@@ -95,7 +96,7 @@ def handler_url(service: _ServiceLike, member_id: str, code: str, key_version: i
     """The HANDLER URL registered for ``code`` on the portal ``member_id`` (signed by
     :mod:`b24sms.handler_keys`, for the portal's ``handler_key_version``)."""
     return handler_keys.handler_url(
-        service.public_url, service.config["service"]["secret_key"], member_id, code, key_version
+        service.public_url, service.config.service.secret_key, member_id, code, key_version
     )
 
 
@@ -105,8 +106,7 @@ def wanted_codes(service: _ServiceLike, member_id: str) -> list[str]:
     return [
         code
         for code, provider in service.providers.items()
-        if provider.get("enabled", True)
-        and (provider.get("portals") is None or member_id in provider["portals"])
+        if provider.enabled and (provider.portals is None or member_id in provider.portals)
     ]
 
 
@@ -122,19 +122,18 @@ def desired_providers(
             "CODE": code,
             "TYPE": "SMS",
             "HANDLER": handler_url(service, member_id, code, key_version),
-            "NAME": provider["name"],
+            "NAME": provider.name,
             "DESCRIPTION": _description(provider),
         }
     return wanted
 
 
-def _description(provider: Mapping[str, Any]) -> str | dict[str, str]:
+def _description(provider: ProviderConfig) -> str | dict[str, str]:
     """``description`` as Bitrix24 takes it: a string or a language map, like ``NAME``
     (api-reference/messageservice/messageservice-sender-add.md). When ``name`` is a map and the
     description a string, the description goes as a map of the same languages: a portal showing
     the localized name then shows a description too."""
-    description = provider.get("description") or ""
-    name = provider.get("name")
+    description, name = provider.description, provider.name
     if isinstance(description, Mapping):
         return {str(lang): str(text) for lang, text in description.items()}
     if isinstance(name, Mapping) and description:
@@ -291,7 +290,7 @@ def sync_portal(
     wanted = desired_providers(service, member_id, key_version)
     sync = _Sync(
         service=service,
-        client=client or Bitrix24Client(db, portal_id, service.config["bitrix24"]),
+        client=client or Bitrix24Client(db, portal_id, service.config.bitrix24),
         report=SyncReport(domain=domain, member_id=member_id),
         wanted=wanted,
         fingerprints={code: fingerprint(params) for code, params in wanted.items()},
@@ -535,7 +534,7 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     spent from the bucket estimate the outbox paces by, and a portal whose bucket has no room
     for them is left to the next run. A portal that answers with a limit is tried next interval.
     """
-    interval = float(service.config["bitrix24"].get("reconcile_interval", 3600.0))
+    interval = service.config.bitrix24.reconcile_interval
     if interval <= 0:
         return []
     now = utcnow()
@@ -556,7 +555,7 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     ][:RECONCILE_PER_RUN]
     reports = []
     for portal_id, at in due:
-        if not _room_in_bucket(service.db, portal_id, service.config["bitrix24"]):
+        if not _room_in_bucket(service.db, portal_id, service.config.bitrix24):
             log.info("portal %s: REST bucket busy, reconcile on the next run", portal_id)
             continue
         if not _claim(service.db, portal_id, at, now):
@@ -568,11 +567,11 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     return reports
 
 
-def _room_in_bucket(db: Database, portal_id: int, settings: Mapping[str, Any]) -> bool:
+def _room_in_bucket(db: Database, portal_id: int, settings: Bitrix24Config) -> bool:
     """Spend :data:`RECONCILE_COST` requests from the portal's leaky bucket as every process
     estimates it (``portal_pacing``, which the outbox paces its status batches by, leaving a
     slice of the burst to callers like this one); False when even that slice is taken."""
-    rate, burst = float(settings["requests_per_second"]), float(settings["burst"])
+    rate, burst = settings.requests_per_second, settings.burst
     now = utcnow()
     with db.session() as session:
         state = session.get(PortalPacing, portal_id)

@@ -29,6 +29,7 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import counts, queries
+from .config import RetentionConfig
 from .counts import is_accepted
 from .messages import record_status
 from .models import (
@@ -53,27 +54,6 @@ log = logging.getLogger(__name__)
 ERASED_DETAIL = "the portal uninstalled the app with CLEAN: its data is erased"
 #: seconds between two ``PRAGMA optimize`` runs from the periodic task
 OPTIMIZE_EVERY = 3600.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """``[retention]``, with its defaults."""
-
-    redact_after_days: int = 30
-    delete_after_days: int = 180
-    batch_size: int = 500
-
-    @classmethod
-    def of(cls, config: dict[str, Any]) -> Settings:
-        """The ``[retention]`` table of a loaded config (defaults where it has none)."""
-        table = config.get("retention") or {}
-        return cls(
-            **{
-                k: table[k]
-                for k in ("redact_after_days", "delete_after_days", "batch_size")
-                if k in table
-            }
-        )
 
 
 @dataclass
@@ -155,7 +135,7 @@ ERASE_BUDGET = 5.0
 def erase_now(service: Service, portal_id: int) -> bool:
     """After an uninstall with CLEAN: erase the portal for :data:`ERASE_BUDGET` seconds at
     most, each batch its own short transaction; True when it is gone already."""
-    size = Settings.of(service.config).batch_size
+    size = service.config.retention.batch_size
     try:
         return erase_portal(service.db, portal_id, size, time.monotonic() + ERASE_BUDGET)
     except Exception:
@@ -235,7 +215,11 @@ def erasing_portals(session: Session) -> Sequence[int]:
 
 
 def run(
-    db: Database, settings: Settings, *, budget: float | None = None, now: dt.datetime | None = None
+    db: Database,
+    settings: RetentionConfig,
+    *,
+    budget: float | None = None,
+    now: dt.datetime | None = None,
 ) -> RetentionReport:
     """Erase the portals being erased, then redact and delete what is due, in batches, for at
     most ``budget`` seconds (None: until done)."""
@@ -270,7 +254,9 @@ def run(
     return report
 
 
-def pending(db: Database, settings: Settings, now: dt.datetime | None = None) -> RetentionReport:
+def pending(
+    db: Database, settings: RetentionConfig, now: dt.datetime | None = None
+) -> RetentionReport:
     """What :func:`run` would do now (``b24sms purge --dry-run``), counted, changing nothing."""
     now = now or utcnow()
     report = RetentionReport()
@@ -312,7 +298,7 @@ def periodic(service: Service) -> RetentionReport:
     """The queue's periodic retention task: a bounded run, then SQLite's planner statistics
     refreshed at most every :data:`OPTIMIZE_EVERY` seconds."""
     global _last_optimize
-    report = run(service.db, Settings.of(service.config), budget=PERIODIC_BUDGET)
+    report = run(service.db, service.config.retention, budget=PERIODIC_BUDGET)
     if report.redacted or report.deleted or report.erased_portals:
         log.info("retention: %s", report)
     with _optimize_lock:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import pluggy
 
-from .config import instance_encryption_key
+from .config import Config, ProviderConfig, ServiceConfig, instance_encryption_key
 from .crypto import KeySet, bind_keys
 from .db import Database
 from .gateway import Gateway
@@ -32,31 +31,28 @@ class Service:
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Config,
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.settings = config["service"]
+        #: ``[service]``, the section nearly every caller reads
+        self.settings: ServiceConfig = config.service
         self.pm = plugin_manager or make_plugin_manager(environ)
         # Observers every process needs, web or worker: the state-change log line and metrics.
         register_default_plugins(self.pm)
         self.gateway_types: dict[str, GatewayType] = gateway_types(self.pm)
-        self.providers: dict[str, dict[str, Any]] = dict(config["providers"])
+        self.providers: Mapping[str, ProviderConfig] = config.providers
         self.gateways: dict[str, Gateway] = build_gateways(
-            self.providers,
-            self.gateway_types,
-            self.settings["public_url"],
-            config.get("filename", "<config>"),
+            self.providers, self.gateway_types, self.settings.public_url, config.filename
         )
-        self.db = Database(self.settings["database_url"])
+        self.db = Database(self.settings.database_url)
         #: secrets at rest: the token columns encrypt and decrypt with these (b24sms.crypto)
         # A config straight from validate_config (the demo, tests) may still have no keys:
         # this machine's generated key then, as prepare_instance would have given it.
         self.keys = KeySet(
-            self.settings["encryption_keys"]
-            or [instance_encryption_key(self.settings["database_url"])]
+            self.settings.encryption_keys or [instance_encryption_key(self.settings.database_url)]
         )
         bind_keys(self.db.engine, self.keys)
         from .registration import public_url_problems
@@ -66,7 +62,7 @@ class Service:
         # The queue imports delivery code that needs this object; built last.
         from .queue import Queue
 
-        self.queue = Queue(self.settings["queue_url"], self)
+        self.queue = Queue(self.settings.queue_url, self)
         from .ingest import Ingest
 
         #: the way in for messages: concurrent HANDLER calls share a transaction
@@ -74,7 +70,7 @@ class Service:
 
     @property
     def public_url(self) -> str:
-        return self.settings["public_url"]
+        return self.settings.public_url
 
     def close(self) -> None:
         for gateway in self.gateways.values():

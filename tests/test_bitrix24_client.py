@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +30,7 @@ from b24sms.bitrix24.errors import (
     from_response,
 )
 from b24sms.bitrix24.oauth import refresh_tokens
+from b24sms.config import Bitrix24Config, Bitrix24Schema
 from b24sms.db import Database
 from b24sms.emulator import EmulatedPortal, Emulator, php_form_decode
 from b24sms.models import Portal, PortalState
@@ -48,14 +50,16 @@ def db(tmp_path) -> Iterator[Database]:
 
 
 @pytest.fixture
-def settings(emulator: Emulator) -> dict[str, Any]:
-    return {
-        "client_id": CLIENT_ID,
-        "client_secret": CLIENT_SECRET,
-        "oauth_url": emulator.oauth_url,
-        "timeout": 10.0,
-        "user_agent": "",
-    }
+def settings(emulator: Emulator) -> Bitrix24Config:
+    return Bitrix24Schema().load(
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "oauth_url": emulator.oauth_url,
+            "timeout": 10.0,
+            "user_agent": "",
+        }
+    )
 
 
 def store_portal(db: Database, portal: EmulatedPortal) -> int:
@@ -113,7 +117,7 @@ def test_call_success_sends_json_with_auth_and_user_agent(db, settings, emulator
     assert json.loads(sent.body)["auth"] == portal.access_token
     assert portal.access_token not in sent.url
 
-    client = Bitrix24Client(db, portal_id, {**settings, "user_agent": "acme/1.2"}, http=http)
+    client = Bitrix24Client(db, portal_id, replace(settings, user_agent="acme/1.2"), http=http)
     client.call("messageservice.sender.list")
     assert http.sent[-1].headers["User-Agent"] == "acme/1.2"
 
@@ -302,10 +306,11 @@ CHILD = r"""
 import json, sys, threading
 from b24sms.db import Database
 from b24sms.bitrix24.client import Bitrix24Client
-
+from b24sms.config import Bitrix24Schema
 from b24sms.crypto import KeySet, bind_keys
 
-url, portal_id, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+url, portal_id = sys.argv[1], int(sys.argv[2])
+settings = Bitrix24Schema().load(json.loads(sys.argv[3]))
 db = Database(url)
 bind_keys(db.engine, KeySet([sys.argv[4]]))
 clients = [Bitrix24Client(db, portal_id, settings) for _ in range(2)]
@@ -342,7 +347,7 @@ def test_concurrent_processes_refresh_exactly_once(db, settings, emulator):
                 CHILD,
                 db.url,
                 str(portal_id),
-                json.dumps(settings),
+                json.dumps(asdict(settings)),
                 ENCRYPTION_KEY,
             ],
             stdin=subprocess.PIPE,
@@ -396,7 +401,7 @@ def test_wrong_client_secret_is_invalid_client(db, settings, emulator):
     portal = emulator.add_portal()
     portal_id = store_portal(db, portal)
     portal.expire_tokens()
-    client = Bitrix24Client(db, portal_id, {**settings, "client_secret": "wrong-secret-123"})
+    client = Bitrix24Client(db, portal_id, replace(settings, client_secret="wrong-secret-123"))
     with pytest.raises(TokensRevoked) as info:
         client.call("messageservice.sender.list")
     assert info.value.code == "invalid_client"
@@ -418,7 +423,7 @@ def test_refresh_trouble_is_transient_and_keeps_the_tokens(db, settings, emulato
     # OAuth unreachable: the URL (client secret and refresh token in its query) stays out.
     dead = emulator.add_portal()
     dead.stop()
-    unreachable = {**settings, "oauth_url": dead.base_url + "/oauth/token/"}
+    unreachable = replace(settings, oauth_url=dead.base_url + "/oauth/token/")
     with pytest.raises(TransientError) as info:
         Bitrix24Client(db, portal_id, unreachable).call("messageservice.sender.list")
     assert info.value.code == "NETWORK_ERROR"

@@ -17,7 +17,7 @@ def test_commands_show_state_without_secrets(tmp_path, live_app, emulator):
     message_id, _ = portal.send_sms("smslog", "+14155550123", "secret body text")
     portal.wait_for_status(message_id)
     # The CLI reads the same database as the running app.
-    db_url = server.app.extensions["b24sms"].settings["database_url"]
+    db_url = server.app.extensions["b24sms"].settings.database_url
     config = write_config(tmp_path, server.url, emulator.oauth_url, LOG_PROVIDER)
     config.write_text(
         config.read_text().replace(

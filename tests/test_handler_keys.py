@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import requests
 
+from b24sms.config import ServiceSchema
 from b24sms.handler_keys import check_key, handler_key, handler_url, verify_handler_key
 
 SECRET = "a-secret-key-of-some-length-0123"
 PREVIOUS = "the-previous-secret-key-01234567"
-SETTINGS = {"secret_key": SECRET, "previous_secret_keys": [PREVIOUS]}
+SETTINGS = ServiceSchema().load(
+    {"public_url": "https://sms.example", "secret_key": SECRET, "previous_secret_keys": [PREVIOUS]}
+)
 
 
 def test_the_url_carries_the_key_of_its_portal_and_code():
@@ -76,7 +79,7 @@ def test_rotating_one_portals_keys_refuses_its_old_urls_after_the_sync(
     portal.install(server.url)
     other.install(server.url)
     old_url, others_url = portal.senders["smslog"]["HANDLER"], other.senders["smslog"]["HANDLER"]
-    db_url = server.app.extensions["b24sms"].settings["database_url"]
+    db_url = server.app.extensions["b24sms"].settings.database_url
     config = write_config(tmp_path, server.url, emulator.oauth_url, LOG_PROVIDER)
     config.write_text(
         config.read_text().replace(

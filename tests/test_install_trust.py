@@ -15,6 +15,7 @@ import requests
 from sqlalchemy import func, select
 
 from b24sms.bitrix24 import verify
+from b24sms.config import Bitrix24Schema
 from b24sms.models import Message, Portal, PortalState, ProviderRegistration
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.fakes.recorder import Recorder, json_answer, redirect_to
@@ -316,7 +317,7 @@ def test_an_oauth_answer_naming_a_non_http_endpoint_is_refused(live_app, emulato
 )
 def test_app_info_proves_a_token_only_when_it_names_the_app(client_id, result, accepted):
     with Recorder(lambda _request: json_answer({"result": result})) as portal:
-        settings = {"client_id": client_id, "timeout": 5}
+        settings = Bitrix24Schema().load({"client_id": client_id, "timeout": 5})
         assert verify.probe_token(f"{portal.url}/rest/", "token", settings) is accepted
         assert [r.path for r in portal.requests] == ["/rest/app.info"]
 
@@ -324,7 +325,7 @@ def test_app_info_proves_a_token_only_when_it_names_the_app(client_id, result, a
 def test_a_probe_does_not_follow_a_redirect():
     with Recorder() as internal, Recorder() as portal:
         portal.answer = redirect_to(f"{internal.url}/rest/app.info", 307)
-        settings = {"client_id": CLIENT_ID, "timeout": 5}
+        settings = Bitrix24Schema().load({"client_id": CLIENT_ID, "timeout": 5})
         assert verify.probe_token(f"{portal.url}/rest/", "token", settings) is False
         assert internal.requests == []
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from b24sms import logs
+from b24sms.config import ServiceConfig, ServiceSchema
 from b24sms.event_hooks import MessageInfo
 from b24sms.models import utcnow
 
@@ -85,10 +86,15 @@ def test_a_message_failed_at_the_handler_is_logged_too(live_app, emulator, captu
     ]
 
 
+def service_settings(**keys: str) -> ServiceConfig:
+    """``[service]`` with the schema's defaults (text lines, INFO) under ``keys``."""
+    return ServiceSchema().load({"public_url": "http://127.0.0.1:9", "secret_key": "", **keys})
+
+
 def test_json_format_writes_one_object_per_line(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    logs.configure({"log_format": "json", "log_level": "INFO"})
+    logs.configure(service_settings(log_format="json", log_level="INFO"))
     try:
         info = MessageInfo(
             id=7,
@@ -109,7 +115,7 @@ def test_json_format_writes_one_object_per_line(monkeypatch):
             message=info, previous="queued", status="sent", source="gateway"
         )
     finally:
-        logs.configure({})
+        logs.configure(service_settings())
     written = stream.getvalue().strip().splitlines()
     assert len(written) == 1
     line = json.loads(written[0])
@@ -130,7 +136,7 @@ def test_json_format_writes_one_object_per_line(monkeypatch):
 def test_text_format_is_the_default(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    logs.configure({})
+    logs.configure(service_settings())
     logging.getLogger("b24sms.test").info("hello %s", "world")
     assert "INFO b24sms.test: hello world" in stream.getvalue()
     assert not stream.getvalue().lstrip().startswith("{")

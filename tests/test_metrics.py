@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from b24sms import metrics
-from b24sms.config import ConfigError, validate_config
+from b24sms.config import ConfigError, MetricsConfig, validate_config
 from b24sms.event_hooks import MessageInfo
 from b24sms.gateway import PermanentGatewayError, RetryableGatewayError
 from b24sms.messages import enqueue_report
@@ -125,7 +125,7 @@ def test_the_metrics_table_is_validated(tmp_path, section, problem):
 
 def test_metrics_defaults(tmp_path):
     config = validate_config(base_config(tmp_path), environ={})
-    assert config["metrics"] == {"enabled": False, "token": "", "database": True}
+    assert config.metrics == MetricsConfig(enabled=False, token="", database=True)
 
 
 # -- the counts --------------------------------------------------------------------------------
@@ -437,9 +437,11 @@ def test_importing_metrics_changes_no_prometheus_setting_until_init_app():
         "from flask import Flask\n"
         "from prometheus_client import generate_latest\n"
         "from b24sms import metrics\n"
+        "from b24sms.config import validate_config\n"
         "metrics.count_token_refresh('refreshed')\n"
         "print(b'b24sms_token_refreshes_created' in generate_latest(metrics.REGISTRY))\n"
-        "metrics.init_app(Flask('t'), SimpleNamespace(config={}))\n"
+        "config = validate_config({'service': {'public_url': 'http://x', 'secret_key': ''}}, {})\n"
+        "metrics.init_app(Flask('t'), SimpleNamespace(config=config))\n"
         "print(b'b24sms_token_refreshes_created' in generate_latest(metrics.REGISTRY))\n"
     )
     done = subprocess.run(

@@ -87,7 +87,7 @@ class SpyClient:
     """The real client, with a hook run before each batch."""
 
     def __init__(self, svc, portal_id: int, before_batch=None) -> None:
-        self.inner = Bitrix24Client(svc.db, portal_id, settings=svc.config["bitrix24"])
+        self.inner = Bitrix24Client(svc.db, portal_id, settings=svc.config.bitrix24)
         self.before_batch = before_batch
         self.batches = 0
 
@@ -213,7 +213,7 @@ def test_operation_time_limit_of_status_update_pauses_that_method_only(svc, port
     again = flush_portal(svc, portal_id, hold=False)
     assert again.requests == 0 and again.remaining == 5 and 25 < again.retry_in <= 30
     # Another method of the same portal is called as usual.
-    client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
+    client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
     assert client.call("app.info")["STATUS"] == "L"
     portal.method_blocks.clear()
     with svc.db.session() as session:

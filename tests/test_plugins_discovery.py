@@ -16,6 +16,7 @@ import pytest
 from marshmallow import Schema, fields
 
 from b24sms import hookimpl, hookspecs
+from b24sms.config import validate_config
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult
 from b24sms.plugins import (
     DEFAULT_PLUGINS,
@@ -74,10 +75,10 @@ class Options(Schema):
     greeting = fields.String(required=True)
 
 
-def gateway_class(type_name: str) -> type[Gateway]:
+def gateway_class(type_name: str, schema: type[Schema] | None = Options) -> type[Gateway]:
     class TestGateway(Gateway):
         name = type_name
-        options_schema = Options
+        options_schema = schema
         statuses: ClassVar[dict[str, str]] = {"ok": "delivered"}
 
         def send(self, message: OutgoingMessage) -> SendResult:
@@ -91,6 +92,12 @@ class AlphaPlugin:
     def b24sms_register_gateways(self, register):
         register(gateway_class("dup"))
         register(gateway_class("alpha-only"))
+
+
+class SchemalessPlugin:
+    @hookimpl
+    def b24sms_register_gateways(self, register):
+        register(gateway_class("schemaless", schema=None))
 
 
 class BetaPlugin:
@@ -190,6 +197,27 @@ def test_build_gateways_validates_and_instantiates(types):
     assert gateway.code == "hello"
     assert gateway.callback_url == "https://sms.example.com/gateways/hello/callback"
     assert gateway.logger.name == "b24sms.gateway.hello"
+
+
+def test_gateways_of_the_config_get_their_options_as_a_dict_of_their_own(pm, register):
+    register(AlphaPlugin(), "alpha-plugin")
+    register(SchemalessPlugin(), "schemaless-plugin")
+    providers = {
+        "hello": {"plugin": "alpha-only", "name": "Hello", "greeting": "hi"},
+        "raw": {"plugin": "schemaless", "name": "Raw", "table": {"list": [1, 2]}},
+    }
+    service = {"public_url": "https://sms.example.com", "secret_key": ""}
+    config = validate_config({"service": service, "providers": providers}, environ={})
+    gateways = build_gateways(config.providers, gateway_types(pm), config.service.public_url)
+    # what plugins got before the config was typed: a dict (the schema's, or the table's)
+    assert type(gateways["hello"].options) is dict
+    assert gateways["hello"].options == {"greeting": "hi"}
+    assert type(gateways["raw"].options) is dict
+    assert gateways["raw"].options == {"table": {"list": [1, 2]}}
+    assert gateways["raw"].callback_url == "https://sms.example.com/gateways/raw/callback"
+    # a plugin that changes its dict changes nothing in the config
+    gateways["raw"].options["table"] = "changed"
+    assert config.providers["raw"].options == {"table": {"list": [1, 2]}}
 
 
 def test_an_unknown_plugin_names_the_code_and_the_plugin(types):

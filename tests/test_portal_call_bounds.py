@@ -55,7 +55,7 @@ def test_a_portal_redirect_is_not_followed(live_app, emulator):
     with Recorder() as internal, Recorder() as moved:
         moved.answer = redirect_to(f"{internal.url}/internal/admin", 302)
         portal_id = set_endpoint(server, portal.member_id, f"{moved.url}/rest/")
-        client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
+        client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
         with pytest.raises(RedirectRefused) as refused:
             client.call("messageservice.sender.list")
         assert refused.value.http_status == 302
@@ -73,7 +73,7 @@ def test_only_http_endpoints_are_called(live_app, emulator, endpoint):
     svc = server.app.extensions["b24sms"]
     portal_id = set_endpoint(server, portal.member_id, endpoint)
     with pytest.raises(EndpointRefused):
-        Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"]).call("profile")
+        Bitrix24Client(svc.db, portal_id, svc.config.bitrix24).call("profile")
     assert portal.stats["requests"] == before
 
 

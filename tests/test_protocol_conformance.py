@@ -196,7 +196,7 @@ def test_redirects_are_bounded(live_app, emulator):
     portal.install(server.url)
     for _ in range(MAX_HOPS + 1):
         portal.change_domain()
-    client = Bitrix24Client(svc.db, stored(server, portal).id, svc.config["bitrix24"])
+    client = Bitrix24Client(svc.db, stored(server, portal).id, svc.config.bitrix24)
     with pytest.raises(TransientError) as info:
         client.call("app.info")
     assert info.value.code == "REDIRECT_REFUSED"
@@ -222,7 +222,7 @@ def test_redirects_only_to_http_or_https(live_app, emulator):
             row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
             row.client_endpoint = f"{elsewhere.base_url}/rest/"
             portal_id = row.id
-        client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"])
+        client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
         with pytest.raises(TransientError) as info:
             client.call("app.info")
         assert info.value.code == "REDIRECT_REFUSED" and "ftp" in str(info.value)

@@ -4,6 +4,7 @@ parsing, which are checked directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -143,11 +144,12 @@ def test_bad_rate_limit_options_stop_the_start(tmp_path, section, key):
 
 
 def test_storage_follows_the_queue(tmp_path):
-    defaults = validate_config(base_config(tmp_path), {})["rate_limit"]
-    assert defaults["enabled"] and defaults["storage"] == "auto"
+    defaults = validate_config(base_config(tmp_path), {}).rate_limit
+    assert defaults.enabled and defaults.storage == "auto"
     assert isinstance(make_buckets(defaults, "sqlite:///x.sqlite3"), MemoryBuckets)
     assert isinstance(make_buckets(defaults, "redis://127.0.0.1:6379/0"), RedisBuckets)
-    assert isinstance(make_buckets({**defaults, "storage": "memory"}, "redis://h/0"), MemoryBuckets)
+    memory = dataclasses.replace(defaults, storage="memory")
+    assert isinstance(make_buckets(memory, "redis://h/0"), MemoryBuckets)
     # a named queue's buckets are its own, and redis-py never sees the queue= parameter
     named = make_buckets(defaults, "redis://127.0.0.1:6379/0?queue=staging&health_check_interval=5")
     assert named.prefix == "b24sms:ratelimit:staging:"

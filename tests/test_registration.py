@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from b24sms.bitrix24.errors import RateLimited
-from b24sms.config import validate_config
+from b24sms.config import Config, validate_config
 from b24sms.db import Database
 from b24sms.emulator import EmulatedPortal, Emulator
 from b24sms.models import Portal, PortalState, ProviderRegistration, RegistrationState
@@ -43,10 +43,10 @@ class Services:
         self.tmp_path = tmp_path
         self.emulator = emulator
         config = self.config(PROVIDERS)
-        self.db = keyed(Database(config["service"]["database_url"]))
+        self.db = keyed(Database(config.service.database_url))
         upgrade(self.db)
 
-    def config(self, providers: dict[str, Any]) -> dict[str, Any]:
+    def config(self, providers: dict[str, Any]) -> Config:
         raw = base_config(
             self.tmp_path, public_url=PUBLIC_URL, bitrix24={"oauth_url": self.emulator.oauth_url}
         )
@@ -57,10 +57,10 @@ class Services:
         config = self.config(providers)
         return SimpleNamespace(
             config=config,
-            settings=config["service"],
+            settings=config.service,
             db=self.db,
-            providers=config["providers"],
-            public_url=config["service"]["public_url"],
+            providers=config.providers,
+            public_url=config.service.public_url,
         )
 
     def store_portal(self, portal: EmulatedPortal, state: str = PortalState.ACTIVE) -> int:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from b24sms import counts, retention, schema
-from b24sms.config import ConfigError, validate_config
+from b24sms.config import ConfigError, RetentionConfig, RetentionSchema, validate_config
 from b24sms.db import Database
 from b24sms.messages import insert_message_rows, message_row, record_status
 from b24sms.models import Message, Portal, PortalState, StatusEvent, utcnow
@@ -99,7 +99,7 @@ def test_retention_redacts_then_deletes_final_messages_only(db: Database) -> Non
     with db.connection() as conn:
         (portal_id,) = add_portals(conn, 1, NOW)
     ids = store(db, portal_id, SHAPE, "m")
-    settings = retention.Settings(redact_after_days=30, delete_after_days=180, batch_size=2)
+    settings = RetentionConfig(redact_after_days=30, delete_after_days=180, batch_size=2)
 
     dry = retention.pending(db, settings, now=NOW)
     assert (dry.deleted, dry.redacted) == (3, 2)
@@ -195,7 +195,7 @@ def test_uninstall_with_clean_fails_in_flight_messages_and_erases_in_batches(db:
         )
     assert remaining == len(SHAPE) - 3
 
-    report = retention.run(db, retention.Settings(batch_size=3), now=NOW)
+    report = retention.run(db, RetentionSchema().load({"batch_size": 3}), now=NOW)
     assert report.erased_portals == 1 and report.erased_messages == remaining
     with db.read() as session:
         assert session.get(Portal, gone_id) is None
@@ -277,4 +277,4 @@ def test_a_bad_retention_setting_names_its_key(tmp_path: Path, table: dict, key:
 
 def test_retention_defaults(tmp_path: Path) -> None:
     config = validate_config(base_config(tmp_path), {})
-    assert retention.Settings.of(config) == retention.Settings(30, 180, 500)
+    assert config.retention == RetentionConfig(30, 180, 500)

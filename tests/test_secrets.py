@@ -454,7 +454,7 @@ def test_rotating_the_secret_key_keeps_old_handler_urls_working_until_synced(liv
 )
 def test_previous_secret_keys_drop_empty_entries(tmp_path, previous, expected):
     config = validate_config(base_config(tmp_path, service={"previous_secret_keys": previous}), {})
-    assert config["service"]["previous_secret_keys"] == expected
+    assert config.service.previous_secret_keys == tuple(expected)
 
 
 def test_a_short_previous_secret_key_stops_the_start(tmp_path):

@@ -114,9 +114,9 @@ def test_database_queue_and_key_files_are_private(tmp_path):
     for path in instance.iterdir():
         assert mode(path) == 0o600, f"{path.name} is {oct(mode(path))}"
     # the generated key is the one the service uses, and stays the same on the next start
-    assert config["service"]["encryption_keys"] == [(instance / "encryption_key").read_text()]
+    assert config.service.encryption_keys == ((instance / "encryption_key").read_text(),)
     again = prepare_instance(validate_config(base_config(tmp_path, service=service), {}))
-    assert again["service"]["encryption_keys"] == config["service"]["encryption_keys"]
+    assert again.service.encryption_keys == config.service.encryption_keys
 
 
 def test_an_existing_database_file_and_instance_folder_are_tightened(tmp_path):

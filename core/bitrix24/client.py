@@ -23,6 +23,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .. import __version__, metrics
+from ..config import Bitrix24Config
 from ..db import Database
 from ..models import PaymentState, Portal, PortalState
 from ..php_form import php_urlencode
@@ -77,9 +78,9 @@ def shared_session() -> requests.Session:
         return _session[1]
 
 
-def user_agent(settings: Mapping[str, Any]) -> str:
-    """``settings["user_agent"]`` when set, else ``b24sms/<version>``."""
-    return settings.get("user_agent") or f"b24sms/{__version__}"
+def user_agent(settings: Bitrix24Config) -> str:
+    """``[bitrix24] user_agent`` when set, else ``b24sms/<version>``."""
+    return settings.user_agent or f"b24sms/{__version__}"
 
 
 @dataclass
@@ -102,10 +103,10 @@ class Bitrix24Client:
 
     :param db: the database holding the portal and its tokens.
     :param portal_id: primary key of the :class:`~b24sms.models.Portal`.
-    :param settings: ``config["bitrix24"]``.
+    :param settings: ``[bitrix24]`` of the config.
     :param http: the HTTP session; default :func:`shared_session`.
     :param timeout: ``(connect, read)`` seconds per request; default the connect timeout and
-        ``settings["timeout"]``. Calls made inside a web request pass
+        ``settings.timeout``. Calls made inside a web request pass
         :data:`~b24sms.bitrix24.policy.WEB_TIMEOUT`.
 
     Requests go only to http(s) endpoints and never follow a redirect (a 3xx raises
@@ -116,7 +117,7 @@ class Bitrix24Client:
         self,
         db: Database,
         portal_id: int,
-        settings: Mapping[str, Any],
+        settings: Bitrix24Config,
         http: requests.Session | None = None,
         *,
         timeout: float | tuple[float, float] | None = None,
@@ -125,7 +126,7 @@ class Bitrix24Client:
         self.portal_id = portal_id
         self.settings = settings
         self.http = http or shared_session()
-        self.timeout = timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0)))
+        self.timeout = timeout or (CONNECT_TIMEOUT, settings.timeout)
         #: the ``time`` block of the latest answer that had one: ``operating``,
         #: ``operating_reset_at``… for pacing
         self.last_time: dict[str, Any] | None = None

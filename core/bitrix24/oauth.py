@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import requests
 from sqlalchemy import select
 
 from .. import metrics
+from ..config import Bitrix24Config
 from ..db import Database
 from ..models import Portal, PortalState, utcnow
 from ..portals import token_expiry
@@ -45,7 +45,7 @@ def refresh_tokens(
     db: Database,
     portal_id: int,
     failed_access_token: str | None,
-    settings: Mapping[str, Any],
+    settings: Bitrix24Config,
     http: requests.Session | None = None,
     *,
     timeout: float | tuple[float, float] | None = None,
@@ -55,14 +55,14 @@ def refresh_tokens(
     In one transaction holding the portal's row lock: when the stored access token is no longer
     ``failed_access_token``, another thread or process refreshed meanwhile and its token is
     returned without calling OAuth; otherwise the refresh token is exchanged at
-    ``settings["oauth_url"]`` and the new tokens and endpoints are stored before the lock is
+    ``settings.oauth_url`` and the new tokens and endpoints are stored before the lock is
     released.
 
     :param db: the database holding the portal.
     :param portal_id: primary key of the :class:`~b24sms.models.Portal`.
     :param failed_access_token: the access token the failed call used.
-    :param settings: ``config["bitrix24"]`` (``client_id``, ``client_secret``, ``oauth_url``,
-        ``timeout``, ``user_agent``).
+    :param settings: ``[bitrix24]`` of the config (``client_id``, ``client_secret``,
+        ``oauth_url``, ``timeout``, ``user_agent``).
     :param http: the session to send with; default the process-wide one.
     :param timeout: as for :func:`exchange_refresh_token`.
     :returns: the access token to use.
@@ -124,23 +124,23 @@ def inactive_portal_error(portal: Portal) -> Bitrix24Error:
 
 def exchange_refresh_token(
     refresh_token: str,
-    settings: Mapping[str, Any],
+    settings: Bitrix24Config,
     http: requests.Session | None = None,
     *,
     timeout: float | tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Exchange a refresh token at ``settings["oauth_url"]``: one GET, no redirect followed.
+    """Exchange a refresh token at ``settings.oauth_url``: one GET, no redirect followed.
 
     Bitrix24's OAuth server answers a new pair and names the portal (``member_id``,
     ``client_endpoint``, ``server_endpoint``; its ``domain`` is the OAuth server's own) —
     b24restdocs ``settings/oauth/auto-renewal.md``. The refresh token is spent: store the new one.
 
     :param refresh_token: the token to exchange.
-    :param settings: ``config["bitrix24"]`` (``client_id``, ``client_secret``, ``oauth_url``,
-        ``timeout``, ``user_agent``).
+    :param settings: ``[bitrix24]`` of the config (``client_id``, ``client_secret``,
+        ``oauth_url``, ``timeout``, ``user_agent``).
     :param http: the session to send with; default the process-wide one.
     :param timeout: ``(connect, read)`` seconds; default the connect timeout and
-        ``settings["timeout"]`` (a web request passes :data:`~.policy.WEB_TIMEOUT`).
+        ``settings.timeout`` (a web request passes :data:`~.policy.WEB_TIMEOUT`).
     :returns: the decoded answer, with ``access_token`` and ``refresh_token``.
     :raises TokensRevoked: ``invalid_grant`` / ``invalid_client``.
     :raises TransientError: unreachable, a redirect, a 5xx or an answer without tokens.
@@ -148,11 +148,11 @@ def exchange_refresh_token(
     """
     from .client import shared_session, user_agent
 
-    url = check_url(settings["oauth_url"])
+    url = check_url(settings.oauth_url)
     params = {
         "grant_type": "refresh_token",
-        "client_id": settings.get("client_id", ""),
-        "client_secret": settings.get("client_secret", ""),
+        "client_id": settings.client_id,
+        "client_secret": settings.client_secret,
         "refresh_token": refresh_token,
     }
     try:
@@ -160,7 +160,7 @@ def exchange_refresh_token(
             url,
             params=params,
             headers={"User-Agent": user_agent(settings), "Accept": "application/json"},
-            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0))),
+            timeout=timeout or (CONNECT_TIMEOUT, settings.timeout),
             allow_redirects=False,
         )
     except requests.RequestException as exc:

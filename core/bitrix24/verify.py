@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import requests
 
 from .. import metrics
+from ..config import Bitrix24Config
 from .client import shared_session, user_agent
 from .errors import Bitrix24Error, TokensRevoked, TransientError
 from .oauth import CONNECT_TIMEOUT, exchange_refresh_token
@@ -99,7 +100,7 @@ def clear_cache() -> None:
 def probe_token(
     client_endpoint: str,
     access_token: str,
-    settings: Mapping[str, Any],
+    settings: Bitrix24Config,
     *,
     ttl: float = 0.0,
     web: bool = True,
@@ -115,7 +116,7 @@ def probe_token(
 
     :param client_endpoint: the portal's stored REST address.
     :param access_token: the token to check.
-    :param settings: ``config["bitrix24"]`` (``client_id``, ``timeout``, ``user_agent``).
+    :param settings: ``[bitrix24]`` of the config (``client_id``, ``timeout``, ``user_agent``).
     :param ttl: seconds to remember a positive answer (0: ask every time). Refusals are
         remembered for at most :data:`NEGATIVE_TTL` seconds.
     :param web: the caller is a web request: short timeouts, and one of the process's
@@ -142,7 +143,7 @@ def probe_token(
 def _ask(
     client_endpoint: str,
     access_token: str,
-    settings: Mapping[str, Any],
+    settings: Bitrix24Config,
     timeout: tuple[float, float] | None,
 ) -> bool:
     method = "app.info"
@@ -153,7 +154,7 @@ def _ask(
             url,
             json={"auth": access_token},
             headers={"User-Agent": user_agent(settings)},
-            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30))),
+            timeout=timeout or (CONNECT_TIMEOUT, settings.timeout),
             allow_redirects=False,
         )
         refuse_redirect(response)
@@ -173,7 +174,7 @@ def _ask(
     if not isinstance(code, str) or not code:
         log.warning("token probe at %s: app.info named no app CODE", _host(client_endpoint))
         return False
-    client_id = str(settings.get("client_id") or "")
+    client_id = settings.client_id
     if client_id.startswith("local.") and code != client_id:
         log.warning("token probe at %s: the token belongs to another app", _host(client_endpoint))
         return False
@@ -240,7 +241,7 @@ def domain_allowed(host: str, patterns: Sequence[str]) -> bool:
 
 def prove_install(
     claim: InstallClaim,
-    settings: Mapping[str, Any],
+    settings: Bitrix24Config,
     *,
     timeout: tuple[float, float] = WEB_TIMEOUT,
 ) -> ProvenInstall:
@@ -250,15 +251,15 @@ def prove_install(
     refresh token: the caller stores the new pair of the result.
 
     :param claim: what the install says.
-    :param settings: ``config["bitrix24"]`` (``oauth_url``, ``client_id``, ``client_secret``,
-        ``allowed_domains``…).
+    :param settings: ``[bitrix24]`` of the config (``oauth_url``, ``client_id``,
+        ``client_secret``, ``allowed_domains``…).
     :param timeout: ``(connect, read)`` seconds for the exchange (a web request waits on it).
     :returns: the portal as the OAuth server names it.
     :raises InstallRefused: 403 the domain is outside ``allowed_domains``; 401 the OAuth server
         refused the token, or named another portal, endpoint or domain; 503 it could not be
         asked (unreachable, redirect, 5xx): the install may be sent again.
     """
-    allowed = settings.get("allowed_domains") or []
+    allowed = settings.allowed_domains
     if not domain_allowed(claim.domain, allowed):
         # Checked before the exchange too: outsiders cost us no call to the OAuth server.
         raise InstallRefused(403, "domain_not_allowed", "auth[domain]: not in allowed_domains")

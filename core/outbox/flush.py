@@ -139,7 +139,7 @@ def flush_portal(
     if client is None:
         from ..bitrix24.client import Bitrix24Client
 
-        client = Bitrix24Client(service.db, portal_id, settings=service.config["bitrix24"])
+        client = Bitrix24Client(service.db, portal_id, settings=service.config.bitrix24)
     started = time.monotonic()
     try:
         while True:

@@ -38,15 +38,15 @@ class Pacing:
 
 def pacing_of(service: Service) -> Pacing:
     """The :class:`Pacing` of the service's ``[bitrix24]`` and ``[service]`` settings."""
-    b24 = service.config["bitrix24"]
-    burst = float(b24["burst"])
+    b24 = service.config.bitrix24
+    burst = float(b24.burst)
     return Pacing(
-        rate=float(b24["requests_per_second"]),
+        rate=b24.requests_per_second,
         capacity=max(1.0, burst - max(1.0, round(burst * BUCKET_RESERVE))),
-        lease_ttl=float(b24.get("timeout", 30.0)) + LEASE_MARGIN,
-        max_attempts=int(service.settings["max_attempts"]),
-        retry_base=float(service.settings["retry_base_delay"]),
-        retry_cap=float(service.settings["retry_max_delay"]),
+        lease_ttl=b24.timeout + LEASE_MARGIN,
+        max_attempts=service.settings.max_attempts,
+        retry_base=service.settings.retry_base_delay,
+        retry_cap=service.settings.retry_max_delay,
     )
 
 

@@ -107,13 +107,13 @@ def provider_rows(svc: Service, db_session: Session, session: PageSession) -> li
             state, error = "pending", None
         if provider is None:
             state = f"{state} (no longer configured)"
-        elif not provider["enabled"]:
+        elif not provider.enabled:
             state = f"{state} (disabled)"
         rows.append(
             ProviderRow(
                 code=code,
-                name=provider_name(provider["name"], session.lang) if provider else code,
-                plugin=provider["plugin"] if provider else "-",
+                name=provider_name(provider.name, session.lang) if provider else code,
+                plugin=provider.plugin if provider else "-",
                 state=state,
                 last_error=error,
                 usable=code in wanted,

@@ -81,7 +81,7 @@ def service() -> Service:
 
 
 def _serializer(salt: str) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(service().settings["secret_key"], salt=salt)
+    return URLSafeTimedSerializer(service().settings.secret_key, salt=salt)
 
 
 def issue_session(session: PageSession) -> str:
@@ -145,7 +145,7 @@ def authenticate() -> tuple[PageSession, str]:
         # take the threads the HANDLER needs (the page answers 503 instead).
         try:
             confirmed = probe_token(
-                endpoint, form.get("AUTH_ID", ""), svc.config["bitrix24"], ttl=PROBE_TTL
+                endpoint, form.get("AUTH_ID", ""), svc.config.bitrix24, ttl=PROBE_TTL
             )
         except SlotsBusy:
             raise PortalBusy(

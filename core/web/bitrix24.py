@@ -127,7 +127,7 @@ def _sync_after_commit(portal_id: int) -> dict[str, Any]:
     one of the process's portal-call slots. A failure is recorded and repeated by `providers
     sync`; the answer says what happened."""
     svc = service()
-    client = Bitrix24Client(svc.db, portal_id, svc.config["bitrix24"], timeout=WEB_TIMEOUT)
+    client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24, timeout=WEB_TIMEOUT)
     try:
         with web_slots.hold(wait=INSTALL_SLOT_WAIT):
             report = sync_portal(svc, portal_id, client)
@@ -143,7 +143,7 @@ def _sync_after_commit(portal_id: int) -> dict[str, Any]:
 def _prove(claim: InstallClaim) -> ProvenInstall:
     """The install as Bitrix24's OAuth server confirms it, or the JSON error answer."""
     try:
-        return prove_install(claim, service().config["bitrix24"])
+        return prove_install(claim, service().config.bitrix24)
     except InstallRefused as exc:
         raise ApiError(exc.status, exc.error, exc.message) from None
 
@@ -288,7 +288,7 @@ def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> Proven
     proven = None
     if auth.get("refresh_token") and auth.get("domain"):
         try:
-            proven = prove_install(claim_from_event(auth), service().config["bitrix24"])
+            proven = prove_install(claim_from_event(auth), service().config.bitrix24)
         except InstallRefused as exc:
             if not known and exc.status != 401:
                 raise ApiError(exc.status, exc.error, exc.message) from None
@@ -299,7 +299,7 @@ def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> Proven
         raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
     # No refresh token confirmed: the event's access token must work at the portal we know.
     try:
-        alive = probe_token(endpoint, auth.get("access_token") or "", service().config["bitrix24"])
+        alive = probe_token(endpoint, auth.get("access_token") or "", service().config.bitrix24)
     except SlotsBusy:
         raise ApiError(503, "busy", "the portal could not be asked now; send again") from None
     if not alive:
@@ -334,7 +334,7 @@ def handler(code: str):
     if too_many is not None:
         return too_many
     provider = svc.providers.get(code)
-    if provider is None or not provider["enabled"]:
+    if provider is None or not provider.enabled:
         raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
 
     # 2. The form: read, then every field checked.
@@ -353,7 +353,7 @@ def handler(code: str):
         raise ApiError(401, "unauthorized", "handler key missing or not valid")
     if auth.get("member_id") and auth["member_id"] != member_id:
         raise ApiError(401, "unauthorized", "auth[member_id] does not match the handler key")
-    if provider.get("portals") is not None and member_id not in provider["portals"]:
+    if provider.portals is not None and member_id not in provider.portals:
         # Narrowed by [providers.CODE] portals: an old HANDLER URL of another portal stays
         # registered until `providers sync` removes it, and must not reach the gateway.
         raise ApiError(403, "provider_not_for_portal", f"code: {code!r} is not for this portal")

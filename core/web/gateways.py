@@ -40,7 +40,7 @@ def callback_request(public_url: str) -> CallbackRequest:
 def callback(code: str):
     svc = current_app.extensions["b24sms"]
     gateway = svc.gateways.get(code)
-    if gateway is None or not svc.providers[code]["enabled"]:
+    if gateway is None or not svc.providers[code].enabled:
         raise ApiError(404, "unknown_provider", f"code: no provider {code!r} here")
     incoming = callback_request(svc.public_url)
     try:

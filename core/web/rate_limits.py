@@ -34,12 +34,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, current_app, g, request
 
+from ..config import RateLimitConfig
 from ..errors import error_response
 from ..rate_limit_store import Buckets, Limit, make_buckets
 
@@ -133,16 +134,16 @@ class Decision:
 class RateLimiter:
     """The limits of one app and the buckets they live in."""
 
-    def __init__(self, settings: Mapping[str, Any], buckets: Buckets) -> None:
+    def __init__(self, settings: RateLimitConfig, buckets: Buckets) -> None:
         self.buckets = buckets
-        self.portal = Limit(settings["portal_rate"], settings["portal_burst"])
-        self.ip = Limit(settings["ip_rate"], settings["ip_burst"])
-        self.failures = Limit(settings["failure_rate"], settings["failure_burst"])
-        proxies = settings.get("trusted_proxies", 0)
+        self.portal = Limit(settings.portal_rate, settings.portal_burst)
+        self.ip = Limit(settings.ip_rate, settings.ip_burst)
+        self.failures = Limit(settings.failure_rate, settings.failure_burst)
+        proxies = settings.trusted_proxies
         self.trusted_proxies: int | tuple[Network, ...] = (
             proxies if isinstance(proxies, int) else parse_networks(proxies)
         )
-        self.exempt = parse_networks(settings.get("exempt", ()))
+        self.exempt = parse_networks(settings.exempt)
         #: portal tokens taken from shared buckets at a time (1: none leased; see check_portal)
         self.lease_size = (
             max(1, min(MAX_LEASE, int(self.portal.burst // 100))) if buckets.shared else 1
@@ -316,12 +317,10 @@ def after_request(response: Response) -> Response:
 
 def init_app(app: Flask, service: Service) -> None:
     """Install the limits of ``[rate_limit]`` on ``app`` (nothing when ``enabled = false``)."""
-    from ..config import RateLimitSchema
-
-    settings = service.config.get("rate_limit") or RateLimitSchema().load({})
-    if not settings["enabled"]:
+    settings = service.config.rate_limit
+    if not settings.enabled:
         return
-    buckets = make_buckets(settings, service.settings["queue_url"])
+    buckets = make_buckets(settings, service.settings.queue_url)
     app.extensions["b24sms.rate_limit"] = RateLimiter(settings, buckets)
     app.before_request(before_request)
     app.after_request(after_request)
