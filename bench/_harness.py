@@ -62,10 +62,12 @@ def service_config(
     *,
     database_url: str | None = None,
     queue_url: str | None = None,
+    provider: dict[str, Any] | None = None,
     **service: Any,
 ) -> Path:
     """The production defaults (``config/default.toml``'s shape: SQLite database and queue, one
-    log-only provider) pointed at ``workdir`` and the emulator's OAuth server."""
+    log-only provider) pointed at ``workdir`` and the emulator's OAuth server; ``provider``
+    (e.g. :func:`fake_gateway`'s) backs the provider CODE instead of the log gateway."""
     sections: dict[str, dict[str, Any]] = {
         "service": {
             "public_url": f"http://127.0.0.1:{port}",
@@ -79,7 +81,7 @@ def service_config(
             "client_secret": CLIENT_SECRET,
             "oauth_url": emulator.oauth_url,
         },
-        f"providers.{CODE}": {"plugin": "log", "name": "Log only (b24sms)"},
+        f"providers.{CODE}": provider or {"plugin": "log", "name": "Log only (b24sms)"},
     }
     if _knows_rate_limits():
         # The per-IP limit would refuse the bare endpoints' flood from one loopback client
@@ -252,6 +254,43 @@ def stop_all(procs: Sequence[Proc]) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+# -- a gateway with a real gateway's latency ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_gateway(latency_ms: float) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """The tests' fake SMS API (``tests/fakes/http_gateway.py``) on loopback, answering each
+    send after ``latency_ms`` with the final status ``delivered``; yields the fake (its
+    ``connections``, ``peak_in_flight``, ``messages``) and the ``http`` provider table that
+    sends to it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the fakes live with the tests, not in the package
+    from tests.fakes.http_gateway import FakeSmsApi
+
+    with FakeSmsApi(initial_status="delivered", delay=latency_ms / 1000.0) as api:
+        yield (
+            api,
+            api.provider(
+                name=f"HTTP gateway ({latency_ms:g} ms, loopback)",
+                response_status="messages.0.status",
+            ),
+        )
+
+
+def gateway_latencies(text: str | None) -> list[float | None]:
+    """``--gateway-latency 0,200`` → [0.0, 200.0]; none given → [None] (the log gateway)."""
+    if not text:
+        return [None]
+    values: list[float | None] = [float(v) for v in text.split(",") if v.strip()]
+    if not values or any(v is None or v < 0 for v in values):
+        raise SystemExit(f"--gateway-latency: milliseconds >= 0, comma-separated, not {text!r}")
+    return values
+
+
+def gateway_label(latency_ms: float | None) -> str:
+    return "log gateway" if latency_ms is None else f"http gateway, {latency_ms:g} ms"
 
 
 # -- the portal emulator ------------------------------------------------------------------------

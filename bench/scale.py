@@ -14,6 +14,12 @@ the ratio of each figure to the 1-worker run.
     python bench/scale.py                        # 5,000 messages, 1 portal, about 2.5 minutes
     python bench/scale.py --portals 4            # spread over 4 portals (4 REST buckets)
     python bench/scale.py --queue postgresql --workers 1,2
+    python bench/scale.py --portals 8 --gateway-latency 0,200   # a gateway answering in 200 ms
+
+``--gateway-latency MS[,MS…]`` sends through the ``http`` gateway to the tests' fake SMS API on
+loopback (answering after MS milliseconds, final status ``delivered``) instead of the log
+gateway; each latency runs with each worker count, and the ratios compare every column with
+the first worker count (same gateway) and with the first latency (same workers).
 """
 
 from __future__ import annotations
@@ -40,17 +46,30 @@ def queue_url(kind: str, database_url: str) -> Iterator[str]:
         yield database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def gateway(latency_ms: float | None) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    """The log gateway (None), or the loopback fake answering after ``latency_ms``."""
+    if latency_ms is None:
+        yield None, None
+    else:
+        with h.fake_gateway(latency_ms) as (fake, provider):
+            yield fake, provider
+
+
+def run(workers: int, latency_ms: float | None, args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"sc{secrets.token_hex(3)}-"
     with (
         h.scratch_dir(f"scale-{workers}") as tmp,
         h.emulator() as emu,
         h.scratch_postgres() as db_url,
         queue_url(args.queue, db_url) as q_url,
+        gateway(latency_ms) as (fake, provider),
     ):
         workdir = Path(tmp)
         port = h.free_port()
-        config = h.service_config(workdir, port, emu, database_url=db_url, queue_url=q_url)
+        config = h.service_config(
+            workdir, port, emu, database_url=db_url, queue_url=q_url, provider=provider
+        )
         procs: list[h.Proc] = []
         probe = h.DbProbe(db_url)
         try:
@@ -77,6 +96,9 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             result["rss_workers"] = [p.peak_rss_mb() for p in worker_procs]
             result["cpu_web"] = web.cpu_seconds()
             result["cpu_workers"] = sum(p.cpu_seconds() for p in worker_procs)
+            if fake is not None:
+                result["gateway_connections"] = fake.connections
+                result["gateway_peak_in_flight"] = fake.peak_in_flight
             for p in worker_procs:
                 if not p.alive:
                     raise RuntimeError(f"{p.name} died:\n{p.tail()}")
@@ -84,10 +106,12 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             probe.close()
             h.stop_all(procs)
     result["workers"] = workers
+    result["latency"] = latency_ms
     if not result["complete"]:
         print(
-            f"warning: {workers} worker(s): only {result['final_at_portal']:,} of "
-            f"{args.messages:,} final at the portal within {args.timeout:g}s",
+            f"warning: {workers} worker(s), {h.gateway_label(latency_ms)}: only "
+            f"{result['final_at_portal']:,} of {args.messages:,} final at the portal "
+            f"within {args.timeout:g}s",
             file=sys.stderr,
         )
     return result
@@ -107,9 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--queue", choices=("redis", "postgresql"), default="redis")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--gateway-latency",
+        metavar="MS[,MS…]",
+        default=None,
+        help="send through the http gateway to a loopback fake answering after MS "
+        "milliseconds instead of the log gateway; several values: each with every worker count",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
+    latencies = h.gateway_latencies(args.gateway_latency)
     reason = h.unavailable_services()
     if reason:
         print(f"scale: cannot run, {reason}", file=sys.stderr)
@@ -119,17 +151,41 @@ def main(argv: list[str] | None = None) -> int:
         f"# scale: {args.messages:,} messages over {args.portals} portal(s) (2 requests/s, "
         f"burst 50 each); PostgreSQL, {args.queue} queue, gunicorn -w {args.web_workers} "
         f"--threads {args.web_threads}, "
-        f"b24sms worker × {', '.join(map(str, counts))}"
+        f"b24sms worker × {', '.join(map(str, counts))}; "
+        f"{' / '.join(h.gateway_label(v) for v in latencies)}"
     )
     print(h.machine())
-    results = [run(n, args) for n in counts]
-    base = results[0]
+    results = [run(n, latency, args) for latency in latencies for n in counts]
+    by_key = {(r["latency"], r["workers"]): r for r in results}
 
     def rate(r: dict[str, Any], key: str) -> float:
         seconds = r.get(key)
         return r["messages"] / seconds if seconds else float("nan")
 
-    headers = ["figure"] + [f"{r['workers']} worker(s)" for r in results]
+    def ratios(key: str) -> None:
+        """Each column's rate ÷ the first worker count's with the same gateway, and ÷ the
+        first gateway's with the same worker count (when several were run)."""
+        add(
+            f"  ÷ {counts[0]} worker(s), same gateway",
+            [
+                f"{rate(r, key) / rate(by_key[(r['latency'], counts[0])], key):.2f}×"
+                for r in results
+            ],
+        )
+        if len(latencies) > 1:
+            add(
+                f"  ÷ {h.gateway_label(latencies[0])}, same workers",
+                [
+                    f"{rate(r, key) / rate(by_key[(latencies[0], r['workers'])], key):.2f}×"
+                    for r in results
+                ],
+            )
+
+    def column(r: dict[str, Any]) -> str:
+        label = f"{r['workers']} worker(s)"
+        return label if len(latencies) == 1 else f"{label}, {h.gateway_label(r['latency'])}"
+
+    headers = ["figure"] + [column(r) for r in results]
     rows: list[list[Any]] = []
 
     def add(label: str, values: list[Any]) -> None:
@@ -146,16 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     add("all sent by the gateway after (s)", [r["gateway_seconds"] or "-" for r in results])
     add("gateway messages per second", [rate(r, "gateway_seconds") for r in results])
-    add(
-        "  ÷ 1 worker",
-        [f"{rate(r, 'gateway_seconds') / rate(base, 'gateway_seconds'):.2f}×" for r in results],
-    )
+    ratios("gateway_seconds")
     add("total time to the last final status (s)", [r["total_seconds"] or "-" for r in results])
     add("messages per second, end to end", [rate(r, "total_seconds") for r in results])
-    add(
-        "  ÷ 1 worker",
-        [f"{rate(r, 'total_seconds') / rate(base, 'total_seconds'):.2f}×" for r in results],
-    )
+    ratios("total_seconds")
+    if latencies != [None]:
+        add(
+            "connections the gateway accepted / most sends in flight at once",
+            [
+                f"{r.get('gateway_connections', '-')} / {r.get('gateway_peak_in_flight', '-')}"
+                for r in results
+            ],
+        )
     add("REST requests", [r["requests"] for r in results])
     add(
         "status updates per REST request",

@@ -215,6 +215,7 @@ class SmtpPool:
         self.wait = wait
         self._idle: list[PooledConnection] = []
         self._open = 0
+        self._closed = False
         self._changed = threading.Condition()
 
     def acquire(self) -> PooledConnection:
@@ -223,11 +224,14 @@ class SmtpPool:
         with self._changed:
             if not self._changed.wait_for(lambda: self._idle or self._open < self.size, self.wait):
                 raise PoolBusy(f"all {self.size} SMTP connections stayed busy")
-            if not self._idle:
-                self._open += 1
-                return self._new_in_slot()
-            conn = self._idle.pop()
-        if time.monotonic() - conn.opened >= self.max_age or not self._alive(conn):
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self._open += 1  # the slot is taken now; the connection is opened unlocked
+        if conn is None:
+            return self._new_in_slot()
+        if time.monotonic() - conn.opened >= self.max_age:
+            return self.replace(conn, polite=True)
+        if not self._alive(conn):
             return self.replace(conn)
         return conn
 
@@ -250,27 +254,34 @@ class SmtpPool:
                 self._changed.notify()
             raise
 
-    def replace(self, conn: PooledConnection) -> PooledConnection:
-        """Close ``conn`` and open a fresh connection in its place."""
-        _quit(conn.smtp)
+    def replace(self, conn: PooledConnection, *, polite: bool = False) -> PooledConnection:
+        """Close ``conn`` (with QUIT when ``polite``: it still works) and open a fresh
+        connection in its place."""
+        if polite:
+            _quit(conn.smtp)
+        else:
+            conn.smtp.close()
         return self._new_in_slot()
 
     def release(self, conn: PooledConnection, *, reusable: bool) -> None:
-        """Take ``conn`` back for the next send, or close it when it is not ``reusable``."""
+        """Take ``conn`` back for the next send, or close it when it is not ``reusable``
+        (without QUIT: after a timeout that would wait as long again)."""
         if reusable:
             conn.used, conn.reused = time.monotonic(), True
             with self._changed:
-                self._idle.append(conn)
-                self._changed.notify()
-            return
-        _quit(conn.smtp)
+                if not self._closed:
+                    self._idle.append(conn)
+                    self._changed.notify()
+                    return
+        conn.smtp.close()
         with self._changed:
             self._open -= 1
             self._changed.notify()
 
     def close(self) -> None:
-        """Close the idle connections (those lent out close when they come back)."""
+        """Close the idle connections; those lent out are closed when they come back."""
         with self._changed:
+            self._closed = True
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._changed.notify_all()

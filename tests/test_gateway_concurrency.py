@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 from marshmallow import RAISE
 
-from b24sms.gateway import Gateway, GatewayContext, OutgoingMessage, SendResult
+from b24sms.gateway import (
+    Gateway,
+    GatewayContext,
+    OutgoingMessage,
+    PermanentGatewayError,
+    RetryableGatewayError,
+    SendResult,
+)
 from b24sms.plugins import PluginError, build_gateways, gateway_types, make_plugin_manager
 from tests.fakes.http_gateway import FakeSmsApi
 from tests.fakes.smtp_server import LoopbackController, Recorder
@@ -215,7 +222,7 @@ def test_http_a_failed_send_is_not_remembered_under_its_key(build, api):
     api.idempotency_header = "Idempotency-Key"
     gateway = build("http", http_options(api, idempotency_header="Idempotency-Key"))
     api.fail_next(503)
-    with pytest.raises(Exception, match="503"):
+    with pytest.raises(RetryableGatewayError, match="503"):
         gateway.send(message(3))
     gateway.send(message(3))  # the retry: the gateway never took the first one
     assert [m["text"] for m in api.messages] == ["message number 3"]
@@ -326,6 +333,28 @@ def test_email_connection_dropped_while_idle_is_replaced(build, smtp_server):
     assert recorder.connections == 2
 
 
+def test_email_421_at_mail_from_on_a_reused_connection_goes_out_on_a_fresh_one(build, smtp_server):
+    recorder, controller = smtp_server()
+    gateway = build("email", email_options(controller))
+    gateway.send(message(1))
+    # The server ends the reused connection at MAIL FROM (too many mails on one connection).
+    recorder.mail_answers.append("421 4.7.0 too many messages on this connection")
+    gateway.send(message(2))
+    assert mail_bodies(recorder) == expected_bodies(1, 2)
+    assert recorder.connections == 2
+
+
+def test_email_421_at_mail_from_on_a_fresh_connection_is_retryable(build, smtp_server):
+    recorder, controller = smtp_server()
+    gateway = build("email", email_options(controller))
+    recorder.mail_answers.append("421 4.7.0 try again later")
+    with pytest.raises(RetryableGatewayError) as info:
+        gateway.send(message(1))  # a fresh connection: not tried again here, the core retries
+    assert info.value.code == "421"
+    assert recorder.mails == []
+    assert recorder.connections == 1
+
+
 @pytest.mark.parametrize(
     ("server", "options", "noop_after", "before", "after"),
     [
@@ -359,7 +388,7 @@ def test_email_refused_recipient_keeps_the_connection(build, smtp_server):
     recorder, controller = smtp_server()
     gateway = build("email", email_options(controller))
     recorder.rcpt_answer = "550 5.1.1 no such user"
-    with pytest.raises(Exception, match="550"):
+    with pytest.raises(PermanentGatewayError, match="550"):
         gateway.send(message(1))
     recorder.rcpt_answer = None
     gateway.send(message(2))
@@ -368,8 +397,6 @@ def test_email_refused_recipient_keeps_the_connection(build, smtp_server):
 
 
 def test_email_all_connections_busy_is_retryable(build, smtp_server):
-    from b24sms.gateway import RetryableGatewayError
-
     recorder, controller = smtp_server()
     gateway = build("email", email_options(controller, max_connections=1, timeout=0.3))
     held = gateway._pool.acquire()  # another send holds the only connection

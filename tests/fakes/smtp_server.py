@@ -27,10 +27,19 @@ class Recorder:
     mails: list[Any] = field(default_factory=list)
     rcpt_answer: str | None = None
     data_answer: str | None = None
+    #: answers for the next MAIL FROM commands, one each (e.g. "421 4.7.0 too many messages")
+    mail_answers: list[str] = field(default_factory=list)
     #: SMTP connections accepted (counted by :class:`LoopbackController`'s server)
     connections: int = 0
     #: the client (host, port) of each kept mail's connection
     peers: list[tuple[str, int]] = field(default_factory=list)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_answers:
+            return self.mail_answers.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.rcpt_answer:
