@@ -335,7 +335,9 @@ class Bitrix24Client:
         try:
             response, final_url = redirects.follow_redirects(url, response, send)
         except redirects.TooManyRedirects as exc:
-            raise RedirectRefused("REDIRECT_REFUSED", str(exc), response.status_code) from None
+            refused = RedirectRefused("REDIRECT_REFUSED", str(exc), response.status_code)
+            refused.location = response.headers.get("Location")
+            raise refused from None
         moved = redirects.moved_endpoint(endpoint, method, final_url)
         if moved is not None and 200 <= response.status_code < 300:
             # Only an answer that worked proves the new address is the portal.
