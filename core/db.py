@@ -76,7 +76,7 @@ class Database:
             with self._sessions() as session, session.begin():
                 yield session
         finally:
-            if locked:
+            if lock is not None and locked:
                 lock.release()
 
     @contextlib.contextmanager
@@ -90,7 +90,7 @@ class Database:
                 yield conn
                 counts.apply(conn)
         finally:
-            if locked:
+            if lock is not None and locked:
                 lock.release()
 
     @contextlib.contextmanager
@@ -112,7 +112,9 @@ class Database:
                 if self.is_sqlite and not conn.invalidated:
                     # On the driver's connection: through SQLAlchemy it would begin a
                     # transaction first, and a write transaction cannot begin while query_only.
-                    conn.connection.driver_connection.execute("PRAGMA query_only=0")
+                    driver = conn.connection.driver_connection
+                    assert driver is not None  # a checked-out, valid connection
+                    driver.execute("PRAGMA query_only=0")
                     conn.info.pop(_QUERY_ONLY, None)
 
     def optimize(self) -> None:

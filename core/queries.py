@@ -161,7 +161,7 @@ def known_codes(portal_id: int) -> Select[Any]:
     return select(ProviderRegistration.code).where(ProviderRegistration.portal_id == portal_id)
 
 
-def to_redact(cutoff: dt.datetime, limit: int) -> Select[Any]:
+def to_redact(cutoff: dt.datetime, limit: int | None) -> Select[Any]:
     """Retention: final messages created before ``cutoff`` whose body and numbers are kept."""
     return (
         select(Message.id)
@@ -171,7 +171,7 @@ def to_redact(cutoff: dt.datetime, limit: int) -> Select[Any]:
     )
 
 
-def to_delete(cutoff: dt.datetime, limit: int) -> Select[Any]:
+def to_delete(cutoff: dt.datetime, limit: int | None) -> Select[Any]:
     """Retention: final messages created before ``cutoff``, oldest first."""
     return (
         select(Message.id)

@@ -23,9 +23,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, Table, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import counts, queries
@@ -45,6 +45,8 @@ from .models import (
 from .statuses import FAILED
 
 if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
+
     from .db import Database
     from .service import Service
 
@@ -157,7 +159,7 @@ def _delete_batch(session: Session, selection: Select[Any]) -> int:
     final_ids = select(Message.id).where(Message.id.in_(ids), queries.final())
     session.execute(delete(StatusEvent).where(StatusEvent.message_pk.in_(final_ids)))
     session.execute(delete(OutboxEntry).where(OutboxEntry.message_pk.in_(final_ids)))
-    table = Message.__table__
+    table = cast(Table, Message.__table__)
     deleted = session.execute(
         delete(table)
         .where(table.c.id.in_(ids), queries.final())
@@ -176,19 +178,22 @@ def _redact_batch(session: Session, cutoff: dt.datetime, batch_size: int, now: d
     ids = session.scalars(queries.to_redact(cutoff, batch_size)).all()
     if not ids:
         return 0
-    table = Message.__table__
-    result = session.execute(
-        update(table)
-        .where(table.c.id.in_(ids), queries.final())
-        .values(
-            body="",
-            to_raw="",
-            to=None,
-            context={},
-            redacted_at=now,
-            # not a change of the message's state: keep what updated_at says
-            updated_at=table.c.updated_at,
-        )
+    table = cast(Table, Message.__table__)
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(table)
+            .where(table.c.id.in_(ids), queries.final())
+            .values(
+                body="",
+                to_raw="",
+                to=None,
+                context={},
+                redacted_at=now,
+                # not a change of the message's state: keep what updated_at says
+                updated_at=table.c.updated_at,
+            )
+        ),
     )
     return int(result.rowcount or 0)
 

@@ -8,6 +8,8 @@ Create Date: 2026-12-02 02:40:00
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -50,9 +52,9 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("redacted_at", sa.DateTime(), nullable=True))
     for name, columns, where in INDEXES:
-        condition = {} if where is None else {"sqlite_where": sa.text(where)}
+        condition: dict[str, Any] = {}
         if where is not None:
-            condition["postgresql_where"] = sa.text(where)
+            condition = {"sqlite_where": sa.text(where), "postgresql_where": sa.text(where)}
         op.create_index(name, "messages", columns, unique=False, **condition)
     op.drop_index("ix_messages_portal_created", table_name="messages")
 
