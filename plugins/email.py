@@ -390,7 +390,10 @@ class EmailGateway(Gateway):
         return SendResult(external_id=mail["Message-ID"], raw_status="250", status=SENT)
 
     def _send_pooled(self, mail: EmailMessage) -> None:
-        conn: PooledConnection | None = self._pool.acquire()
+        conn = self._pool.acquire()
+        #: the connection to give back to the pool at the end (None: replace() failed and
+        #: gave its slot back itself)
+        held: PooledConnection | None = conn
         reusable = False
         try:
             try:
@@ -400,8 +403,8 @@ class EmailGateway(Gateway):
                     raise stale.__cause__ or stale from None
                 # Dropped while idle, before it took anything: once more on a fresh one.
                 self.logger.debug("SMTP connection was closed by the server; reconnecting")
-                stale_conn, conn = conn, None  # replace() gives the slot back if it fails
-                conn = self._pool.replace(stale_conn)
+                held = None  # replace() gives the slot back if it fails
+                conn = held = self._pool.replace(conn)
                 try:
                     conn.smtp.send_message(mail)
                 except _StaleConnection as again:
@@ -416,8 +419,8 @@ class EmailGateway(Gateway):
             reusable = True
             raise
         finally:
-            if conn is not None:
-                self._pool.release(conn, reusable=reusable)
+            if held is not None:
+                self._pool.release(held, reusable=reusable)
 
     def close(self) -> None:
         """Close the pooled SMTP connections."""
