@@ -260,6 +260,17 @@ class RetentionSchema(Schema):
     batch_size = fields.Integer(load_default=500, validate=validate.Range(min=1, max=10_000))
 
 
+class AppPageSchema(Schema):
+    """``[app_page]``: the page a portal's users open inside Bitrix24 (b24sms.web.app_page)."""
+
+    class Meta:
+        unknown = RAISE
+
+    #: test messages one portal may send from the page per hour, counted in the shared
+    #: database so every process agrees (0: none); each one is paid for on the gateway
+    test_messages_per_hour = fields.Integer(load_default=10, validate=validate.Range(min=0))
+
+
 class ConfigSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -270,6 +281,7 @@ class ConfigSchema(Schema):
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
     rate_limit = fields.Nested(RateLimitSchema, load_default=lambda: RateLimitSchema().load({}))
     retention = fields.Nested(RetentionSchema, load_default=lambda: RetentionSchema().load({}))
+    app_page = fields.Nested(AppPageSchema, load_default=lambda: AppPageSchema().load({}))
 
 
 def first_error(messages: Any, prefix: str = "", *, brackets: bool = False) -> tuple[str, str]:
