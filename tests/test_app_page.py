@@ -555,6 +555,15 @@ def test_test_messages_are_capped_per_portal_across_processes(live_app, emulator
     assert send_test_message(two, other_page.text).status_code == 200
 
 
+def test_test_messages_can_be_turned_off(live_app, emulator):
+    server = live_app(providers=PROVIDERS, app_page={"test_messages_per_hour": 0})
+    portal = installed_portal(server, emulator)
+    answer = send_test_message(server, open_page(server, portal.placement_auth()).text)
+    assert answer.status_code == 429 and "Test messages are turned off here" in answer.text
+    with db_of(server).session() as session:
+        assert session.scalar(select(func.count()).select_from(Message)) == 0
+
+
 def test_test_message_needs_the_form_token(live_app, emulator):
     server = live_app(providers=PROVIDERS)
     portal = installed_portal(server, emulator)

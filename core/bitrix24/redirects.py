@@ -72,7 +72,7 @@ def _is_global(host: str | None) -> bool:
         infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return False
-    addresses = {info[4][0].split("%", 1)[0] for info in infos}
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}  # IPv6: no "%scope"
     return bool(addresses) and all(ipaddress.ip_address(a).is_global for a in addresses)
 
 

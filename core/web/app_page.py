@@ -170,11 +170,14 @@ def test_message_cap(session: PageSession, domain: str, form: Mapping[str, str])
     if count < cap:
         return None
     retry_after = 3600 if oldest is None else max(1, int((oldest - since).total_seconds()) + 1)
-    reason = (
-        f"This account sent {count} test messages in the last hour; "
-        f"at most {cap} are allowed ([app_page] test_messages_per_hour). "
-        f"Try again in {(retry_after + 59) // 60} minutes."
-    )
+    if cap == 0:
+        reason = "Test messages are turned off here ([app_page] test_messages_per_hour = 0)."
+    else:
+        reason = (
+            f"This account sent {count} test messages in the last hour; "
+            f"at most {cap} are allowed ([app_page] test_messages_per_hour). "
+            f"Try again in {(retry_after + 59) // 60} minutes."
+        )
     if _wants_json():
         response = current_app.response_class(
             json.dumps({"error": "too_many_test_messages", "message": reason}),
