@@ -53,6 +53,10 @@ FLUSH_DEBOUNCE = 0.5
 SEND_CHUNK = 4
 #: a "flush pending" marker whose task should have started this long ago is considered lost
 FLUSH_MARKER_GRACE = 60.0
+#: a "reconcile pending" marker this long past its task's due time belongs to a lost task; long,
+#: as reconciles run below sends and may wait behind a backlog (the periodic reconcile catches
+#: up with what a lost one missed)
+RECONCILE_MARKER_GRACE = 600.0
 #: huey priorities (higher first): reporting must not wait behind thousands of queued sends
 PRIORITY_FLUSH = 20
 PRIORITY_SWEEP = 10
@@ -388,7 +392,7 @@ class Queue:
         if not self.huey.put_if_empty(key, eta):
             pending = self.huey.get(key, peek=True)
             # A marker whose task should have started long ago belongs to a lost task.
-            if pending is not None and now <= float(pending) + FLUSH_MARKER_GRACE:
+            if pending is not None and now <= float(pending) + RECONCILE_MARKER_GRACE:
                 return False
             self.huey.put(key, eta)
         try:

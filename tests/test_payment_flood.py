@@ -140,3 +140,20 @@ def test_reconcile_runs_below_sends(tmp_path):
         assert svc.queue.huey.dequeue() is None
     finally:
         svc.close()
+
+
+def test_a_reconcile_marker_of_a_lost_task_is_replaced(tmp_path):
+    from b24sms.queue import RECONCILE_MARKER_GRACE
+    from tests.helpers import build_service
+
+    svc = build_service(tmp_path, service={"queue_url": f"sqlite:///{tmp_path}/queue.sqlite3"})
+    try:
+        huey = svc.queue.huey
+        assert svc.queue.enqueue_reconcile(3) is True
+        assert huey.dequeue().name == "reconcile_portal"  # taken, then lost with its worker
+        assert svc.queue.enqueue_reconcile(3) is False  # the marker still says "pending"
+        huey.put("reconcile-pending:3", time.time() - RECONCILE_MARKER_GRACE - 1)
+        assert svc.queue.enqueue_reconcile(3) is True
+        assert queued_reconciles(huey) == 1
+    finally:
+        svc.close()
