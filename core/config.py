@@ -140,6 +140,13 @@ class RetentionConfig:
     batch_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class AppPageConfig:
+    """``[app_page]``: the page a portal's users open inside Bitrix24."""
+
+    test_messages_per_hour: int
+
+
 #: ``name`` / ``description``: one string, or language → text (a plain dict, so that it goes
 #: into Bitrix24's JSON as it is; typed read-only)
 LocalizedText = str | Mapping[str, str]
@@ -172,6 +179,7 @@ class Config:
     metrics: MetricsConfig
     rate_limit: RateLimitConfig
     retention: RetentionConfig
+    app_page: AppPageConfig
     #: where it came from, for error messages
     filename: str = "<config>"
 
@@ -463,6 +471,21 @@ class RetentionSchema(Schema):
         return RetentionConfig(**data)
 
 
+class AppPageSchema(Schema):
+    """``[app_page]``: the page a portal's users open inside Bitrix24 (b24sms.web.app_page)."""
+
+    class Meta:
+        unknown = RAISE
+
+    #: test messages one portal may send from the page per hour, counted in the shared
+    #: database so every process agrees (0: none); each one is paid for on the gateway
+    test_messages_per_hour = fields.Integer(load_default=10, validate=validate.Range(min=0))
+
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> AppPageConfig:
+        return AppPageConfig(**data)
+
+
 class ConfigSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -473,6 +496,7 @@ class ConfigSchema(Schema):
     metrics = fields.Nested(MetricsSchema, load_default=lambda: MetricsSchema().load({}))
     rate_limit = fields.Nested(RateLimitSchema, load_default=lambda: RateLimitSchema().load({}))
     retention = fields.Nested(RetentionSchema, load_default=lambda: RetentionSchema().load({}))
+    app_page = fields.Nested(AppPageSchema, load_default=lambda: AppPageSchema().load({}))
 
     @post_load
     def build(self, data: dict[str, Any], **kwargs: Any) -> Config:
@@ -514,6 +538,7 @@ class ConfigSchema(Schema):
             metrics=data["metrics"],
             rate_limit=limits,
             retention=data["retention"],
+            app_page=data["app_page"],
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+#: characters a terminal or log viewer may take for the end of a line, or for a command
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``…)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, one record a line whatever the record holds.
+
+    Messages carry text from requests (paths, form fields, errors quoting them): a newline in it
+    would start a line that looks like a record of its own (``POST /x%0A2026-… ERROR …``), so
+    control characters in the line are escaped. A traceback keeps its lines, each indented, so
+    a line starting in the first column is always the start of a record.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line, then its traceback and stack, if any, indented."""
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = escape_controls(self.formatMessage(record))
+        # exc_text may come from another handler's formatter (logging caches it on the record):
+        # indented here, at output, so it is indented whoever made it.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for part in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if part:
+                text += "\n" + _indented(part)
+        return text
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_controls(line) for line in text.splitlines())
+
+
 def configure(settings: ServiceConfig) -> None:
     """Install one handler on the root logger (idempotent: tests build many apps).
 
@@ -56,7 +95,7 @@ def configure(settings: ServiceConfig) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     # urllib3 logs whole URLs (query strings can hold API keys) at DEBUG: keep it quieter.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger("urllib3").level))

@@ -53,10 +53,17 @@ FLUSH_DEBOUNCE = 0.5
 SEND_CHUNK = 4
 #: a "flush pending" marker whose task should have started this long ago is considered lost
 FLUSH_MARKER_GRACE = 60.0
+#: a "reconcile pending" marker this long past its task's due time belongs to a lost task; long,
+#: as reconciles run below sends and may wait behind a backlog (the periodic reconcile catches
+#: up with what a lost one missed)
+RECONCILE_MARKER_GRACE = 600.0
 #: huey priorities (higher first): reporting must not wait behind thousands of queued sends
 PRIORITY_FLUSH = 20
 PRIORITY_SWEEP = 10
 PRIORITY_SEND = 0
+#: below sends: a reconcile (several REST calls to a portal) never delays another portal's SMS,
+#: however many are queued (ONAPPPAYMENT, which anyone can post, asks for one)
+PRIORITY_RECONCILE = -10
 
 #: immediate mode: a delayed task due within this many seconds runs inline after a sleep;
 #: later ones wait in memory for :meth:`Queue.drain`
@@ -155,6 +162,14 @@ def enqueue_or_log(enqueue: Callable[..., Any], *args: Any, **kwargs: Any) -> bo
 
 def _flush_marker(portal_id: int) -> str:
     return f"flush-pending:{portal_id}"
+
+
+def _reconcile_marker(portal_id: int) -> str:
+    return f"reconcile-pending:{portal_id}"
+
+
+def _reconcile_started(portal_id: int) -> str:
+    return f"reconcile-started:{portal_id}"
 
 
 class EmbeddedConsumer:
@@ -296,10 +311,13 @@ class Queue:
                     portal_id, delay=report.retry_in, coalesce=report.stopped is not None
                 )
 
-        @huey.task(name="reconcile_portal", priority=PRIORITY_SWEEP)
+        @huey.task(name="reconcile_portal", priority=PRIORITY_RECONCILE)
         def reconcile_portal(portal_id: int) -> None:
             from .registration import sync_portal
 
+            # As flush_outbox: a request from now on queues a new reconcile (spaced after this
+            # start, see enqueue_reconcile), so none is lost while this one runs.
+            self._mark_reconcile_started(portal_id)
             with contextlib.suppress(LookupError):  # uninstalled with CLEAN meanwhile
                 sync_portal(service, portal_id)
 
@@ -329,7 +347,7 @@ class Queue:
 
             periodic(service)
 
-        @huey.periodic_task(lambda timestamp: True, name="reconcile", priority=PRIORITY_SWEEP)
+        @huey.periodic_task(lambda timestamp: True, name="reconcile", priority=PRIORITY_RECONCILE)
         def reconcile_task() -> None:
             from .registration import reconcile_due
 
@@ -346,9 +364,50 @@ class Queue:
         """Ask a worker to deliver a message now, or after ``delay`` seconds."""
         self._submit(self.send_message, (message_pk,), delay)
 
-    def enqueue_reconcile(self, portal_id: int) -> None:
-        """Ask a worker to reconcile one portal's providers and event bindings now."""
-        self._submit(self.reconcile_portal, (portal_id,), None)
+    def enqueue_reconcile(
+        self, portal_id: int, *, spacing: float = 0.0, last_done: float | None = None
+    ) -> bool:
+        """Ask a worker to reconcile one portal's providers and event bindings, at most once per
+        pending request (coalesced with a marker, as :meth:`enqueue_flush`).
+
+        :param spacing: seconds to keep between two reconciles of the portal: the task runs no
+            earlier than ``spacing`` after the last one started here or ``last_done``.
+        :param last_done: epoch seconds of the portal's last finished reconcile, if known.
+        :returns: True when a task was enqueued, False when one is pending already.
+        """
+        now = time.time()
+        eta = now
+        if spacing > 0:
+            started = self._reconcile_started(portal_id)
+            for last in (started, last_done):
+                if last is not None:
+                    eta = max(eta, last + spacing)
+        self._ensure_schema()
+        key = _reconcile_marker(portal_id)
+        if not self.huey.put_if_empty(key, eta):
+            pending = self.huey.get(key, peek=True)
+            # A marker whose task should have started long ago belongs to a lost task.
+            if pending is not None and now <= float(pending) + RECONCILE_MARKER_GRACE:
+                return False
+            self.huey.put(key, eta)
+        try:
+            self._submit(self.reconcile_portal, (portal_id,), eta - now)
+        except Exception:
+            self._clear_marker(key)
+            raise
+        return True
+
+    def _mark_reconcile_started(self, portal_id: int) -> None:
+        try:
+            self.huey.put(_reconcile_started(portal_id), time.time())
+        except Exception:
+            log.exception("could not note the reconcile start of portal %s", portal_id)
+        self._clear_marker(_reconcile_marker(portal_id))
+
+    def _reconcile_started(self, portal_id: int) -> float | None:
+        self._ensure_schema()
+        started = self.huey.get(_reconcile_started(portal_id), peek=True)
+        return None if started is None else float(started)
 
     def enqueue_sends(self, message_pks: list[int]) -> None:
         """Ask a worker to deliver new messages now: one task for all of them."""
@@ -403,10 +462,13 @@ class Queue:
         return False
 
     def _clear_flush_marker(self, portal_id: int) -> None:
+        self._clear_marker(_flush_marker(portal_id))
+
+    def _clear_marker(self, key: str) -> None:
         try:
-            self.huey.delete(_flush_marker(portal_id))
+            self.huey.delete(key)
         except Exception:
-            log.exception("could not clear the flush marker of portal %s", portal_id)
+            log.exception("could not clear the queue marker %s", key)
 
     def _submit(self, task: TaskWrapper, args: tuple[Any, ...], delay: float | None) -> None:
         if self.immediate:

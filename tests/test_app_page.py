@@ -515,6 +515,55 @@ def test_test_message_form_problems_are_explained(live_app, emulator, change, pr
         assert session.scalar(select(func.count()).select_from(Message)) == 0
 
 
+def send_test_message(server, page_html: str, **headers: str) -> requests.Response:
+    form = {
+        "s": session_token(page_html),
+        "t": send_token(page_html),
+        "code": "smslog",
+        "to": "+14155550100",
+        "body": "Testing",
+    }
+    return requests.post(f"{server.url}/app/test-message", data=form, headers=headers, timeout=10)
+
+
+def test_test_messages_are_capped_per_portal_across_processes(live_app, emulator):
+    # Two servers on one database stand for two processes: the count lives in the database.
+    cap = {"app_page": {"test_messages_per_hour": 3}}
+    one = live_app(providers=PROVIDERS, **cap)
+    two = live_app(providers=PROVIDERS, **cap)
+    portal = installed_portal(one, emulator)
+    page = open_page(one, portal.placement_auth())
+    for server in (one, two, one):
+        answer = send_test_message(server, page.text)
+        assert answer.status_code == 200 and "stored and handed to smslog" in answer.text
+        page = answer  # each answer carries the next form token
+
+    refused = send_test_message(two, page.text)
+    assert refused.status_code == 429
+    assert "at most 3 are allowed" in refused.text and "test_messages_per_hour" in refused.text
+    assert 3000 < int(refused.headers["Retry-After"]) <= 3601
+    as_json = send_test_message(one, refused.text, Accept="application/json")
+    assert as_json.status_code == 429
+    assert as_json.json()["error"] == "too_many_test_messages"
+    with db_of(one).session() as session:
+        stored = select(func.count()).where(Message.message_id.like("test-%"))
+        assert session.scalar(stored) == 3
+
+    # Another portal has a count of its own.
+    other = installed_portal(one, emulator)
+    other_page = open_page(one, other.placement_auth())
+    assert send_test_message(two, other_page.text).status_code == 200
+
+
+def test_test_messages_can_be_turned_off(live_app, emulator):
+    server = live_app(providers=PROVIDERS, app_page={"test_messages_per_hour": 0})
+    portal = installed_portal(server, emulator)
+    answer = send_test_message(server, open_page(server, portal.placement_auth()).text)
+    assert answer.status_code == 429 and "Test messages are turned off here" in answer.text
+    with db_of(server).session() as session:
+        assert session.scalar(select(func.count()).select_from(Message)) == 0
+
+
 def test_test_message_needs_the_form_token(live_app, emulator):
     server = live_app(providers=PROVIDERS)
     portal = installed_portal(server, emulator)

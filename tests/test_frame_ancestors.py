@@ -71,3 +71,19 @@ def test_the_not_signed_in_page_has_no_portal_to_name(live_app):
     assert response.status_code == 401
     # one sentence, no form or link: shown wherever it is framed
     assert frame_ancestors(response) == "*" and "<form" not in response.text
+
+
+def test_scripts_only_from_bitrix24_over_https(live_app, emulator):
+    server = live_app(providers=LOG_ONLY)
+    portal = emulator.add_portal()
+    assert portal.install(server.url).status_code == 200
+    page = open_page(server, portal.placement_auth())
+    assert page.status_code == 200
+    policy = page.headers["Content-Security-Policy"]
+    sources = re.search(r"script-src ([^;]*)", policy).group(1).split()
+    assert [s for s in sources if not s.startswith("'nonce-")] == ["https://api.bitrix24.com"]
+    assert "http://api.bitrix24.com" not in policy
+    # the library the page loads is the one the policy allows, not a scheme-relative address
+    # that an http page would fetch over http
+    assert '"https://api.bitrix24.com/api/v1/"' in page.text
+    assert '"//api.bitrix24.com' not in page.text

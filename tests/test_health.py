@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from b24sms.web.health import Probe
+from b24sms.web.health import PROBE_FRESH, Probe
 
 
 def _mount(*args: str) -> None:
@@ -50,8 +52,15 @@ def on_disk(folder: Path) -> dict:
     }
 
 
+_last_check = [0.0]
+
+
 def health(server) -> tuple[int, dict]:
+    # A result under PROBE_FRESH seconds old answers without a new write: wait it out, so each
+    # call sees the disk as it is now.
+    time.sleep(max(0.0, _last_check[0] + PROBE_FRESH - time.monotonic()))
     response = requests.get(f"{server.url}/healthz", timeout=30)
+    _last_check[0] = time.monotonic()
     return response.status_code, response.json()["checks"]
 
 
@@ -128,7 +137,7 @@ def test_a_hanging_probe_times_out_and_is_not_started_twice():
         started.append(1)
         release.wait(10)
 
-    probe = Probe("test")
+    probe = Probe("test", fresh=0.0)  # no reuse of results: each run below probes anew
     assert probe.run(hanging, timeout=0.2) == "unavailable (no write within 0.2 s)"
     assert probe.run(hanging, timeout=0.2).startswith("unavailable (an earlier probe")
     assert started == [1]
@@ -136,6 +145,45 @@ def test_a_hanging_probe_times_out_and_is_not_started_twice():
     probe._running.join(5)  # type: ignore[union-attr]
     assert probe.run(lambda: None) == "ok"
     assert probe.run(lambda: 1 / 0) == "unavailable (ZeroDivisionError)"
+
+
+def test_callers_during_a_probe_share_its_result_and_a_fresh_one_is_reused():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow() -> None:
+        calls.append(1)
+        release.wait(5)
+
+    probe = Probe("test", fresh=60.0)
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(probe.run, slow, 5.0) for _ in range(4)]
+        time.sleep(0.2)  # every caller is waiting on the one probe
+        release.set()
+        assert [a.result() for a in answers] == ["ok"] * 4
+    assert calls == [1]
+    assert probe.run(lambda: 1 / 0) == "ok"  # under `fresh` seconds old: no new write
+    assert calls == [1]
+    assert Probe("other", fresh=0.0).run(lambda: 1 / 0) == "unavailable (ZeroDivisionError)"
+
+
+def test_concurrent_health_checks_on_a_healthy_service_all_answer_200(live_app, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = live_app(service=on_disk(tmp_path))
+    barrier = threading.Barrier(8)
+
+    def check(_: int) -> int:
+        barrier.wait(10)
+        return requests.get(f"{server.url}/healthz", timeout=30).status_code
+
+    for _ in range(2):
+        time.sleep(PROBE_FRESH + 0.1)  # each round probes anew, not from the last result
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(check, range(8))) == [200] * 8
 
 
 def test_the_probes_write_on_postgresql_and_redis(live_app, postgres_url, redis_url):

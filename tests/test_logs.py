@@ -166,3 +166,45 @@ def test_status_log_registers_once():
 )
 def test_mask_number(number, masked):
     assert logs.mask_number(number) == masked
+
+
+FORGED = "2026-01-01 00:00:00,000 ERROR b24sms.web: forged"
+
+
+def test_a_request_path_cannot_forge_a_log_line(live_app, monkeypatch):
+    import requests
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)  # the handler create_app installs writes here
+    server = live_app(rate_limit={"ip_rate": 0.01, "ip_burst": 1})
+    try:
+        url = f"{server.url}/x%0A{FORGED.replace(' ', '%20')}%1B[2J"
+        answers = [requests.post(url, timeout=10).status_code for _ in range(2)]
+        assert answers[-1] == 429
+    finally:
+        logs.configure({})
+    written = stream.getvalue()
+    assert "rate limit: refused" in written
+    lines = written.splitlines()
+    refusal = next(line for line in lines if "rate limit: refused" in line)
+    assert refusal.endswith("latest /x\\n" + FORGED + "\\x1b[2J"), refusal
+    assert not [line for line in lines if line.startswith(FORGED)]
+    assert "\x1b" not in written
+
+
+def test_a_traceback_keeps_its_lines_indented_and_escaped(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure({})
+    try:
+        try:
+            raise ValueError("bad input\n" + FORGED)
+        except ValueError:
+            logging.getLogger("b24sms.test").exception("failed on %r", "x\ny")
+    finally:
+        logs.configure({})
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("ERROR b24sms.test: failed on 'x\\ny'")
+    assert lines[1] == "  Traceback (most recent call last):"
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert "  " + FORGED in lines

@@ -10,6 +10,7 @@ secret or a refresh token anywhere.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -50,23 +51,29 @@ def _target(url: str, response: requests.Response) -> str:
         # A renamed portal answers the same REST path on its new host (change-domen.md); a
         # redirect anywhere else is not a move, and our token does not follow it there.
         raise TooManyRedirects(f"redirect to another path ({new.path or '/'}) refused")
-    if _private(new.hostname) and not _private(old.hostname):
-        # A public portal must not steer us into our own network (loopback, private ranges).
+    if not _is_global(new.hostname) and _is_global(old.hostname):
+        # A public portal must not steer us into our own network (loopback, private ranges,
+        # the cloud's metadata address), whatever spelling of the address it uses. (requests
+        # resolves the name again when it connects: a name re-pointed in between is not caught.)
         raise TooManyRedirects("redirect from a public address to a private one refused")
     return target
 
 
-def _private(host: str | None) -> bool:
-    """Whether ``host`` is an IP literal of a loopback, private, link-local or reserved
-    network, or ``localhost``. (A name is not resolved here: requests resolves it when it
-    connects.)"""
+def _is_global(host: str | None) -> bool:
+    """Whether every address ``host`` resolves to is global (not loopback, private, link-local
+    or reserved); False for ``localhost`` names and for a host that does not resolve.
+
+    Resolved, not parsed: ``127.1``, ``2130706433`` and ``0x7f000001`` are no IP literals to
+    :mod:`ipaddress`, but the resolver (and so requests) takes them for 127.0.0.1.
+    """
     if not host or host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
         return False
-    return not address.is_global
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}  # IPv6: no "%scope"
+    return bool(addresses) and all(ipaddress.ip_address(a).is_global for a in addresses)
 
 
 def follow_redirects(

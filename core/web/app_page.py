@@ -15,17 +15,19 @@ a message from Bitrix24. The rest of the page lives beside this module, one conc
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import replace
 
 from flask import Blueprint, Response, current_app, render_template, request
+from sqlalchemy import func, select
 
 from ..bitrix24.payloads import PayloadError, check_text
 from ..errors import ApiError
 from ..ingest import accept_message
 from ..messages import TEST_MESSAGE_PREFIX
-from ..models import utcnow
+from ..models import Message, utcnow
 from ..registration import wanted_codes
 from ..statuses import STATUSES
 from .app_data import (
@@ -115,6 +117,9 @@ def test_message() -> Response:
         problem = f"Enter a text of 1 to {MAX_TEST_BODY} characters."
     if problem is not None:
         return render_page(session, domain, Filters(), ("error", problem), form, status=400)
+    over_cap = test_message_cap(session, domain, form)
+    if over_cap is not None:
+        return over_cap
     message_id = TEST_MESSAGE_PREFIX + nonce
     accepted = accept_message(
         svc,
@@ -140,6 +145,49 @@ def test_message() -> Response:
         )
     # The provider stays chosen, for a second try; number and text start afresh.
     return render_page(session, domain, Filters(), notice, {"code": code})
+
+
+def test_message_cap(session: PageSession, domain: str, form: Mapping[str, str]) -> Response | None:
+    """429 when the portal sent ``[app_page] test_messages_per_hour`` test messages in the last
+    hour, else None.
+
+    Any user of a portal may use the form, and each test message is paid for on the operator's
+    gateway, to any number. Counted in the database (test messages are the portal's messages
+    whose id starts with TEST_MESSAGE_PREFIX), so every process and worker shares one count;
+    requests racing each other may pass it by a few.
+    """
+    svc = service()
+    cap = svc.config.app_page.test_messages_per_hour
+    since = utcnow() - dt.timedelta(hours=1)
+    with svc.db.read() as db_session:
+        count, oldest = db_session.execute(
+            select(func.count(), func.min(Message.created_at)).where(
+                Message.portal_id == session.portal_id,
+                Message.created_at > since,
+                Message.message_id.startswith(TEST_MESSAGE_PREFIX, autoescape=True),
+            )
+        ).one()
+    if count < cap:
+        return None
+    retry_after = 3600 if oldest is None else max(1, int((oldest - since).total_seconds()) + 1)
+    if cap == 0:
+        reason = "Test messages are turned off here ([app_page] test_messages_per_hour = 0)."
+    else:
+        reason = (
+            f"This account sent {count} test messages in the last hour; "
+            f"at most {cap} are allowed ([app_page] test_messages_per_hour). "
+            f"Try again in {(retry_after + 59) // 60} minutes."
+        )
+    if _wants_json():
+        response = current_app.response_class(
+            json.dumps({"error": "too_many_test_messages", "message": reason}),
+            429,
+            mimetype="application/json",
+        )
+    else:
+        response = render_page(session, domain, Filters(), ("error", reason), form, status=429)
+    response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 # -- the page and its answers ----------------------------------------------------------------------

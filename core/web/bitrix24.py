@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
@@ -307,16 +308,29 @@ def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> Proven
     return None
 
 
+#: seconds between two reconciles an ONAPPPAYMENT asks for: anyone can post the event, so a
+#: flood of it costs one reconcile per portal in this time, and a real payment is seen in it
+PAYMENT_RECONCILE_SPACING = 300.0
+
+
 def _payment(auth: Mapping[str, Any]):
     """ONAPPPAYMENT carries no application_token (on-app-payment.md), so it proves nothing: it
-    only makes us ask the portal at its stored address (app.info, in a reconcile)."""
+    only makes us ask the portal at its stored address (app.info, in a reconcile). Requests are
+    coalesced, and a portal reconciled less than PAYMENT_RECONCILE_SPACING ago is reconciled
+    when that time is up, not now."""
     svc = service()
     with svc.db.session() as session:
         portal = find_portal(session, str(auth.get("member_id") or ""))
-        portal_id = portal.id if portal is not None and portal.state == PortalState.ACTIVE else None
-    if portal_id is None:
-        raise ApiError(401, "unauthorized", "unknown portal")
-    enqueue_or_log(svc.queue.enqueue_reconcile, portal_id)
+        if portal is None or portal.state != PortalState.ACTIVE:
+            raise ApiError(401, "unauthorized", "unknown portal")
+        portal_id, done = portal.id, portal.reconciled_at
+    last_done = None if done is None else done.replace(tzinfo=dt.UTC).timestamp()
+    enqueue_or_log(
+        svc.queue.enqueue_reconcile,
+        portal_id,
+        spacing=PAYMENT_RECONCILE_SPACING,
+        last_done=last_done,
+    )
     return jsonify({"result": "payment noted"})
 
 

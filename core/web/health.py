@@ -5,7 +5,8 @@ every HANDLER call fails to store its message. So each check writes: the databas
 row in ``health_checks``, the queue sets a key in its store. Each probe runs in a thread and
 must finish within :data:`PROBE_TIMEOUT` seconds; a probe still hanging from an
 earlier request is not started again (a hung database costs one thread, not one per request),
-and the check answers "unavailable" until it returns.
+and the check answers "unavailable" until it returns. Requests arriving while a probe runs
+share its result, and a result under :data:`PROBE_FRESH` seconds old answers at once.
 """
 
 from __future__ import annotations
@@ -28,40 +29,70 @@ PROBE_TIMEOUT = 3.0
 QUEUE_PROBE_KEY = "b24sms-health-probe"
 
 
-class Probe:
-    """Runs one check's probe in a thread, at most one at a time, with a timeout."""
+#: seconds a finished probe's result answers further requests without a new write
+PROBE_FRESH = 1.0
 
-    def __init__(self, name: str) -> None:
+
+class _Run:
+    """One probe's thread and, once it returned, its result."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result = ""
+
+
+class Probe:
+    """Runs one check's probe in a thread, at most one at a time, with a timeout.
+
+    Callers arriving while a probe runs wait for that probe's result (up to their timeout)
+    instead of starting their own, and a result under ``fresh`` seconds old answers at once: a
+    burst of health checks costs one write, and no caller is told "unavailable" only because
+    another one asked at the same moment.
+    """
+
+    def __init__(self, name: str, fresh: float = PROBE_FRESH) -> None:
         self.name = name
+        self.fresh = fresh
         self._lock = threading.Lock()
+        self._current: _Run | None = None
         self._running: threading.Thread | None = None
+        self._last: tuple[float, str] | None = None
 
     def run(self, probe: Callable[[], Any], timeout: float = PROBE_TIMEOUT) -> str:
         """``"ok"``, or ``"unavailable (…)"`` naming the failure (never its message: it may
         carry a connection string)."""
-        outcome: list[BaseException | None] = []
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < self.fresh:
+                return self._last[1]
+            current = self._current
+            joined = current is not None and not current.done.is_set()
+            if current is None or not joined:
+                current = self._current = self._start(probe)
+        if current.done.wait(timeout):
+            return current.result
+        if joined:
+            return "unavailable (an earlier probe is still waiting for an answer)"
+        return f"unavailable (no write within {timeout:g} s)"
+
+    def _start(self, probe: Callable[[], Any]) -> _Run:
+        run = _Run()
 
         def target() -> None:
             try:
                 probe()
             except Exception as exc:  # noqa: BLE001 - any failure means "unavailable"
-                outcome.append(exc)
+                result = f"unavailable ({type(exc).__name__})"
             else:
-                outcome.append(None)
+                result = "ok"
+            with self._lock:
+                self._last = (time.monotonic(), result)
+            run.result = result
+            run.done.set()
 
-        with self._lock:
-            if self._running is not None and self._running.is_alive():
-                return "unavailable (an earlier probe is still waiting for an answer)"
-            # A daemon thread: a probe hanging on a dead server never holds up the exit.
-            thread = self._running = threading.Thread(
-                target=target, name=f"healthz-{self.name}", daemon=True
-            )
-            thread.start()
-        thread.join(timeout)
-        if not outcome:
-            return f"unavailable (no write within {timeout:g} s)"
-        error = outcome[0]
-        return "ok" if error is None else f"unavailable ({type(error).__name__})"
+        # A daemon thread: a probe hanging on a dead server never holds up the exit.
+        self._running = threading.Thread(target=target, name=f"healthz-{self.name}", daemon=True)
+        self._running.start()
+        return run
 
 
 def _probes() -> dict[str, Probe]:

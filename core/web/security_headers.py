@@ -48,9 +48,11 @@ def html_response(
     # known (not signed in) holds one sentence and no form or link: any page may show it, so
     # a user whose session ran out reads why inside the portal.
     script = f"'nonce-{nonce}' " if nonce else ""
+    # Bitrix24's library over https only: a script fetched over http could be swapped on the way
+    # by anyone on the network, and would run with the page's session token in reach.
     response.headers["Content-Security-Policy"] = (
-        f"default-src 'self'; script-src {script}https://api.bitrix24.com "
-        "http://api.bitrix24.com; style-src 'self'; img-src 'self' data:; "
+        f"default-src 'self'; script-src {script}https://api.bitrix24.com; "
+        "style-src 'self'; img-src 'self' data:; "
         "form-action 'self'; base-uri 'none'; object-src 'none'; "
         f"frame-ancestors {framed_by or '*'}"
     )
