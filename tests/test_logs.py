@@ -182,7 +182,7 @@ def test_a_request_path_cannot_forge_a_log_line(live_app, monkeypatch):
         answers = [requests.post(url, timeout=10).status_code for _ in range(2)]
         assert answers[-1] == 429
     finally:
-        logs.configure({})
+        logs.configure(service_settings())
     written = stream.getvalue()
     assert "rate limit: refused" in written
     lines = written.splitlines()
@@ -195,14 +195,14 @@ def test_a_request_path_cannot_forge_a_log_line(live_app, monkeypatch):
 def test_a_traceback_keeps_its_lines_indented_and_escaped(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    logs.configure({})
+    logs.configure(service_settings())
     try:
         try:
             raise ValueError("bad input\n" + FORGED)
         except ValueError:
             logging.getLogger("b24sms.test").exception("failed on %r", "x\ny")
     finally:
-        logs.configure({})
+        logs.configure(service_settings())
     lines = stream.getvalue().splitlines()
     assert lines[0].endswith("ERROR b24sms.test: failed on 'x\\ny'")
     assert lines[1] == "  Traceback (most recent call last):"
