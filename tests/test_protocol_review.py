@@ -13,7 +13,14 @@ from b24sms.models import Message, PaymentState, Portal
 from b24sms.registration import IDLE_REFRESH_AFTER, reconcile_due, sync_all, wanted_events
 from b24sms.web.security_headers import portal_origin
 from tests.conftest import wait_until
-from tests.test_protocol_conformance import APP_EVENTS, LOG_PROVIDER, stored
+from tests.helpers import stored_portal
+
+LOG_PROVIDER = {"smslog": {"plugin": "log", "name": "Log only"}}
+APP_EVENTS = ["ONAPPUNINSTALL", "ONAPPUPDATE"]
+
+
+def stored(server, portal) -> Portal:
+    return stored_portal(server, portal.member_id)
 
 
 def bound(portal) -> list[str]:
