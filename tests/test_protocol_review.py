@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select, update
 
 from b24sms.bitrix24.client import Bitrix24Client
+from b24sms.bitrix24.errors import TransientError
 from b24sms.models import Message, PaymentState, Portal
 from b24sms.registration import IDLE_REFRESH_AFTER, reconcile_due, sync_all, wanted_events
 from b24sms.web.security_headers import portal_origin
@@ -181,3 +182,24 @@ def test_the_docs_example_status_s_gets_onapppayment(live_app, emulator):
     assert response is not None and response.status_code == 200, response.text
     svc.queue.drain()
     wait_until(lambda: stored(server, portal).payment_state is None)
+
+
+# -- a worker's REST call may take as long as Bitrix24 lets it (limits.md: 60 s) ----------------
+
+
+def test_a_worker_waits_as_long_as_bitrix24_lets_a_request_run(live_app, emulator):
+    server = live_app(providers=LOG_PROVIDER)
+    svc = server.app.extensions["b24sms"]
+    assert svc.config["bitrix24"]["timeout"] == 60.0  # the default
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    client = Bitrix24Client(svc.db, stored(server, portal).id, svc.config["bitrix24"])
+    assert client.timeout[1] == 60.0
+    # The read timeout is the one the requests get: a slow answer under it arrives.
+    portal.rest_delays["app.info"] = 1.2
+    short = Bitrix24Client(
+        svc.db, stored(server, portal).id, {**svc.config["bitrix24"], "timeout": 1}
+    )
+    with pytest.raises(TransientError):
+        short.call("app.info")
+    assert client.call("app.info")["CODE"] == emulator.client_id

@@ -38,7 +38,7 @@ from .errors import (
     from_response,
     network_error,
 )
-from .oauth import CONNECT_TIMEOUT, inactive_portal_error, refresh_tokens
+from .oauth import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, inactive_portal_error, refresh_tokens
 from .policy import RedirectRefused, check_url, refuse_redirect
 
 __all__ = [
@@ -127,7 +127,7 @@ class Bitrix24Client:
         self.portal_id = portal_id
         self.settings = settings
         self.http = http or shared_session()
-        self.timeout = timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0)))
+        self.timeout = timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", DEFAULT_TIMEOUT)))
         #: the ``time`` block of the latest answer that had one: ``operating``,
         #: ``operating_reset_at``… for pacing
         self.last_time: dict[str, Any] | None = None

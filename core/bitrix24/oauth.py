@@ -45,6 +45,9 @@ from .policy import check_url, refuse_redirect
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+#: read timeout of a worker's call: a cloud Bitrix24 request may run 60 s
+#: (settings/performance/limits.md); web requests pass policy.WEB_TIMEOUT instead
+DEFAULT_TIMEOUT = 60.0
 
 
 def refresh_tokens(
@@ -174,7 +177,7 @@ def exchange_refresh_token(
             url,
             params=params,
             headers={"User-Agent": user_agent(settings), "Accept": "application/json"},
-            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", 30.0))),
+            timeout=timeout or (CONNECT_TIMEOUT, float(settings.get("timeout", DEFAULT_TIMEOUT))),
             allow_redirects=False,
         )
     except requests.RequestException as exc:
