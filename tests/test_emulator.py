@@ -639,6 +639,16 @@ def test_method_limit_blocks_only_that_method(portal: EmulatedPortal) -> None:
     assert "b" in result["result"]["result"]
 
 
+def test_access_denied_is_worded_as_the_messageservice_pages(portal: EmulatedPortal) -> None:
+    # messageservice-sender-add.md: ACCESS_DENIED "Application context required"
+    portal.inject("ACCESS_DENIED", 403)
+    status, body = call(portal, "messageservice.sender.list")
+    assert (status, body) == (
+        403,
+        {"error": "ACCESS_DENIED", "error_description": "Application context required"},
+    )
+
+
 def test_operating_only_in_single_calls(portal: EmulatedPortal) -> None:
     # limits.md: "An external call to batch is not accounted for in operating"; batch.md's
     # answers show no operating fields, neither in time nor in result_time.

@@ -104,7 +104,9 @@ def _check_handler(url: Any) -> str:
         if parts.scheme and parts.netloc:
             raise RestError("ERROR_UNSUPPORTED_PROTOCOL", "Unsupported event handler protocol", 400)
         raise wrong
-    # Bitrix24 refuses single-label hosts such as "localhost".
+    # "URLs without a domain, including localhost, do not pass the check" is documented for
+    # placement.bind (api-reference/widgets/index.md); we assume the same for messageservice
+    # HANDLERs, whose pages do not say.
     if "." not in host:
         raise wrong
     return url.strip()
