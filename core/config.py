@@ -294,7 +294,7 @@ class Bitrix24Schema(Schema):
     )
     requests_per_second = fields.Float(load_default=2.0, validate=validate.Range(min=0.1))
     burst = fields.Integer(load_default=50, validate=validate.Range(min=1, max=250))
-    timeout = fields.Float(load_default=30.0, validate=validate.Range(min=1, max=60))
+    timeout = fields.Float(load_default=60.0, validate=validate.Range(min=1, max=60))
     user_agent = fields.String(load_default="")
     #: optional: globs of the portal host names an install may have (empty: any), e.g.
     #: ["*.bitrix24.com", "crm.example.org"]; checked before and after the OAuth proof

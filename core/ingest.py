@@ -35,7 +35,7 @@ from .messages import (
     message_row,
     record_status,
 )
-from .models import Message, Portal, PortalState, utcnow
+from .models import Message, PaymentState, Portal, PortalState, utcnow
 from .portals import tokens_match
 from .queue import enqueue_or_log
 from .statuses import FAILED, QUEUED
@@ -285,11 +285,15 @@ def _store(svc: Service, batch: Sequence[Submission]) -> None:
                 )
                 continue
             data = submission.data
-            if submission.to is None or portal.payment_state:
-                # Unpaid app (PAYMENT_REQUIRED / PAYMENT_EXPIRED): failed at once, with the reason,
-                # rather than sent and retried while Bitrix24 refuses the app.
+            refused = portal.payment_state == PaymentState.PAYMENT_REQUIRED
+            if submission.to is None or refused:
+                # Bitrix24 refuses the app (PAYMENT_REQUIRED): failed at once, with the reason,
+                # rather than sent and retried. PAYMENT_EXPIRED alone is no refusal: the app
+                # keeps working through a grace period (api-reference/common/system/app-info.md).
                 with Session(conn) as session:
-                    _fail_at_once(session, submission, message_pk, portal.payment_state)
+                    _fail_at_once(
+                        session, submission, message_pk, portal.payment_state if refused else None
+                    )
                     session.flush()
             else:
                 submission.info = MessageInfo(

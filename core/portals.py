@@ -133,9 +133,11 @@ def update_from_event(
     """
     if proven is not None:
         _store_proven(portal, proven)
-        if portal.state != PortalState.BLOCKED:
-            portal.state = PortalState.ACTIVE
-            portal.last_error = None
+        # BLOCKED is no longer set (OVERLOAD_LIMIT / PORTAL_DELETED pause the portal instead:
+        # b24sms.bitrix24.method_limits.pause_portal); a portal left BLOCKED by an older
+        # version comes back with a proven update like any other.
+        portal.state = PortalState.ACTIVE
+        portal.last_error = None
     if application_token:
         portal.application_token = application_token
     # Bitrix24 deleted our providers with the update: forget what we registered.

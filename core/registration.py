@@ -157,8 +157,11 @@ def fingerprint(params: dict[str, Any]) -> str:
 APP_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
 #: bound too where the app is paid for (api-reference/common/events/on-app-payment.md)
 PAYMENT_EVENT = "ONAPPPAYMENT"
-#: app.info STATUS values of an app that is paid for, on trial or in demo (app-info.md)
-PAID_STATUSES = frozenset({"P", "T", "D"})
+#: app.info STATUS values of an app that is never paid for: F free, L local (app-info.md).
+#: Every other STATUS gets ONAPPPAYMENT bound: P paid, T trial and D demo can be paid for, and
+#: on-app-payment.md's own example sends "S", which no list explains — an unknown status is
+#: more likely a paid kind, and a binding too many costs nothing, a missing one a stale mark.
+UNPAID_STATUSES = frozenset({"F", "L"})
 #: where Bitrix24 sends the app events, below public_url
 EVENTS_PATH = "/bitrix24/events"
 
@@ -172,9 +175,11 @@ def events_url(service: _ServiceLike) -> str:
 
 
 def wanted_events(app_status: str | None) -> list[str]:
-    """The events to bind for an app of this app.info ``STATUS``."""
+    """The events to bind for an app of this app.info ``STATUS`` (None: unknown, and
+    ONAPPPAYMENT is not wanted; :func:`sync_portal` then keeps an existing binding as it is)."""
     events = list(APP_EVENTS)
-    if app_status in PAID_STATUSES:
+    status = (app_status or "").strip().upper()
+    if status and status not in UNPAID_STATUSES:
         events.append(PAYMENT_EVENT)
     return events
 
@@ -201,6 +206,8 @@ class SyncReport:
     unbound: list[str] = field(default_factory=list)
     #: PAYMENT_EXPIRED / PAYMENT_REQUIRED when Bitrix24 said so, else None
     payment_state: str | None = None
+    #: app.info was read: only then may a missing PAYMENT_EXPIRED clear the payment mark
+    app_info_read: bool = False
 
     @property
     def ok(self) -> bool:
@@ -298,6 +305,7 @@ def sync_portal(
     )
     try:
         present, bindings, app = _read_portal(sync.client)
+        sync.report.app_info_read = app is not None
         sync.report.payment_state = _payment_state(app)
         plan = _plan_providers(sync, present)
         plan += _plan_events(sync, bindings, app)
@@ -374,7 +382,14 @@ def _plan_events(
         sync.report.errors["events"] = "event.get could not be read"
         return []
     url = events_url(sync.service)
-    wanted = wanted_events(str(app.get("STATUS")) if app else None)
+    wanted = wanted_events(str(app.get("STATUS") or "") if app else None)
+    if app is None and any(
+        str(b.get("event", "")).upper() == PAYMENT_EVENT and b.get("handler") == url
+        for b in bindings
+    ):
+        # app.info failed: whether the app is paid for is unknown, so our ONAPPPAYMENT
+        # binding stays as it is rather than be unbound on a guess.
+        wanted.append(PAYMENT_EVENT)
     managed = {*APP_EVENTS, PAYMENT_EVENT}
     plan: list[_Command] = []
     ours: dict[str, int] = {}
@@ -478,7 +493,11 @@ def _save_portal_state(db: Database, portal_id: int, report: SyncReport) -> None
             portal.event_bindings = ",".join(report.events)
         if report.payment_state is not None:
             portal.payment_state = report.payment_state
-        elif report.error is None and portal.payment_state == PaymentState.PAYMENT_EXPIRED:
+        elif (
+            report.error is None
+            and report.app_info_read
+            and portal.payment_state == PaymentState.PAYMENT_EXPIRED
+        ):
             # app.info answered without PAYMENT_EXPIRED: paid again.
             portal.payment_state = None
 
@@ -511,6 +530,12 @@ def sync_all(service: _ServiceLike) -> list[SyncReport]:
 RECONCILE_COST = 2.0
 #: portals reconciled per periodic run at most: a run must not hold a worker for long
 RECONCILE_PER_RUN = 20
+#: a portal whose access token has expired is reconciled only when its tokens were last
+#: refreshed longer ago than this: a reconcile would refresh them, and refreshing on a timer
+#: ("do not schedule the renewal for once an hour or once a day … the application may be
+#: blocked", settings/oauth/auto-renewal.md) is what Bitrix24 forbids, while a refresh token
+#: unused for 180 days dies (same page) — 30 days leave ample room for a failed attempt
+IDLE_REFRESH_AFTER = dt.timedelta(days=30)
 #: each portal's interval is spread by this fraction, so portals installed together (a mass
 #: re-install, a migration) do not all call Bitrix24 in the same minute
 RECONCILE_JITTER = 0.1
@@ -530,6 +555,10 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
     :data:`RECONCILE_PER_RUN` per run. Restores providers and event bindings Bitrix24 removed
     (an app update, an administrator), so the install page's "will be retried" holds.
 
+    An idle portal is left alone while its access token has expired, unless its last refresh
+    is older than :data:`IDLE_REFRESH_AFTER`: the reconcile must not be the timer that refreshes
+    its tokens every hour. Its next call for a message refreshes them and makes it due again.
+
     A sync costs two requests (one when nothing changed) of a portal's burst of 50; they are
     spent from the bucket estimate the outbox paces by, and a portal whose bucket has no room
     for them is left to the next run. A portal that answers with a limit is tried next interval.
@@ -545,6 +574,10 @@ def reconcile_due(service: _ServiceLike) -> list[SyncReport]:
             .where(
                 Portal.state == PortalState.ACTIVE,
                 Portal.reconciled_at.is_(None) | (Portal.reconciled_at <= earliest),
+                # token_expires_at is the last refresh plus the token's lifetime (an hour)
+                Portal.token_expires_at.is_(None)
+                | (Portal.token_expires_at > now)
+                | (Portal.token_expires_at <= now - IDLE_REFRESH_AFTER),
             )
             .order_by(Portal.reconciled_at.is_not(None), Portal.reconciled_at, Portal.id)
         ).all()

@@ -318,3 +318,12 @@ class Capture(logging.Handler):
             return
         self.lines.append(self._text.format(record))
         self.lines.append(self._json.format(record))
+
+
+def stored_portal(server: Any, member_id: str) -> Portal:
+    """The portal row a live server stored for ``member_id``, detached from its session."""
+    with server.app.extensions["b24sms"].db.session() as session:
+        row = session.scalar(select(Portal).where(Portal.member_id == member_id))
+        assert row is not None, member_id
+        session.expunge(row)
+        return row

@@ -18,6 +18,7 @@ import requests
 
 from b24sms.bitrix24.client import Bitrix24Client, php_urlencode
 from b24sms.bitrix24.errors import (
+    AppConfigRefused,
     Bitrix24Error,
     MethodNotFound,
     OperationTimeLimit,
@@ -130,10 +131,10 @@ ERROR_CASES = [
     ("OPERATION_TIME_LIMIT", 429, OperationTimeLimit, "wait"),
     ("NO_AUTH_FOUND", 401, TokensRevoked, "reinstall"),
     ("invalid_token", 401, TokensRevoked, "reinstall"),
-    ("OVERLOAD_LIMIT", 503, PortalBlocked, "stop"),
-    ("PORTAL_DELETED", 500, PortalBlocked, "stop"),
+    ("OVERLOAD_LIMIT", 503, PortalBlocked, "pause"),
+    ("PORTAL_DELETED", 500, PortalBlocked, "pause"),
     ("ACCESS_DENIED", 403, PermanentError, "give_up"),
-    ("insufficient_scope", 403, PermanentError, "give_up"),
+    ("insufficient_scope", 403, AppConfigRefused, "configure"),
     ("user_access_error", 403, PermanentError, "give_up"),
     ("ERROR_METHOD_NOT_FOUND", 404, MethodNotFound, "give_up"),
     ("ERROR_SENDER_VALIDATION_FAILURE", 400, PermanentError, "give_up"),
@@ -156,13 +157,10 @@ def test_error_answers_raise_typed_errors(db, settings, emulator, error, status,
     for secret in (portal.access_token, portal.refresh_token, CLIENT_SECRET):
         assert secret not in str(exc) and secret not in repr(exc)
     # Bitrix24 asked us to stop calling: the portal remembers it and the client obeys.
-    expected_state = {
-        "reinstall": PortalState.NEEDS_REINSTALL,
-        "stop": PortalState.BLOCKED,
-    }.get(action, PortalState.ACTIVE)
+    expected_state = {"reinstall": PortalState.NEEDS_REINSTALL}.get(action, PortalState.ACTIVE)
     stored = load_portal(db, portal_id)
     assert stored.state == expected_state
-    if expected_state != PortalState.ACTIVE:
+    if expected_state != PortalState.ACTIVE or action == "pause":
         assert error in stored.last_error
         requests_before = portal.stats["requests"]
         with pytest.raises(cls):
@@ -397,16 +395,47 @@ def test_invalid_grant_marks_the_portal_needs_reinstall(db, settings, emulator):
     assert portal.stats["requests"] == requests_before
 
 
-def test_wrong_client_secret_is_invalid_client(db, settings, emulator):
+def test_wrong_client_secret_keeps_the_portal_and_names_the_keys(db, settings, emulator, caplog):
+    # settings/oauth/error-codes.md: invalid_client -> "Check client_id and client_secret":
+    # our config is wrong, not the portal's tokens. The portal stays active with its refresh
+    # token, and fixing the config brings it back without a re-install.
     portal = emulator.add_portal()
     portal_id = store_portal(db, portal)
     portal.expire_tokens()
+    refresh_token = load_portal(db, portal_id).refresh_token
     client = Bitrix24Client(db, portal_id, replace(settings, client_secret="wrong-secret-123"))
-    with pytest.raises(TokensRevoked) as info:
+    with (
+        caplog.at_level("ERROR", logger="b24sms.bitrix24.oauth"),
+        pytest.raises(AppConfigRefused) as info,
+    ):
         client.call("messageservice.sender.list")
-    assert info.value.code == "invalid_client"
+    assert info.value.code == "invalid_client" and info.value.action == "configure"
     assert "wrong-secret-123" not in str(info.value)
-    assert load_portal(db, portal_id).state == PortalState.NEEDS_REINSTALL
+    loud = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("[bitrix24] client_id and client_secret" in line for line in loud)
+    assert not any("wrong-secret-123" in line or refresh_token in line for line in loud)
+    stored = load_portal(db, portal_id)
+    assert stored.state == PortalState.ACTIVE and stored.refresh_token == refresh_token
+    # A second call asks again (nothing was marked), and the config fixed makes it work.
+    with pytest.raises(AppConfigRefused):
+        client.call("messageservice.sender.list")
+    fixed = Bitrix24Client(db, portal_id, settings)
+    assert fixed.call("messageservice.sender.list") == []
+    assert load_portal(db, portal_id).state == PortalState.ACTIVE
+
+
+@pytest.mark.parametrize("code", ["invalid_request", "insufficient_scope", "invalid_scope"])
+def test_oauth_refusals_of_our_app_keep_the_portal(db, settings, emulator, code):
+    portal = emulator.add_portal()
+    portal_id = store_portal(db, portal)
+    portal.expire_tokens()
+    emulator.inject(code, 400)
+    client = Bitrix24Client(db, portal_id, settings)
+    with pytest.raises(AppConfigRefused) as info:
+        client.call("messageservice.sender.list")
+    assert info.value.code == code
+    assert load_portal(db, portal_id).state == PortalState.ACTIVE
+    assert client.call("messageservice.sender.list") == []
 
 
 def test_refresh_trouble_is_transient_and_keeps_the_tokens(db, settings, emulator):

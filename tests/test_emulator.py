@@ -539,6 +539,12 @@ def test_update_and_uninstall(app: FakeApp, portal: EmulatedPortal) -> None:
     assert portal.senders == {}
     seen = app.last
     assert seen["path"] == "/bitrix24/events" and seen["form"]["event"] == "ONAPPUPDATE"
+    # on-app-update.md: data holds VERSION, PREVIOUS_VERSION and LANGUAGE_ID, nothing else
+    assert {k for k in seen["form"] if k.startswith("data[")} == {
+        "data[VERSION]",
+        "data[PREVIOUS_VERSION]",
+        "data[LANGUAGE_ID]",
+    }
     assert seen["form"]["data[VERSION]"] == "3"
     assert seen["form"]["auth[access_token]"] == portal.access_token
     # The update removed the app's handlers (event-bind.md): nothing is bound any more.
@@ -555,6 +561,16 @@ def test_update_and_uninstall(app: FakeApp, portal: EmulatedPortal) -> None:
     assert portal.senders == {}
     assert call(portal, "profile", token=token)[1]["error"] == "invalid_token"
     assert refresh(portal.emulator, refresh_token).json()["error"] == "invalid_grant"
+
+
+def test_uninstall_keeps_senders_when_switched(app: FakeApp, portal: EmulatedPortal) -> None:
+    # settings/app-uninstallation.md lists what an uninstall deletes; SMS providers are not
+    # named, so whether they go is a switch (default: they go).
+    portal.install(app.url)
+    call(portal, "messageservice.sender.add", **SENDER)
+    portal.uninstall_deletes_senders = False
+    portal.uninstall()
+    assert list(portal.senders) == [SENDER["CODE"]]
 
 
 def test_no_update_event_without_a_binding(app: FakeApp, portal: EmulatedPortal) -> None:
@@ -611,11 +627,46 @@ def test_method_limit_blocks_only_that_method(portal: EmulatedPortal) -> None:
     portal.limit_method("messageservice.sender.list", 30)
     status, body = call(portal, "messageservice.sender.list")
     assert (status, body["error"]) == (429, "OPERATION_TIME_LIMIT")
-    assert body["time"]["operating_reset_at"] > time.time() + 25
+    # The docs show no reset time with the error: "refer to operating_reset_at from the last
+    # successful response" (limits.md); an error body is error and error_description.
+    assert set(body) == {"error", "error_description"}
     assert call(portal, "app.info")[0] == 200
     result = call(portal, "batch", cmd={"a": "messageservice.sender.list", "b": "scope"})[1]
-    assert result["result"]["result_error"]["a"]["error"] == "OPERATION_TIME_LIMIT"
+    assert result["result"]["result_error"]["a"] == {
+        "error": "OPERATION_TIME_LIMIT",
+        "error_description": ANY,
+    }
     assert "b" in result["result"]["result"]
+
+
+def test_access_denied_is_worded_as_the_messageservice_pages(portal: EmulatedPortal) -> None:
+    # messageservice-sender-add.md: ACCESS_DENIED "Application context required"
+    portal.inject("ACCESS_DENIED", 403)
+    status, body = call(portal, "messageservice.sender.list")
+    assert (status, body) == (
+        403,
+        {"error": "ACCESS_DENIED", "error_description": "Application context required"},
+    )
+
+
+def test_operating_only_in_single_calls(portal: EmulatedPortal) -> None:
+    # limits.md: "An external call to batch is not accounted for in operating"; batch.md's
+    # answers show no operating fields, neither in time nor in result_time.
+    portal.operating_window = 5.0
+    first = time.time()
+    body = call(portal, "scope")[1]
+    reset_at = body["time"]["operating_reset_at"]
+    assert int(first + 5) - 1 <= reset_at <= int(time.time() + 5)
+    # Later calls in the same minute's basket keep the oldest basket's reset and add up.
+    again = call(portal, "scope")[1]["time"]
+    assert again["operating_reset_at"] == reset_at
+    assert again["operating"] >= body["time"]["operating"]
+    batch = call(portal, "batch", cmd={"a": "scope", "b": "app.info"})[1]
+    assert "operating" not in batch["time"] and "operating_reset_at" not in batch["time"]
+    for timing in batch["result"]["result_time"].values():
+        assert "operating" not in timing and "operating_reset_at" not in timing
+    error = call(portal, "no.such.method")[1]
+    assert "time" not in error
 
 
 def test_payment_switches(portal: EmulatedPortal) -> None:

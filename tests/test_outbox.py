@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import delete, select
 
 from b24sms.bitrix24 import method_limits
 from b24sms.bitrix24.client import Bitrix24Client
+from b24sms.bitrix24.errors import PortalBlocked
 from b24sms.delivery import sweep
 from b24sms.messages import record_status
 from b24sms.models import (
@@ -199,21 +201,27 @@ def test_operation_time_limit_pauses_the_portal_until_reset(svc, portal, portal_
 def test_operation_time_limit_of_status_update_pauses_that_method_only(svc, portal, portal_id):
     # settings/performance/limits.md: each command inside a batch has its own budget; a 429
     # OPERATION_TIME_LIMIT blocks that method until its operating_reset_at, other methods go on.
+    # The error tells no reset time: "for the first retry, refer to operating_reset_at from
+    # the last successful response" of that method — here a single status.update whose budget
+    # window the emulator shortens to 30 s (batch answers carry no operating fields).
     queue_statuses(svc, portal_id, portal, ["delivered"], count=5)
+    portal.operating_window = 30.0
+    client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
+    message_id, record = next(iter(portal.messages.items()))
+    client.call(STATUS_UPDATE, {"CODE": record["code"], "MESSAGE_ID": message_id, "STATUS": "sent"})
     portal.limit_method(STATUS_UPDATE, 30)
-    report = flush_portal(svc, portal_id, hold=False)
+    report = flush_portal(svc, portal_id, client, hold=False)
     assert report.requests == 1 and report.delivered == 0 and report.remaining == 5
     assert report.errors == {"OPERATION_TIME_LIMIT": 5}
     with svc.db.session() as session:
-        assert 25 < method_limits.wait_seconds(session, portal_id, STATUS_UPDATE) <= 30
+        assert 25 < method_limits.wait_seconds(session, portal_id, STATUS_UPDATE) <= 31
         assert session.get(Portal, portal_id).paused_until is None  # the portal is not paused
         # entries due again: only the method's block holds the flush back
         for entry in session.scalars(select(OutboxEntry)):
             entry.not_before = None
     again = flush_portal(svc, portal_id, hold=False)
-    assert again.requests == 0 and again.remaining == 5 and 25 < again.retry_in <= 30
+    assert again.requests == 0 and again.remaining == 5 and 25 < again.retry_in <= 31
     # Another method of the same portal is called as usual.
-    client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
     assert client.call("app.info")["STATUS"] == "L"
     portal.method_blocks.clear()
     with svc.db.session() as session:
@@ -244,6 +252,68 @@ def test_revoked_tokens_stop_calls_and_keep_the_work(svc, portal, portal_id):
     assert portal.stats["requests"] == requests
     # the sweep leaves an inactive portal alone too
     assert sweep(svc).flushes == ()
+
+
+def test_invalid_client_keeps_the_portal_and_the_outbox_retries(svc, portal, portal_id):
+    # settings/oauth/error-codes.md: invalid_client -> "Check client_id and client_secret".
+    # Our config, not the portal: the outbox waits with backoff, nothing is marked or lost.
+    queue_statuses(svc, portal_id, portal, ["delivered"], count=3)
+    portal.expire_tokens()
+    wrong = replace(svc.config.bitrix24, client_secret="not-the-secret")
+    client = Bitrix24Client(svc.db, portal_id, wrong)
+    report = flush_portal(svc, portal_id, client, hold=False)
+    assert report.errors == {"invalid_client": 1} and report.remaining == 3
+    assert report.stopped == "paused" and report.retry_in is not None and report.retry_in > 0
+    with svc.db.session() as session:
+        row = session.get(Portal, portal_id)
+        assert row.state == PortalState.ACTIVE and row.refresh_token == portal.refresh_token
+        assert "invalid_client" in row.last_error
+        row.paused_until = None  # the backoff has passed; the operator fixed the config
+    fixed = flush_portal(svc, portal_id, hold=False)
+    assert fixed.delivered == 3 and fixed.remaining == 0
+
+
+def test_overload_limit_pauses_with_backoff_until_bitrix24_answers(svc, portal, portal_id):
+    # _includes/system-errors.md: OVERLOAD_LIMIT and PORTAL_DELETED are lifted by support or an
+    # administrator: a pause (10 minutes, then longer), not a block for good.
+    queue_statuses(svc, portal_id, portal, ["delivered"], count=3)
+    portal.inject("OVERLOAD_LIMIT", 503)
+    report = flush_portal(svc, portal_id, hold=False)
+    assert report.errors == {"OVERLOAD_LIMIT": 1} and report.remaining == 3
+    assert 590 < report.retry_in <= 600
+    with svc.db.session() as session:
+        row = session.get(Portal, portal_id)
+        assert row.state == PortalState.ACTIVE
+        assert row.last_error.startswith("paused until") and "OVERLOAD_LIMIT" in row.last_error
+    requests = portal.stats["requests"]
+    assert flush_portal(svc, portal_id, hold=False).requests == 0
+    # Every process obeys: a client refuses without a request while the pause lasts.
+    client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
+    with pytest.raises(PortalBlocked):
+        client.call("app.info")
+    assert portal.stats["requests"] == requests
+
+    def time_passes(blocked_for: dt.timedelta) -> None:
+        # The pause ended; the portal has been refusing since ``blocked_for`` ago.
+        with svc.db.session() as session:
+            session.get(Portal, portal_id).paused_until = None
+            for row in session.scalars(select(MethodLimit)):
+                row.blocked_until = utcnow() - (
+                    blocked_for if row.method.endswith("since") else dt.timedelta(seconds=1)
+                )
+
+    time_passes(dt.timedelta(hours=1))
+    portal.inject("PORTAL_DELETED", 500)
+    again = flush_portal(svc, portal_id, hold=False)
+    assert again.errors == {"PORTAL_DELETED": 1}
+    assert 3590 < again.retry_in <= 3605  # backoff: as long as it has been refusing
+    time_passes(dt.timedelta(hours=2))
+    done = flush_portal(svc, portal_id, hold=False)
+    assert done.delivered == 3 and done.remaining == 0
+    with svc.db.session() as session:
+        row = session.get(Portal, portal_id)
+        assert row.last_error is None and row.state == PortalState.ACTIVE
+        assert method_limits.portal_pause(session, portal_id) is None
 
 
 @pytest.mark.slow

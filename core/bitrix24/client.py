@@ -25,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from .. import __version__, metrics
 from ..config import Bitrix24Config
 from ..db import Database
-from ..models import PaymentState, Portal, PortalState
+from ..models import PaymentState, Portal, PortalState, utcnow
 from ..php_form import php_urlencode
 from ..portals import set_payment_state
 from . import method_limits, redirects
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Bitrix24 runs at most this many commands per ``batch`` request
 MAX_BATCH = 50
+#: how ``portals.last_error`` of a paused portal begins (``portals list``, the app page)
+_PAUSE_MARK = "paused"
 
 _session_lock = threading.Lock()
 _session: tuple[int, requests.Session] | None = None
@@ -133,6 +135,9 @@ class Bitrix24Client:
         #: the portal's domain as last read, for log lines
         self.domain: str = f"portal#{portal_id}"
         self._payment_state: str | None = None
+        #: the portal had a pause (OVERLOAD_LIMIT / PORTAL_DELETED) when last read: the next
+        #: successful answer clears it
+        self._pause_seen = False
         self._db_key = str(getattr(db, "url", ""))
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -212,7 +217,20 @@ class Bitrix24Client:
         if self._payment_state == PaymentState.PAYMENT_REQUIRED:
             # Bitrix24 answers again: paid.
             self._payment(None, PaymentState.PAYMENT_REQUIRED)
+        if self._pause_seen:
+            self._unpause()
         return payload
+
+    def _unpause(self) -> None:
+        """Bitrix24 answered again after OVERLOAD_LIMIT / PORTAL_DELETED: the block was lifted."""
+        with self.db.session() as session:
+            method_limits.clear_portal_pause(session, self.portal_id)
+            portal = session.get(Portal, self.portal_id)
+            if portal is not None and (portal.last_error or "").startswith(_PAUSE_MARK):
+                portal.last_error = None
+                portal.paused_until = None
+        self._pause_seen = False
+        log.warning("%s: answers again; pause lifted", self.domain)
 
     def _payment(self, state: str | None, only_from: str | None) -> None:
         with self.db.session() as session:
@@ -253,6 +271,12 @@ class Bitrix24Client:
                 raise inactive_portal_error(portal)
             if not portal.access_token:
                 raise TokensRevoked("NO_AUTH_FOUND", f"portal {portal.domain} has no token")
+            paused = method_limits.portal_pause(session, self.portal_id)
+            self._pause_seen = paused is not None
+            if paused is not None and paused > utcnow():
+                raise PortalBlocked(
+                    "PORTAL_PAUSED", f"{portal.domain} paused until {paused:%H:%M:%S} UTC"
+                )
             # A method whose time budget is spent is not called until it resets: Bitrix24
             # would only answer OPERATION_TIME_LIMIT again (settings/performance/limits.md).
             until = method_limits.blocked_until(session, self.portal_id, method)
@@ -376,18 +400,25 @@ class Bitrix24Client:
                 method_limits.note_answer(self._db_key, self.portal_id, method, times.get(str(key)))
 
     def _mark(self, error: Bitrix24Error, token: str) -> None:
-        """Record on the portal that Bitrix24 wants no more calls (re-install, or blocked)."""
+        """Record on the portal that Bitrix24 refused it: dead tokens need a re-install;
+        OVERLOAD_LIMIT / PORTAL_DELETED pause it (:func:`.method_limits.pause_portal`)."""
         with self.db.session() as session:
             portal = session.get(Portal, self.portal_id)
             if portal is None or portal.state != PortalState.ACTIVE:
                 return
-            if isinstance(error, TokensRevoked):
-                # A re-install may have stored fresh tokens while our call was on its way.
-                if portal.access_token != token:
-                    return
-                portal.state = PortalState.NEEDS_REINSTALL
-            else:
-                portal.state = PortalState.BLOCKED
+            if isinstance(error, PortalBlocked):
+                # Lifted by support or the portal's administrator (_includes/system-errors.md):
+                # a pause with backoff, which the next successful answer ends.
+                until = method_limits.pause_portal(session, self.portal_id)
+                portal.paused_until = max(portal.paused_until or until, until)
+                portal.last_error = f"{_PAUSE_MARK} until {until:%Y-%m-%d %H:%M} UTC: {error}"
+                log.error("%s: %s; every call paused until %s UTC", self.domain, error, until)
+                self._pause_seen = True
+                return
+            # A re-install may have stored fresh tokens while our call was on its way.
+            if portal.access_token != token:
+                return
+            portal.state = PortalState.NEEDS_REINSTALL
             portal.last_error = str(error)
         log.warning("%s: marked %s after %s", self.domain, portal.state, error.code)
 

@@ -7,8 +7,10 @@ Every error carries Bitrix24's ``code`` and ``description``, the HTTP status it 
 retry      rate limit, 5xx INTERNAL_SERVER_ERROR / ERROR_UNEXPECTED_ANSWER, network trouble
 refresh    ``expired_token``: refresh the tokens once and repeat the call (the client does this)
 wait       ``OPERATION_TIME_LIMIT``: the method's time budget is spent until ``reset_at``
-reinstall  ``NO_AUTH_FOUND``, ``invalid_token``, refresh refused: the portal needs a re-install
-stop       ``OVERLOAD_LIMIT``, ``PORTAL_DELETED``: stop calling the portal, keep the work
+reinstall  ``NO_AUTH_FOUND``, ``invalid_token``, ``invalid_grant``: the portal needs a re-install
+configure  ``invalid_client``, ``invalid_request``, ``insufficient_scope`` / ``invalid_scope``:
+           our app's configuration is wrong, not the portal; keep tokens and work, retry later
+pause      ``OVERLOAD_LIMIT``, ``PORTAL_DELETED``: pause calls to the portal, keep the work
 give_up    everything else: permanent for this call
 ========== ==================================================================================
 
@@ -80,9 +82,37 @@ class TokenExpired(Bitrix24Error):
 
 class TokensRevoked(Bitrix24Error):
     """The portal's tokens are unusable (``NO_AUTH_FOUND``, ``invalid_token``, refresh refused
-    with ``invalid_grant`` / ``invalid_client``): it needs a re-install; keep the work."""
+    with ``invalid_grant``): it needs a re-install; keep the work."""
 
     action = "reinstall"
+
+
+class AppConfigRefused(Bitrix24Error):
+    """The OAuth server refused *our app*, not the portal's tokens: ``invalid_client`` ("Check
+    ``client_id`` and ``client_secret``"), ``invalid_request``, ``insufficient_scope`` /
+    ``invalid_scope`` ("Add the missing permissions to the application card") —
+    b24restdocs ``settings/oauth/error-codes.md``.
+
+    One wrong ``client_secret`` must not cost every portal a re-install: the refresh token is
+    kept (a refused exchange does not spend it), the portal stays active, the caller retries
+    later with backoff, and fixing the config brings every portal back.
+    """
+
+    action = "configure"
+
+    @property
+    def hint(self) -> str:
+        """What the operator has to fix, naming the config keys."""
+        if self.code.lower() == "invalid_client":
+            return (
+                "check [bitrix24] client_id and client_secret against the application's card "
+                "in Bitrix24 (a re-created local app has a new pair)"
+            )
+        if self.code.lower() in ("insufficient_scope", "invalid_scope"):
+            return "add the missing permissions (scopes) to the application's card in Bitrix24"
+        # invalid_request: a malformed OAuth request, or on REST "Https required"
+        # (_includes/system-errors.md).
+        return "the request was malformed: check [bitrix24] oauth_url and that calls use https"
 
 
 class OperationTimeLimit(Bitrix24Error):
@@ -110,9 +140,15 @@ class OperationTimeLimit(Bitrix24Error):
 
 
 class PortalBlocked(Bitrix24Error):
-    """``OVERLOAD_LIMIT`` or ``PORTAL_DELETED``: Bitrix24 wants us to stop calling the portal."""
+    """``OVERLOAD_LIMIT`` or ``PORTAL_DELETED``: pause calls to the portal for a while.
 
-    action = "stop"
+    Both are lifted by a person — Bitrix24's support ("a manual individual block; please
+    contact Bitrix24 technical support to lift it") or an administrator re-opening the public
+    part of an on-premise site — so they are temporary (b24restdocs
+    ``_includes/system-errors.md``): the portal is paused with backoff, never given up.
+    """
+
+    action = "pause"
 
 
 class PermanentError(Bitrix24Error):
@@ -134,7 +170,10 @@ _BY_CODE: dict[str, type[Bitrix24Error]] = {
     "NO_AUTH_FOUND": TokensRevoked,
     "INVALID_TOKEN": TokensRevoked,
     "INVALID_GRANT": TokensRevoked,
-    "INVALID_CLIENT": TokensRevoked,
+    "INVALID_CLIENT": AppConfigRefused,
+    "INVALID_REQUEST": AppConfigRefused,
+    "INSUFFICIENT_SCOPE": AppConfigRefused,
+    "INVALID_SCOPE": AppConfigRefused,
     "OPERATION_TIME_LIMIT": OperationTimeLimit,
     "OVERLOAD_LIMIT": PortalBlocked,
     "PORTAL_DELETED": PortalBlocked,

@@ -15,6 +15,16 @@ Blocks live in the database (``method_limits``), because every process calling t
 The last successful answer's ``operating_reset_at`` is kept per process: it is only a hint for
 an error that lacks its own, the process that got the error is the one that made the calls
 before it, and writing it on every successful call would cost a database write per REST call.
+Only single calls carry operating fields: a batch's ``time`` and its ``result_time`` entries
+have none ("an external call to batch is not accounted for in operating", limits.md; the example
+answers of ``settings/how-to-call-rest-api/batch.md``), so a command run only inside batches
+falls back to :data:`FALLBACK`.
+
+A whole portal can be paused too (:func:`pause_portal`): ``OVERLOAD_LIMIT`` and
+``PORTAL_DELETED`` are lifted by Bitrix24's support or the portal's administrator
+(``_includes/system-errors.md``), so they pause every method for :data:`PORTAL_PAUSE`, doubling
+while they last (up to :data:`PORTAL_PAUSE_CAP`), until a successful answer clears the pause
+(:func:`clear_portal_pause`). Its rows use method names no REST method has.
 """
 
 from __future__ import annotations
@@ -32,11 +42,17 @@ from ..models import MethodLimit, utcnow
 
 __all__ = [
     "FALLBACK",
+    "PORTAL",
+    "PORTAL_PAUSE",
+    "PORTAL_PAUSE_CAP",
     "block",
     "blocked_until",
     "clear",
+    "clear_portal_pause",
     "note_answer",
     "operating_reset_at",
+    "pause_portal",
+    "portal_pause",
     "reset_at",
     "wait_seconds",
 ]
@@ -45,6 +61,15 @@ __all__ = [
 FALLBACK = 60.0
 #: a reset further away than Bitrix24's 10-minute accounting window is not believed
 MAX_BLOCK = 600.0
+
+#: the pseudo-method whose block pauses every method of a portal
+PORTAL = "*portal"
+#: the pseudo-method whose "blocked_until" holds when the current run of portal pauses began
+_PORTAL_SINCE = "*portal-since"
+#: the first pause of a portal after OVERLOAD_LIMIT / PORTAL_DELETED, in seconds
+PORTAL_PAUSE = 600.0
+#: the longest pause: a lifted block is noticed within this time
+PORTAL_PAUSE_CAP = 6 * 3600.0
 
 _hints_lock = threading.Lock()
 #: (database, portal_id, method) -> operating_reset_at of its last successful answer
@@ -124,3 +149,41 @@ def wait_seconds(session: Session, portal_id: int, method: str) -> float:
 def clear(session: Session, portal_id: int) -> None:
     """Forget the portal's blocks (a re-install starts afresh)."""
     session.execute(delete(MethodLimit).where(MethodLimit.portal_id == portal_id))
+
+
+def pause_portal(session: Session, portal_id: int) -> dt.datetime:
+    """Pause every method of the portal after ``OVERLOAD_LIMIT`` / ``PORTAL_DELETED``; returns
+    until when. The pause is as long as the portal has been refusing so far (so it doubles),
+    at least :data:`PORTAL_PAUSE` and at most :data:`PORTAL_PAUSE_CAP` seconds."""
+    now = utcnow()
+    since = session.scalar(
+        select(MethodLimit.blocked_until).where(
+            MethodLimit.portal_id == portal_id, MethodLimit.method == _PORTAL_SINCE
+        )
+    )
+    if since is None:
+        since = now
+        block(session, portal_id, _PORTAL_SINCE, since)
+    pause = min(PORTAL_PAUSE_CAP, max(PORTAL_PAUSE, (now - since).total_seconds()))
+    until = now + dt.timedelta(seconds=pause)
+    block(session, portal_id, PORTAL, until)
+    return until
+
+
+def portal_pause(session: Session, portal_id: int) -> dt.datetime | None:
+    """The end of the portal's pause, also when it has passed (no successful answer since);
+    None when the portal is not paused."""
+    return session.scalar(
+        select(MethodLimit.blocked_until).where(
+            MethodLimit.portal_id == portal_id, MethodLimit.method == PORTAL
+        )
+    )
+
+
+def clear_portal_pause(session: Session, portal_id: int) -> None:
+    """A successful answer: the portal's pause and its backoff are over."""
+    session.execute(
+        delete(MethodLimit).where(
+            MethodLimit.portal_id == portal_id, MethodLimit.method.in_((PORTAL, _PORTAL_SINCE))
+        )
+    )

@@ -9,6 +9,10 @@ waited on the lock finds a newer access token stored and uses it without calling
 
 Refresh only on ``expired_token``, never on a timer: Bitrix24 may block apps that refresh
 needlessly.
+
+An answer that blames our app (``invalid_client``, ``invalid_request``, ``insufficient_scope``:
+:class:`~.errors.AppConfigRefused`) leaves the portal active and its refresh token stored: it is
+logged loudly, naming the config keys, and fixing the config brings every portal back.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from sqlalchemy import select
@@ -26,6 +31,7 @@ from ..db import Database
 from ..models import Portal, PortalState, utcnow
 from ..portals import token_expiry
 from .errors import (
+    AppConfigRefused,
     Bitrix24Error,
     PermanentError,
     PortalBlocked,
@@ -39,6 +45,9 @@ from .policy import check_url, refuse_redirect
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+#: read timeout of a worker's call: a cloud Bitrix24 request may run 60 s
+#: (settings/performance/limits.md); web requests pass policy.WEB_TIMEOUT instead
+DEFAULT_TIMEOUT = 60.0
 
 
 def refresh_tokens(
@@ -66,8 +75,10 @@ def refresh_tokens(
     :param http: the session to send with; default the process-wide one.
     :param timeout: as for :func:`exchange_refresh_token`.
     :returns: the access token to use.
-    :raises TokensRevoked: OAuth refused the refresh (``invalid_grant``, ``invalid_client``) or
-        there is nothing to refresh with; the portal is then marked ``needs_reinstall`` (committed).
+    :raises TokensRevoked: OAuth refused the refresh token (``invalid_grant``) or there is
+        nothing to refresh with; the portal is then marked ``needs_reinstall`` (committed).
+    :raises AppConfigRefused: OAuth refused our app (``invalid_client``…); the portal stays
+        active with its refresh token: retry later, after the operator fixed the config.
     :raises TransientError: OAuth could not be reached or answered garbage; retry later.
     :raises Bitrix24Error: any other refusal (``invalid_scope``, ``PAYMENT_REQUIRED``…).
     """
@@ -94,6 +105,10 @@ def refresh_tokens(
                 )
             except TokensRevoked as exc:
                 revoked = exc
+            except AppConfigRefused:
+                # Logged loudly by exchange_refresh_token; nothing about the portal changes.
+                metrics.count_token_refresh("failed")
+                raise
             except Bitrix24Error as exc:
                 log.warning("portal %s: token refresh failed: %s", portal.domain, exc)
                 metrics.count_token_refresh("failed")
@@ -142,7 +157,9 @@ def exchange_refresh_token(
     :param timeout: ``(connect, read)`` seconds; default the connect timeout and
         ``settings.timeout`` (a web request passes :data:`~.policy.WEB_TIMEOUT`).
     :returns: the decoded answer, with ``access_token`` and ``refresh_token``.
-    :raises TokensRevoked: ``invalid_grant`` / ``invalid_client``.
+    :raises TokensRevoked: ``invalid_grant``.
+    :raises AppConfigRefused: ``invalid_client``, ``invalid_request``, ``insufficient_scope``
+        (logged at ERROR, naming the keys to fix).
     :raises TransientError: unreachable, a redirect, a 5xx or an answer without tokens.
     :raises Bitrix24Error: any other refusal (``invalid_scope``, ``PAYMENT_REQUIRED``…).
     """
@@ -171,7 +188,16 @@ def exchange_refresh_token(
     except ValueError:
         payload = None
     if isinstance(payload, dict) and payload.get("error"):
-        raise from_response(response.status_code, payload)
+        error = from_response(response.status_code, payload)
+        if isinstance(error, AppConfigRefused):
+            # Every portal's refresh fails the same way until an operator acts: say what to fix.
+            log.error(
+                "Bitrix24's OAuth server refused this app (%s): %s; portals stay active and "
+                "keep their tokens, calls are retried later",
+                error.code,
+                error.hint,
+            )
+        raise error
     if response.status_code != 200 or not isinstance(payload, dict):
         raise from_response(response.status_code, None)
     if not payload.get("access_token") or not payload.get("refresh_token"):
@@ -190,8 +216,16 @@ def _store(portal: Portal, answer: dict[str, Any]) -> None:
     portal.access_token = answer["access_token"]
     portal.refresh_token = answer["refresh_token"]
     portal.token_expires_at = _expires_at(answer)
-    if answer.get("client_endpoint"):
-        portal.client_endpoint = answer["client_endpoint"]
+    endpoint = answer.get("client_endpoint")
+    if endpoint and endpoint != portal.client_endpoint:
+        # The portal moved (settings/how-to-call-rest-api/change-domen.md); the OAuth server's
+        # answer names its new REST address, and the domain is that address's host — the
+        # app page's frame-ancestors is built from the domain. The answer's own ``domain`` is
+        # the OAuth server's (auto-renewal.md), never the portal's.
+        host = urlsplit(str(endpoint)).netloc
+        if host:
+            portal.domain = host
+        portal.client_endpoint = endpoint
     if answer.get("server_endpoint"):
         portal.server_endpoint = answer["server_endpoint"]
     if answer.get("scope"):

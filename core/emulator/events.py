@@ -3,8 +3,9 @@
 
 - ``api-reference/events/event-bind.md``: ``event`` and ``handler`` are required; an unknown
   event answers 400 ``ERROR_EVENT_NOT_FOUND`` "Event not found"; the result is ``true``. "When an
-  application is deleted or updated, its [handlers] will be removed. Therefore, they must be set
-  from scratch in the installer of each version."
+  application is deleted or updated, its actions will be removed. Therefore, they must be set
+  from scratch in the installer of each version." The page says "actions"; on the page that
+  documents event.bind we read it as the event handlers bound with it (an assumption).
 - ``api-reference/events/event-get.md``: a list of ``{"event", "handler", "auth_type",
   "offline"}``, the app's own handlers only.
 - ``api-reference/events/event-unbind.md``: ``event`` and ``handler`` narrow what is removed

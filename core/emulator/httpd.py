@@ -85,7 +85,13 @@ class HttpRequest:
 
 
 def time_block(start: float, finish: float) -> dict[str, Any]:
-    """The ``time`` member of a Bitrix24 answer for a call that ran from ``start`` to ``finish``."""
+    """The ``time`` member of a Bitrix24 answer for a call that ran from ``start`` to ``finish``.
+
+    Without ``operating`` / ``operating_reset_at``: a single method's answer adds them
+    (:meth:`~.portal.EmulatedPortal` accounts each method); a ``batch`` and its ``result_time``
+    entries have none (``settings/how-to-call-rest-api/batch.md`` shows none, and "an external
+    call to batch is not accounted for in operating", ``settings/performance/limits.md``).
+    """
     return {
         "start": start,
         "finish": finish,
@@ -93,9 +99,6 @@ def time_block(start: float, finish: float) -> dict[str, Any]:
         "processing": finish - start,
         "date_start": datetime.fromtimestamp(start).astimezone().isoformat(timespec="seconds"),
         "date_finish": datetime.fromtimestamp(finish).astimezone().isoformat(timespec="seconds"),
-        "operating": round(finish - start, 6),
-        # Bitrix24 accounts method time in 10-minute windows.
-        "operating_reset_at": int(start) + 600,
     }
 
 

@@ -3,8 +3,9 @@
 - a failed request pauses the portal: ``QUERY_LIMIT_EXCEEDED`` briefly (and the bucket is
   believed full), ``OPERATION_TIME_LIMIT`` until ``operating_reset_at``, transient errors with
   backoff, a permanent verdict on the request for at least ``PERMANENT_PAUSE``; a portal whose
-  tokens are dead or that Bitrix24 blocked is not called any more (its entries wait for a
-  re-install);
+  tokens are dead is not called any more (its entries wait for a re-install); one that
+  Bitrix24 blocked (``OVERLOAD_LIMIT``, ``PORTAL_DELETED``) waits out the pause the client set;
+  an OAuth refusal of our app's config (``invalid_client``…) is retried with backoff;
 - per-command answers, one by one: an entry is deleted only when the version it reported is
   still the entry's version (a newer status that arrived meanwhile stays);
   ``ERROR_MESSAGE_NOT_FOUND`` and other permanent errors are dropped and logged, transient ones
@@ -82,7 +83,20 @@ def request_failed(
                 portal.paused_until,
             )
             return
-        if isinstance(exc, TokensRevoked | PortalBlocked) or exc.action in ("reinstall", "stop"):
+        if isinstance(exc, PortalBlocked):
+            # The client paused the portal (in every process); wait that out, keep the entries.
+            if portal.paused_until is None or portal.paused_until <= now:
+                portal.paused_until = now + seconds(PERMANENT_PAUSE)
+            report.stopped = "blocked"
+            log.warning(
+                "portal %s (%s): %s; its outbox waits until %s",
+                portal_id,
+                domain,
+                exc,
+                portal.paused_until,
+            )
+            return
+        if isinstance(exc, TokensRevoked) or exc.action == "reinstall":
             # The client (or the token refresh) marked the portal already — unless a re-install
             # stored fresh tokens meanwhile, which a second mark here would undo.
             report.stopped = "inactive"
@@ -92,7 +106,20 @@ def request_failed(
             return
         state.failures = (state.failures or 0) + 1
         pause = retry_delay(state.failures, max(pacing.retry_base, 0.1), pacing.retry_cap)
-        if exc.action == "give_up":
+        if exc.action == "configure":
+            # Our client_id / client_secret or scopes (logged loudly by the OAuth exchange):
+            # retried with backoff until the operator fixes the config; never faster than
+            # PERMANENT_PAUSE, or every portal would hammer the OAuth server meanwhile.
+            pause = max(pause, PERMANENT_PAUSE)
+            report.stopped = "config"
+            log.error(
+                "portal %s (%s): %s; retry in %.0fs once the config is fixed",
+                portal_id,
+                domain,
+                exc,
+                pause,
+            )
+        elif exc.action == "give_up":
             # A verdict on the batch request itself (access denied…): nothing we retry soon will
             # change it, but the statuses are worth keeping until an operator fixes it.
             pause = max(pause, min(PERMANENT_PAUSE, pacing.retry_cap))
@@ -154,7 +181,13 @@ def record_answer(
             error = result.errors.get(key)
             code = error.code if error is not None else "SKIPPED"
             report.errors[code] = report.errors.get(code, 0) + 1
-            if error is not None and error.action not in ("retry", "wait", "refresh"):
+            if error is not None and error.action not in (
+                "retry",
+                "wait",
+                "refresh",
+                "pause",
+                "configure",
+            ):
                 log.warning(
                     "portal %s (%s): status %s of message %s (%s) refused: %s; dropped",
                     portal_id,
