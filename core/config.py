@@ -120,6 +120,9 @@ class Bitrix24Schema(Schema):
 
     client_id = fields.String(load_default="")
     client_secret = fields.String(load_default="")
+    #: the app's CODE as app.info names it; needed for a Market app (CODE vendor.app, client_id
+    #: app.…); a local app's CODE is its client_id
+    app_code = fields.String(load_default="")
     oauth_url = fields.String(
         load_default="https://oauth.bitrix.info/oauth/token/", validate=_url(("http", "https"))
     )
