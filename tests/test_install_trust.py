@@ -8,6 +8,8 @@ nothing; the real install through the emulator still works end to end.
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import requests
 from sqlalchemy import func, select
 
 from b24sms.bitrix24 import verify
+from b24sms.bitrix24.policy import web_slots
 from b24sms.models import Message, Portal, PortalState, ProviderRegistration
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.fakes.recorder import Recorder, json_answer, redirect_to
@@ -686,3 +689,44 @@ def test_an_admin_check_that_cannot_be_made_is_a_503_and_changes_nothing(live_ap
     assert_refused(response, 503)
     assert response.json()["error"] == "portal_unavailable"
     assert snapshot(server) == before
+
+
+# -- one slow portal cannot take every portal-call slot ------------------------------------------
+
+
+def test_a_slow_portal_holds_one_slot_and_other_portals_app_pages_still_open(live_app, emulator):
+    """The review: app-page posts naming one slow portal took all slots, and every other
+    portal's app page answered 503. Now that portal holds one slot; the others open."""
+    server = live_app(providers=LOG, rate_limit={"enabled": False})
+    slow, victim = emulator.add_portal(), emulator.add_portal()
+    assert slow.install(server.url).status_code == 200
+    assert victim.install(server.url).status_code == 200
+    asked_before = slow.stats["methods"]["app.info"]
+    slow.rest_delays["app.info"] = 2.0  # under WEB_TIMEOUT's read timeout: it answers
+    statuses: list[int] = []
+
+    def open_slow_page() -> None:
+        form = slow.placement_auth()
+        form["AUTH_ID"] = secrets.token_hex(16)  # a new token each: no cached answer
+        response = requests.post(
+            f"{server.url}/app", data=form, headers={"Accept": "application/json"}, timeout=30
+        )
+        statuses.append(response.status_code)
+
+    load = [threading.Thread(target=open_slow_page) for _ in range(web_slots.size * 3)]
+    for thread in load:
+        thread.start()
+    time.sleep(0.5)  # every post arrived; one waits on the slow portal
+    victim_answers = []
+    for _ in range(5):
+        form = victim.placement_auth()
+        form["AUTH_ID"] = victim.user_auth(admin=False)["AUTH_ID"]  # an ordinary user
+        response = requests.post(f"{server.url}/app", data=form, timeout=10)
+        victim_answers.append(response.status_code)
+    still_waiting = sum(1 for thread in load if thread.is_alive())
+    for thread in load:
+        thread.join(30)
+    assert still_waiting >= 1  # the victim's pages were opened while the slow one held its slot
+    assert victim_answers == [200] * 5
+    assert slow.stats["methods"]["app.info"] - asked_before == 1
+    assert sorted(statuses).count(503) == len(load) - 1
