@@ -94,6 +94,8 @@ class Bitrix24Config:
 
     client_id: str
     client_secret: str = field(repr=False)
+    #: the app's CODE as app.info names it (a Market app's; a local app's is its client_id)
+    app_code: str
     oauth_url: str
     requests_per_second: float
     burst: int
@@ -289,6 +291,9 @@ class Bitrix24Schema(Schema):
 
     client_id = fields.String(load_default="")
     client_secret = fields.String(load_default="")
+    #: the app's CODE as app.info names it; needed for a Market app (CODE vendor.app, client_id
+    #: app.…); a local app's CODE is its client_id
+    app_code = fields.String(load_default="")
     oauth_url = fields.String(
         load_default="https://oauth.bitrix.info/oauth/token/", validate=_url(("http", "https"))
     )

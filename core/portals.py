@@ -3,7 +3,10 @@
 A portal is identified by ``member_id``; its domain may change. A portal becomes known, or a
 known one changes address, tokens or ``application_token``, only from an install or update that
 Bitrix24's OAuth server confirmed (:func:`b24sms.bitrix24.verify.prove_install`): what is
-stored comes from the OAuth server's answer. Every other event must carry the stored
+stored comes from the OAuth server's answer. Who the portal trusts (a new portal, a portal
+that is not active becoming active, a new ``application_token``) changes only when, besides,
+the install's user is an administrator (:func:`changes_trust`,
+:func:`b24sms.bitrix24.verify.prove_admin`). Every other event must carry the stored
 ``application_token``, compared in constant time.
 """
 
@@ -34,6 +37,21 @@ def tokens_match(stored: str | None, given: str | None) -> bool:
 #: built once: every HANDLER call looks its portal up
 _BY_MEMBER_ID = select(Portal).where(Portal.member_id == bindparam("member_id"))
 _BY_MEMBER_ID_LOCKED = _BY_MEMBER_ID.with_for_update()
+
+
+class AdminRequired(Exception):
+    """An install would change whom a portal trusts, without an administrator's proof."""
+
+
+def changes_trust(portal: Portal | None, application_token: str | None) -> bool:
+    """Whether an install or update bringing ``application_token`` changes whom ``portal``
+    trusts: it is unknown, not active, or the token is not the stored one. Only a re-install of
+    an active portal with its stored token does not (then it needs no administrator)."""
+    return (
+        portal is None
+        or portal.state != PortalState.ACTIVE
+        or not tokens_match(portal.application_token, application_token)
+    )
 
 
 def find_portal(session: Session, member_id: str, *, lock: bool = False) -> Portal | None:
@@ -92,6 +110,7 @@ def save_install(
     *,
     application_token: str,
     language: str | None,
+    admin: bool,
 ) -> tuple[Portal, bool]:
     """Create or refresh a portal from an install proven at the OAuth server; returns
     (portal, created).
@@ -99,8 +118,14 @@ def save_install(
     Address, member_id and tokens come from the OAuth server's answer (``proven``), never from
     the request; only the ``application_token`` and the language are the install's own. Any
     previous state (uninstalled, needs re-install, blocked) ends: the portal is active again.
+
+    :param admin: the install's user was proven an administrator of the portal.
+    :raises AdminRequired: not ``admin``, and the install :func:`changes_trust` (checked under
+        the portal's row lock: the state may have changed since the caller looked).
     """
     portal = find_portal(session, proven.member_id, lock=True)
+    if not admin and changes_trust(portal, application_token):
+        raise AdminRequired(proven.member_id)
     created = portal is None
     if portal is None:
         portal = Portal(member_id=proven.member_id)

@@ -8,6 +8,8 @@ nothing; the real install through the emulator still works end to end.
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import requests
 from sqlalchemy import func, select
 
 from b24sms.bitrix24 import verify
+from b24sms.bitrix24.policy import web_slots
 from b24sms.config import Bitrix24Schema
 from b24sms.models import Message, Portal, PortalState, ProviderRegistration
 from tests.conftest import CLIENT_ID, CLIENT_SECRET
@@ -302,22 +305,29 @@ def test_an_oauth_answer_naming_a_non_http_endpoint_is_refused(live_app, emulato
 # -- app.info must name our app -----------------------------------------------------------------
 
 
+MARKET = "app.573ad8a0346747.09223434"
+
+
 @pytest.mark.parametrize(
-    ("client_id", "result", "accepted"),
+    ("client_id", "app_code", "result", "accepted"),
     [
-        (CLIENT_ID, {"CODE": CLIENT_ID, "ID": 1}, True),
-        (CLIENT_ID, {"ID": 1, "VERSION": 1}, False),  # no CODE
-        (CLIENT_ID, {"CODE": "", "ID": 1}, False),
-        (CLIENT_ID, {"CODE": "local.someone.else"}, False),
-        (CLIENT_ID, True, False),
-        (CLIENT_ID, [], False),
-        ("app.573ad8a0346747.09223434", {"CODE": "vendor.sms"}, True),  # marketplace app
-        ("app.573ad8a0346747.09223434", {"ID": 5}, False),
+        (CLIENT_ID, "", {"CODE": CLIENT_ID, "ID": 1}, True),
+        (CLIENT_ID, "", {"ID": 1, "VERSION": 1}, False),  # no CODE
+        (CLIENT_ID, "", {"CODE": "", "ID": 1}, False),
+        (CLIENT_ID, "", {"CODE": "local.someone.else"}, False),
+        (CLIENT_ID, "", True, False),
+        (CLIENT_ID, "", [], False),
+        (MARKET, "vendor.sms", {"CODE": "vendor.sms"}, True),  # a Market app: its app code
+        (MARKET, "vendor.sms", {"CODE": "other.vendor.app"}, False),  # another Market app
+        (MARKET, "vendor.sms", {"ID": 5}, False),
+        (MARKET, "", {"CODE": "vendor.sms"}, False),  # our code unknown: nothing proves it
     ],
 )
-def test_app_info_proves_a_token_only_when_it_names_the_app(client_id, result, accepted):
+def test_app_info_proves_a_token_only_when_it_names_the_app(client_id, app_code, result, accepted):
     with Recorder(lambda _request: json_answer({"result": result})) as portal:
-        settings = Bitrix24Schema().load({"client_id": client_id, "timeout": 5})
+        settings = Bitrix24Schema().load(
+            {"client_id": client_id, "app_code": app_code, "timeout": 5}
+        )
         assert verify.probe_token(f"{portal.url}/rest/", "token", settings) is accepted
         assert [r.path for r in portal.requests] == ["/rest/app.info"]
 
@@ -436,17 +446,20 @@ def test_an_app_update_rotates_the_application_token(live_app, emulator):
     assert portal.wait_for_status(message_id) == "delivered"
 
 
-def test_an_update_proven_by_its_access_token_at_the_stored_address_rotates(live_app, emulator):
+def test_an_access_token_alone_does_not_rotate_the_application_token(live_app, emulator):
+    """Even the installing administrator's live access token proves nothing about who sends
+    it: every user reads their own in the frame, and the portal answers any of them."""
     server = live_app(providers=LOG)
     portal = emulator.add_portal()
     portal.install(server.url)
-    new = secrets.token_hex(16)
+    before = snapshot(server)
+    requests_before = portal.stats["requests"]
     access = portal.placement_auth()["AUTH_ID"]  # alive at the portal, names our app
-    form = update_event(portal, application_token=new, access_token=access)
+    form = update_event(portal, application_token=secrets.token_hex(16), access_token=access)
     response = requests.post(f"{server.url}/bitrix24/events", data=form, timeout=15)
-    assert response.status_code == 200, response.text
-    assert portal_row(server, portal.member_id).application_token == new
-    assert handler_call(portal, new).status_code == 200
+    assert_refused(response, 401)
+    assert snapshot(server) == before
+    assert portal.stats["requests"] == requests_before  # nobody asked the portal either
 
 
 @pytest.mark.parametrize("proof", ["made_up_tokens", "other_apps_token", "no_code"])
@@ -463,7 +476,7 @@ def test_an_unproven_update_with_a_new_token_is_refused(live_app, emulator, atta
         own = emulator.add_portal()  # a refresh token OAuth accepts, for another portal
         auth["refresh_token"] = own.refresh_token
     elif proof == "no_code":
-        # The stored address answers app.info without a CODE: no proof either.
+        # The stored address would answer app.info without a CODE: it is not even asked.
         attacker.answer = lambda _request: json_answer({"result": {"ID": 1}})
         with db_of(server).session() as session:
             row = session.scalar(select(Portal).where(Portal.member_id == portal.member_id))
@@ -476,9 +489,8 @@ def test_an_unproven_update_with_a_new_token_is_refused(live_app, emulator, atta
     assert_refused(response, 401)
     assert snapshot(server) == before
     assert handler_call(portal, "forged-new-token").status_code == 401
-    if proof == "no_code":
-        assert [r.path for r in attacker.requests] == ["/rest/app.info"]
-    else:
+    assert attacker.requests == []
+    if proof != "no_code":
         assert handler_call(portal, portal.application_token).status_code == 200
 
 
@@ -509,3 +521,215 @@ def test_an_update_with_the_stored_token_but_unconfirmed_tokens_keeps_the_addres
         stored.refresh_token,
     )
     assert attacker.requests == []
+
+
+# -- only Bitrix24 or an administrator changes whom a portal trusts ------------------------------
+
+
+def events_post(server, form: dict[str, str]) -> requests.Response:
+    return requests.post(f"{server.url}/bitrix24/events", data=form, timeout=15)
+
+
+def forged_update(portal, user: dict[str, str], token: str, *, refresh: bool) -> dict[str, str]:
+    """The review's ONAPPUPDATE: a user's own tokens from the frame, the attacker's token."""
+    return update_event(
+        portal,
+        application_token=token,
+        access_token=user["AUTH_ID"],
+        refresh_token=user["REFRESH_ID"] if refresh else None,
+    )
+
+
+def forged_ui_install(server, portal, user: dict[str, str], token: str) -> requests.Response:
+    """The review's UI install form: a user's REFRESH_ID, the attacker's APPLICATION_TOKEN."""
+    return requests.post(
+        f"{server.url}/bitrix24/install",
+        params={"DOMAIN": portal.domain, "PROTOCOL": "0", "LANG": "en", "APP_SID": "x" * 32},
+        data={
+            "AUTH_ID": user["AUTH_ID"],
+            "AUTH_EXPIRES": "3600",
+            "REFRESH_ID": user["REFRESH_ID"],
+            "APPLICATION_TOKEN": token,
+            "member_id": portal.member_id,
+            "PLACEMENT": "DEFAULT",
+        },
+        timeout=15,
+    )
+
+
+def forged_clean_uninstall(portal, token: str) -> dict[str, str]:
+    return {
+        "event": "ONAPPUNINSTALL",
+        "data[LANGUAGE_ID]": "en",
+        "data[CLEAN]": "1",
+        "auth[domain]": portal.domain,
+        "auth[client_endpoint]": portal.client_endpoint,
+        "auth[member_id]": portal.member_id,
+        "auth[application_token]": token,
+    }
+
+
+@pytest.mark.parametrize(
+    ("variant", "status"),
+    [
+        ("update_access_token", 401),  # the access-token branch the review used
+        ("update_refresh_token", 403),  # OAuth confirms the user; user.admin says no
+        ("ui_install", 403),
+        ("event_install", 403),
+    ],
+)
+def test_a_portal_user_cannot_replace_the_application_token(live_app, emulator, variant, status):
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    assert portal.install(server.url).status_code == 200
+    _, answer = portal.send_sms("smslog", "+14155550100", "before")
+    assert answer.status_code == 200
+    real = portal.application_token
+    before = snapshot(server)
+    asked = portal.stats["methods"]["user.admin"]  # once, by the real install
+    user = portal.user_auth(admin=False)  # what BX24.getAuth() gives any user in the frame
+    evil = secrets.token_hex(16)
+
+    if variant.startswith("update"):
+        form = forged_update(portal, user, evil, refresh=variant == "update_refresh_token")
+        response = events_post(server, form)
+    elif variant == "ui_install":
+        response = forged_ui_install(server, portal, user, evil)
+    else:
+        form = install_event(
+            portal.member_id,
+            portal.domain,
+            user["REFRESH_ID"],
+            client_endpoint=portal.client_endpoint,
+            application_token=evil,
+        )
+        response = post_install(server, form)
+    assert_refused(response, status)
+    if status == 403:
+        assert response.json()["error"] == "admin_required"
+        assert portal.stats["methods"]["user.admin"] == asked + 1
+    assert snapshot(server) == before
+    assert portal_row(server, portal.member_id).application_token == real
+
+    # The HANDLER still takes the real token, and the forged token opens nothing.
+    assert handler_call(portal, real).status_code == 200
+    assert handler_call(portal, evil).status_code == 401
+    # The forged uninstall that would erase the portal's data is refused.
+    assert_refused(events_post(server, forged_clean_uninstall(portal, evil)), 401)
+    stored = portal_row(server, portal.member_id)
+    assert stored.state == PortalState.ACTIVE and stored.application_token == real
+    with db_of(server).session() as session:
+        # the message before the attack and the one after it: nothing erased
+        assert session.scalar(select(func.count()).select_from(Message)) == 2
+
+
+def test_an_administrators_update_with_a_new_token_is_accepted(live_app, emulator):
+    """Another administrator than the installer updates the app: proven at the OAuth server,
+    user.admin true, so the new token is stored and used."""
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    old = portal.application_token
+    asked = portal.stats["methods"]["user.admin"]
+    admin = portal.user_auth(admin=True)
+    new = secrets.token_hex(16)
+    response = events_post(server, forged_update(portal, admin, new, refresh=True))
+    assert response.status_code == 200, response.text
+    assert portal.stats["methods"]["user.admin"] == asked + 1
+    assert portal_row(server, portal.member_id).application_token == new
+    assert handler_call(portal, new).status_code == 200
+    assert handler_call(portal, old).status_code == 401
+
+
+def test_a_first_install_needs_an_administrator(live_app, emulator):
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()  # the app is on the portal; the service does not know it
+    user = portal.user_auth(admin=False)
+    response = forged_ui_install(server, portal, user, secrets.token_hex(16))
+    assert_refused(response, 403)
+    assert snapshot(server) == [(0, 0)]
+    # An administrator's install of the same portal goes in.
+    response = forged_ui_install(server, portal, portal.user_auth(admin=True), "t" * 32)
+    assert response.status_code == 200, response.text
+    assert portal_row(server, portal.member_id).application_token == "t" * 32
+
+
+@pytest.mark.parametrize("state", [PortalState.ACTIVE, PortalState.UNINSTALLED])
+def test_a_reinstall_with_the_stored_token_needs_no_administrator_only_when_active(
+    live_app, emulator, state
+):
+    """Bitrix24's own re-install of an active portal carries the stored token; one of a portal
+    that is not active makes it active again, which only an administrator may."""
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    stored = portal.application_token
+    if state == PortalState.UNINSTALLED:
+        # uninstalled here, while the portal's tokens still work (the event was lost, say)
+        set_state(server, portal.member_id, state)
+    before = snapshot(server)
+    asked = portal.stats["methods"]["user.admin"]
+    user = portal.user_auth(admin=False)
+    response = forged_ui_install(server, portal, user, stored)
+    if state == PortalState.ACTIVE:
+        assert response.status_code == 200, response.text
+        assert portal.stats["methods"]["user.admin"] == asked
+        assert portal_row(server, portal.member_id).application_token == stored
+    else:
+        assert_refused(response, 403)
+        assert snapshot(server) == before
+
+
+def test_an_admin_check_that_cannot_be_made_is_a_503_and_changes_nothing(live_app, emulator):
+    server = live_app(providers=LOG)
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    before = snapshot(server)
+    portal.inject("INTERNAL_SERVER_ERROR", 500, count=1, methods="user.admin")
+    admin = portal.user_auth(admin=True)
+    form = forged_update(portal, admin, secrets.token_hex(16), refresh=True)
+    response = events_post(server, form)
+    assert_refused(response, 503)
+    assert response.json()["error"] == "portal_unavailable"
+    assert snapshot(server) == before
+
+
+# -- one slow portal cannot take every portal-call slot ------------------------------------------
+
+
+def test_a_slow_portal_holds_one_slot_and_other_portals_app_pages_still_open(live_app, emulator):
+    """The review: app-page posts naming one slow portal took all slots, and every other
+    portal's app page answered 503. Now that portal holds one slot; the others open."""
+    server = live_app(providers=LOG, rate_limit={"enabled": False})
+    slow, victim = emulator.add_portal(), emulator.add_portal()
+    assert slow.install(server.url).status_code == 200
+    assert victim.install(server.url).status_code == 200
+    asked_before = slow.stats["methods"]["app.info"]
+    slow.rest_delays["app.info"] = 2.0  # under WEB_TIMEOUT's read timeout: it answers
+    statuses: list[int] = []
+
+    def open_slow_page() -> None:
+        form = slow.placement_auth()
+        form["AUTH_ID"] = secrets.token_hex(16)  # a new token each: no cached answer
+        response = requests.post(
+            f"{server.url}/app", data=form, headers={"Accept": "application/json"}, timeout=30
+        )
+        statuses.append(response.status_code)
+
+    load = [threading.Thread(target=open_slow_page) for _ in range(web_slots.size * 3)]
+    for thread in load:
+        thread.start()
+    time.sleep(0.5)  # every post arrived; one waits on the slow portal
+    victim_answers = []
+    for _ in range(5):
+        form = victim.placement_auth()
+        form["AUTH_ID"] = victim.user_auth(admin=False)["AUTH_ID"]  # an ordinary user
+        response = requests.post(f"{server.url}/app", data=form, timeout=10)
+        victim_answers.append(response.status_code)
+    still_waiting = sum(1 for thread in load if thread.is_alive())
+    for thread in load:
+        thread.join(30)
+    assert still_waiting >= 1  # the victim's pages were opened while the slow one held its slot
+    assert victim_answers == [200] * 5
+    assert slow.stats["methods"]["app.info"] - asked_before == 1
+    assert sorted(statuses).count(503) == len(load) - 1

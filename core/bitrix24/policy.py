@@ -9,12 +9,15 @@ from a request; this module is the second fence in case one ever does:
   Bitrix24's own domain-change redirect is handled on top of this, by its own function;
 - a call made while a web request waits on it gets :data:`WEB_TIMEOUT` instead of the
   worker's long read timeout, and holds one of :data:`web_slots`, so slow portals can occupy
-  at most a few of the server's threads (the caller answers 503 instead of queueing up).
+  at most a few of the server's threads (the caller answers 503 instead of queueing up). One
+  portal (one REST host) holds at most one of them at a time, so a single slow portal cannot
+  take them all and lock every other portal out of its app page.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -96,30 +99,57 @@ def refuse_redirect(response: requests.Response) -> None:
 
 
 class CallSlots:
-    """A bound on calls in flight at once: a semaphore whose waiters give up quickly.
+    """A bound on calls in flight at once, and on calls to one host at once: waiters give up
+    quickly.
 
-    :param size: calls at once.
+    :param size: calls at once, over all hosts.
     :param wait: seconds :meth:`hold` waits for a free slot by default.
+    :param per_host: calls at once to one host (the ``host`` of :meth:`hold`).
     """
 
-    def __init__(self, size: int = WEB_SLOTS, wait: float = WEB_SLOT_WAIT) -> None:
+    def __init__(self, size: int = WEB_SLOTS, wait: float = WEB_SLOT_WAIT, per_host: int = 1):
         self.size = size
         self.wait = wait
-        self._semaphore = threading.BoundedSemaphore(size)
+        self.per_host = per_host
+        self._free = threading.Condition()
+        self._in_flight = 0
+        self._by_host: dict[str, int] = {}
 
     @contextmanager
-    def hold(self, wait: float | None = None) -> Iterator[None]:
+    def hold(self, wait: float | None = None, host: str | None = None) -> Iterator[None]:
         """Hold one slot for the duration of the block.
 
         :param wait: seconds to wait for a slot (default :attr:`wait`).
-        :raises SlotsBusy: no slot came free in time.
+        :param host: the host the call goes to (``host[:port]``, compared case-insensitively):
+            at most :attr:`per_host` calls to it at once. None: only the overall bound.
+        :raises SlotsBusy: no slot came free in time (for this host, or at all).
         """
-        if not self._semaphore.acquire(timeout=self.wait if wait is None else wait):
-            raise SlotsBusy("SLOTS_BUSY", "too many slow portal calls in flight; try again")
+        key = host.lower() if host else None
+        deadline = time.monotonic() + (self.wait if wait is None else wait)
+        with self._free:
+            while not self._can_take(key):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SlotsBusy("SLOTS_BUSY", "too many slow portal calls in flight; try again")
+                self._free.wait(left)
+            self._in_flight += 1
+            if key is not None:
+                self._by_host[key] = self._by_host.get(key, 0) + 1
         try:
             yield
         finally:
-            self._semaphore.release()
+            with self._free:
+                self._in_flight -= 1
+                if key is not None:
+                    self._by_host[key] -= 1
+                    if not self._by_host[key]:
+                        del self._by_host[key]
+                self._free.notify_all()
+
+    def _can_take(self, key: str | None) -> bool:
+        if self._in_flight >= self.size:
+            return False
+        return key is None or self._by_host.get(key, 0) < self.per_host
 
 
 #: the process-wide slots for portal calls made inside web requests

@@ -11,9 +11,17 @@ Two proofs, both asked of Bitrix24 and never of an address a request names:
   holder of the application's authorization; only it issues and renews tokens" (b24restdocs
   ``settings/cloud-and-on-premise/security-recommendations.md``, ``settings/oauth/index.md``);
   the answer's fields are listed in ``settings/oauth/auto-renewal.md``.
-- :func:`probe_token`: an access token someone shows us (the app page's ``AUTH_ID``, an
-  update's ``access_token``) is tried with ``app.info`` at the portal's *stored*
-  ``client_endpoint``: a token is only proof of "this portal" when the portal itself accepts it.
+- :func:`prove_admin`: a proven install may change whom we trust for a portal (a first
+  install, a re-install of a portal that is not active, a new ``application_token``) only when
+  the user whose tokens it brought is an administrator: installing an app "is performed by a
+  user with administrator rights" (b24restdocs ``settings/app-installation/index.md``), and
+  every user of a portal can read their own tokens in the app's frame. ``user.admin`` is asked
+  with the access token the OAuth server just issued, at the ``client_endpoint`` the OAuth
+  server named (``api-reference/common/users/user-admin.md``: ``true`` when "the current user
+  has the permissions to manage application settings").
+- :func:`probe_token`: an access token someone shows us (the app page's ``AUTH_ID``) is tried
+  with ``app.info`` at the portal's *stored* ``client_endpoint``: a token is only proof of
+  "a user of this portal, in our app" when the portal itself accepts it and names our app.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from ..config import Bitrix24Config
 from .client import shared_session, user_agent
 from .errors import Bitrix24Error, TokensRevoked, TransientError
 from .oauth import CONNECT_TIMEOUT, exchange_refresh_token
-from .policy import WEB_TIMEOUT, check_url, refuse_redirect, web_slots
+from .policy import WEB_TIMEOUT, SlotsBusy, check_url, refuse_redirect, web_slots
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +115,19 @@ def probe_token(
 ) -> bool:
     """True when ``app.info`` answers for this token at this portal, naming our app.
 
-    The answer must carry the app's ``CODE``: an answer without one proves nothing (any server
-    can answer ``{"result": {}}``). For a local app (``client_id`` ``local.…``) the CODE must
-    also be *our* ``client_id``: a token another app on the same portal received is alive there
-    too, and must not open our data. Marketplace apps' codes differ from their client_id, so
-    for them a CODE-bearing answer from the portal's stored address is the proof (b24restdocs
-    ``api-reference/common/system/app-info.md``).
+    The answer's ``CODE`` must be *our* app's (:func:`app_code`): an answer without one proves
+    nothing (any server can answer ``{"result": {}}``), and a token another app on the same
+    portal received is alive there too, and must not open our data (b24restdocs
+    ``api-reference/common/system/app-info.md``: ``CODE`` "application code").
 
     :param client_endpoint: the portal's stored REST address.
     :param access_token: the token to check.
-    :param settings: ``[bitrix24]`` of the config (``client_id``, ``timeout``, ``user_agent``).
+    :param settings: ``[bitrix24]`` of the config (``client_id``, ``app_code``, ``timeout``,
+        ``user_agent``).
     :param ttl: seconds to remember a positive answer (0: ask every time). Refusals are
         remembered for at most :data:`NEGATIVE_TTL` seconds.
     :param web: the caller is a web request: short timeouts, and one of the process's
-        :data:`~.policy.web_slots` is held for the call.
+        :data:`~.policy.web_slots` is held for the call (one at a time per portal host).
     :raises SlotsBusy: ``web`` and every slot is taken (answer 503; nothing was asked).
     """
     if not access_token:
@@ -131,7 +138,7 @@ def probe_token(
         if cached is not None:
             return cached
     if web:
-        with web_slots.hold():
+        with web_slots.hold(host=host_of(client_endpoint)):
             answer = _ask(client_endpoint, access_token, settings, WEB_TIMEOUT)
     else:
         answer = _ask(client_endpoint, access_token, settings, None)
@@ -140,13 +147,48 @@ def probe_token(
     return answer
 
 
+def app_code(settings: Bitrix24Config) -> str | None:
+    """Our app's ``CODE`` as ``app.info`` names it: ``[bitrix24] app_code`` when set, else the
+    ``client_id`` of a local app (whose CODE it is); None for a Market app without
+    ``app_code`` (its CODE, e.g. ``vendor.app``, differs from its client_id ``app.…``)."""
+    configured, client_id = settings.app_code, settings.client_id
+    return configured or (client_id if client_id.startswith("local.") else None)
+
+
 def _ask(
     client_endpoint: str,
     access_token: str,
     settings: Bitrix24Config,
     timeout: tuple[float, float] | None,
 ) -> bool:
-    method = "app.info"
+    answer = _rest_call(client_endpoint, "app.info", access_token, settings, timeout)
+    if answer is None or answer[0] != 200:
+        return False
+    result = answer[1]
+    code = result.get("CODE") if isinstance(result, dict) else None
+    if not isinstance(code, str) or not code:
+        log.warning("token probe at %s: app.info named no app CODE", host_of(client_endpoint))
+        return False
+    ours = app_code(settings)
+    if ours is None:
+        log.warning("token probe: set [bitrix24] app_code to the Market app's CODE")
+        return False
+    if code != ours:
+        log.warning("token probe at %s: the token belongs to another app", host_of(client_endpoint))
+        return False
+    return True
+
+
+def _rest_call(
+    client_endpoint: str,
+    method: str,
+    access_token: str,
+    settings: Bitrix24Config,
+    timeout: tuple[float, float] | None,
+) -> tuple[int, Any] | None:
+    """One REST call, no redirect followed: ``(200, result)``, ``(status, error code)`` for
+    an error answer, or None when the portal could not be asked or answered garbage (logged
+    without the token)."""
     started = time.perf_counter()
     try:
         url = check_url(client_endpoint.rstrip("/") + "/" + method)
@@ -162,26 +204,59 @@ def _ask(
     except (requests.RequestException, ValueError, Bitrix24Error) as exc:
         metrics.observe_rest_request(method, time.perf_counter() - started)
         metrics.count_rest_error(method, getattr(exc, "code", type(exc).__name__))
-        log.warning("token probe at %s failed: %s", _host(client_endpoint), type(exc).__name__)
-        return False
+        log.warning("%s at %s failed: %s", method, host_of(client_endpoint), type(exc).__name__)
+        return None
     metrics.observe_rest_request(method, time.perf_counter() - started)
     if response.status_code != 200 or not isinstance(body, dict) or "result" not in body:
         error = body.get("error") if isinstance(body, dict) else None
-        metrics.count_rest_error(method, str(error or f"HTTP_{response.status_code}"))
-        return False
-    result = body["result"]
-    code = result.get("CODE") if isinstance(result, dict) else None
-    if not isinstance(code, str) or not code:
-        log.warning("token probe at %s: app.info named no app CODE", _host(client_endpoint))
-        return False
-    client_id = settings.client_id
-    if client_id.startswith("local.") and code != client_id:
-        log.warning("token probe at %s: the token belongs to another app", _host(client_endpoint))
-        return False
-    return True
+        code = str(error or f"HTTP_{response.status_code}")
+        metrics.count_rest_error(method, code)
+        return response.status_code, code
+    return 200, body["result"]
 
 
-def _host(url: str) -> str:
+#: seconds an install waits for the portal's slot before its admin check answers 503
+ADMIN_SLOT_WAIT = 2.0
+
+
+def prove_admin(proven: ProvenInstall, settings: Bitrix24Config) -> None:
+    """Check that the user whose tokens an install brought administers the portal.
+
+    ``user.admin`` is asked with the access token the OAuth server issued for that user, at the
+    ``client_endpoint`` it named (never an address from the request), with short timeouts and
+    holding the portal host's slot in :data:`~.policy.web_slots`.
+
+    :param proven: the install, as the OAuth server confirmed it.
+    :param settings: ``[bitrix24]`` of the config.
+    :raises InstallRefused: 403 ``admin_required`` when ``user.admin`` is not ``true`` (or the
+        portal refuses the call); 503 ``portal_unavailable`` when the portal could not be asked.
+    """
+    host = host_of(proven.client_endpoint)
+    try:
+        with web_slots.hold(wait=ADMIN_SLOT_WAIT, host=host):
+            answer = _rest_call(
+                proven.client_endpoint, "user.admin", proven.access_token, settings, WEB_TIMEOUT
+            )
+    except SlotsBusy:
+        answer = None
+    if answer is None or answer[0] >= 500:
+        raise InstallRefused(
+            503,
+            "portal_unavailable",
+            "the portal could not confirm the installing user; send again",
+        )
+    if answer[0] != 200 or answer[1] is not True:  # strictly JSON true (user-admin.md)
+        log.warning("install at %s refused: the user is not an administrator (%s)", host, answer)
+        raise InstallRefused(
+            403,
+            "admin_required",
+            "only an administrator of the portal may install or update the app",
+        )
+
+
+def host_of(url: str) -> str:
+    """``host[:port]`` of ``url`` as written (the key of a portal's call slot); "?" when it
+    does not parse."""
     try:
         return urlsplit(url).netloc
     except ValueError:

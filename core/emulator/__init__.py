@@ -15,6 +15,7 @@ Modules: ``server`` (the emulator and its OAuth server), ``portal`` (one portal:
 state, the calls it makes to the app), ``events`` (``event.bind``/``get``/``unbind``: the
 handlers app events go to), ``httpd`` (the loopback HTTP plumbing), ``php_lenient_form``
 (PHP bracket form encoding). ``python -m b24sms.emulator`` runs one portal from the shell.
+``users``: which user holds which token, for ``user.admin`` (``EmulatedPortal.user_auth``).
 """
 
 from .httpd import RestError

@@ -24,6 +24,7 @@ import requests
 from .events import EventBindings
 from .httpd import HtmlPage, HttpRequest, JSONAnswer, RestError, ServerThread, time_block
 from .php_lenient_form import php_form_decode
+from .users import INSTALLER, PortalUser, PortalUsers
 
 if TYPE_CHECKING:
     from .server import Emulator
@@ -212,6 +213,8 @@ class EmulatedPortal:
         self.application_token: str = token_hex(16)
         self._access: dict[str, float] = {}
         self._refresh: set[str] = set()
+        #: who holds which token: the installer's pair, or another user's (:meth:`user_auth`)
+        self.users = PortalUsers()
         self._injections: list[_Injection] = []
         #: seconds a REST method waits before it is answered, by method (tests set it any time)
         self.rest_delays: dict[str, float] = {}
@@ -301,14 +304,27 @@ class EmulatedPortal:
         self._refresh.add(refresh)
         self.access_token, self.refresh_token = access, refresh
 
+    def _issue_user_pair_locked(self, user: PortalUser) -> tuple[str, str, float]:
+        # Another user's pair: valid like the installer's, but not the app's newest pair.
+        access, refresh = token_hex(35), token_hex(35)
+        expires_at = time.time() + self.emulator.token_ttl
+        self._access[access] = expires_at
+        self._refresh.add(refresh)
+        self.users.assign(user, access, refresh)
+        return access, refresh, expires_at
+
     def _redeem_refresh_token(self, refresh_token: str) -> tuple[str, str, float] | None:
-        """Spend ``refresh_token`` and issue a new pair, atomically; None if it is not ours."""
+        """Spend ``refresh_token`` and issue a new pair to the same user, atomically; None if
+        it is not ours."""
         with self._lock:
             if refresh_token not in self._refresh:
                 return None
             self._refresh.discard(refresh_token)
-            self._issue_pair_locked()
             self.stats["refreshes"] += 1
+            user = self.users.owner(refresh_token)
+            if user != INSTALLER:
+                return self._issue_user_pair_locked(user)
+            self._issue_pair_locked()
             return self.access_token, self.refresh_token, self.access_expires_at
 
     def expire_tokens(self) -> None:
@@ -506,7 +522,7 @@ class EmulatedPortal:
         for key, command in cmd.items():
             started = time.time()
             try:
-                results[key] = self._batch_command(command)
+                results[key] = self._batch_command(command, params.get("auth"))
                 times[key] = time_block(started, time.time())
             except RestError as exc:
                 errors[key] = exc.body()
@@ -525,7 +541,7 @@ class EmulatedPortal:
             "result_time": shaped(times),
         }
 
-    def _batch_command(self, command: Any) -> Any:
+    def _batch_command(self, command: Any, auth: Any) -> Any:
         if not isinstance(command, str):
             raise RestError("INVALID_ARG_VALUE", "A batch command must be a string", 400)
         name, _, query = command.partition("?")
@@ -545,7 +561,7 @@ class EmulatedPortal:
             raise blocked
         params = php_form_decode(parse_qsl(query, keep_blank_values=True))
         # Commands run with the batch's own auth, whatever they carry.
-        params.pop("auth", None)
+        params["auth"] = auth
         return self._call(name, params)
 
     def _call(self, method: str, params: Mapping[str, Any]) -> Any:
@@ -568,12 +584,16 @@ class EmulatedPortal:
             return handlers[method](_messageservice_params(params))
         if method == "app.info":
             return self._app_info()
+        if method == "user.admin":
+            # Any user may ask; the answer is whether they may manage the app (user-admin.md).
+            return self.users.owner(params.get("auth")).admin
         if method == "profile":
+            user = self.users.owner(params.get("auth"))
             return {
-                "ID": "1",
-                "ADMIN": True,
+                "ID": str(user.id),
+                "ADMIN": user.admin,
                 "NAME": "Emulated",
-                "LAST_NAME": "Administrator",
+                "LAST_NAME": "Administrator" if user.admin else "User",
                 "PERSONAL_GENDER": "",
                 "PERSONAL_PHOTO": "",
                 "TIME_ZONE": "",
@@ -997,6 +1017,21 @@ class EmulatedPortal:
                 "LANG": "en",
                 "APP_SID": token_hex(16),
             }
+
+    def user_auth(self, admin: bool = False) -> dict[str, str]:
+        """The frame form (as :meth:`placement_auth`) of a new user of the portal, with a pair of
+        their own: valid for REST calls like the installer's, but ``user.admin`` and
+        ``profile``'s ``ADMIN`` answer ``admin`` for it. Every user who opens the app can read
+        these tokens in the frame (``BX24.getAuth()``, bx24-get-auth.md).
+        """
+        with self._lock:
+            if not self.installed:
+                raise RuntimeError("the app is not installed on this portal")
+            access, refresh, expires_at = self._issue_user_pair_locked(self.users.add(admin))
+            form = self.placement_auth()
+        form["AUTH_ID"], form["REFRESH_ID"] = access, refresh
+        form["AUTH_EXPIRES"] = str(max(0, int(expires_at - time.time())))
+        return form
 
     def stats_snapshot(self) -> dict[str, Any]:
         """A consistent copy of ``stats`` (``methods`` copied too)."""

@@ -227,7 +227,7 @@ class Emulator:
                 "status": "L",
                 "client_endpoint": portal.client_endpoint,
                 "member_id": portal.member_id,
-                "user_id": 1,
+                "user_id": portal.users.owner(access).id,
                 "refresh_token": refresh,
             }
         return _oauth_error(400, "invalid_grant", "Invalid refresh token")

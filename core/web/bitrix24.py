@@ -27,7 +27,8 @@ from ..bitrix24.verify import (
     InstallClaim,
     InstallRefused,
     ProvenInstall,
-    probe_token,
+    host_of,
+    prove_admin,
     prove_install,
 )
 from ..config import first_error
@@ -36,6 +37,8 @@ from ..handler_keys import check_key, key_version
 from ..ingest import Refused, accept_message
 from ..models import PortalState
 from ..portals import (
+    AdminRequired,
+    changes_trust,
     claim_from_event,
     claim_from_form,
     find_portal,
@@ -123,14 +126,14 @@ def load(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
         raise ApiError(400, "invalid_field", f"{field}: {problem}") from None
 
 
-def _sync_after_commit(portal_id: int) -> dict[str, Any]:
+def _sync_after_commit(portal_id: int, client_endpoint: str) -> dict[str, Any]:
     """Register the portal's providers, inside the web request but bounded: short timeouts and
-    one of the process's portal-call slots. A failure is recorded and repeated by `providers
-    sync`; the answer says what happened."""
+    one of the process's portal-call slots (the one of the portal's host). A failure is
+    recorded and repeated by `providers sync`; the answer says what happened."""
     svc = service()
     client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24, timeout=WEB_TIMEOUT)
     try:
-        with web_slots.hold(wait=INSTALL_SLOT_WAIT):
+        with web_slots.hold(wait=INSTALL_SLOT_WAIT, host=host_of(client_endpoint)):
             report = sync_portal(svc, portal_id, client)
     except SlotsBusy:
         log.warning("provider registration for portal %s skipped: portal calls busy", portal_id)
@@ -160,8 +163,10 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
 
     New portal or re-install, whatever the stored state (active, uninstalled, needs re-install,
     blocked): the install's refresh token is exchanged at the OAuth server first, and the
-    portal is stored as the OAuth server names it. A refused install calls nothing else and
-    changes nothing.
+    portal is stored as the OAuth server names it. Unless it re-installs an active portal with
+    its stored application_token, the installing user must also be an administrator of the
+    portal (:func:`~b24sms.bitrix24.verify.prove_admin`): any user can read their own tokens
+    in the app's frame. A refused install changes nothing.
     """
     svc = service()
     ui = event is None and "event" not in payload
@@ -179,18 +184,26 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
     # Outside any transaction: the OAuth server may take a while, and a SQLite transaction
     # would hold every writer (HANDLER calls included) meanwhile.
     proven = _prove(claim)
+    with svc.db.read() as session:
+        admin = changes_trust(find_portal(session, proven.member_id), app_token)
+    if admin:
+        _prove_admin(proven)
     with svc.db.session() as session:
-        portal, created = save_install(
-            session, proven, application_token=app_token, language=language
-        )
-        portal_id, domain = portal.id, portal.domain
+        try:
+            portal, created = save_install(
+                session, proven, application_token=app_token, language=language, admin=admin
+            )
+        except AdminRequired:
+            # The portal changed since we looked (an uninstall meanwhile): ask again.
+            raise ApiError(409, "conflict", "the portal changed meanwhile; send again") from None
+        portal_id, domain, endpoint = portal.id, portal.domain, portal.client_endpoint
     log.info(
         "portal %s %s (member %s)",
         domain,
         "installed" if created else "re-installed",
         claim.member_id,
     )
-    registration = _sync_after_commit(portal_id)
+    registration = _sync_after_commit(portal_id, endpoint)
     # Statuses that waited while the portal's tokens were dead can go now.
     enqueue_or_log(svc.queue.enqueue_flush, portal_id)
     if ui:
@@ -200,6 +213,13 @@ def _install(payload: dict[str, Any], event: dict[str, Any] | None = None):
             failed=registration.get("failed", 0),
         )
     return jsonify({"result": "installed", "portal": domain, **registration})
+
+
+def _prove_admin(proven: ProvenInstall) -> None:
+    try:
+        prove_admin(proven, service().config.bitrix24)
+    except InstallRefused as exc:
+        raise ApiError(exc.status, exc.error, exc.message) from None
 
 
 def _require_install_auth(auth: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -264,48 +284,45 @@ def _update(member_id: str, auth: Mapping[str, Any]):
             raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
         given = auth.get("application_token")
         known = tokens_match(portal.application_token, given)
-        endpoint = portal.client_endpoint
     # Outside any transaction, like the install's proof.
-    proven = _prove_update(auth, known, endpoint)
+    proven = _prove_update(auth, known)
     with svc.db.session() as session:
         portal = find_portal(session, member_id, lock=True)
         if portal is None:
             raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
         update_from_event(session, portal, proven, None if known else given)
-        portal_id, domain = portal.id, portal.domain
+        portal_id, domain, endpoint = portal.id, portal.domain, portal.client_endpoint
     if not known:
-        log.info("portal %s: application_token rotated by a proven update", domain)
+        log.info("portal %s: application_token rotated by an administrator's update", domain)
     log.info("portal %s updated; registering providers again", domain)
-    return jsonify({"result": "updated", **_sync_after_commit(portal_id)})
+    return jsonify({"result": "updated", **_sync_after_commit(portal_id, endpoint)})
 
 
-def _prove_update(auth: Mapping[str, Any], known: bool, endpoint: str) -> ProvenInstall | None:
+def _prove_update(auth: Mapping[str, Any], known: bool) -> ProvenInstall | None:
     """What of an update Bitrix24 confirms: the OAuth answer for its refresh token (or None).
 
-    :raises ApiError: 401 when the update brings an unknown ``application_token`` that neither
-        the OAuth server nor the portal at its stored address confirms; 503 when the OAuth
-        server or the portal could not be asked.
+    A new ``application_token`` needs the OAuth server's word on the event's refresh token
+    *and* an administrator behind it (:func:`_prove_admin`). An access token alone proves
+    nothing: every user of the portal can read their own in the app's frame.
+
+    :raises ApiError: 401 when the update brings an unknown ``application_token`` that the
+        OAuth server does not confirm; 403 when the tokens are not an administrator's; 503
+        when the OAuth server or the portal could not be asked.
     """
     proven = None
     if auth.get("refresh_token") and auth.get("domain"):
         try:
             proven = prove_install(claim_from_event(auth), service().config.bitrix24)
         except InstallRefused as exc:
-            if not known and exc.status != 401:
+            if not known:
                 raise ApiError(exc.status, exc.error, exc.message) from None
             log.warning("update of %s: tokens not confirmed (%s)", auth["member_id"], exc.error)
-    if known or proven is not None:
+    if known:
         return proven
-    if not auth.get("application_token"):
-        raise ApiError(401, "unauthorized", "unknown portal or application_token mismatch")
-    # No refresh token confirmed: the event's access token must work at the portal we know.
-    try:
-        alive = probe_token(endpoint, auth.get("access_token") or "", service().config.bitrix24)
-    except SlotsBusy:
-        raise ApiError(503, "busy", "the portal could not be asked now; send again") from None
-    if not alive:
+    if proven is None or not auth.get("application_token"):
         raise ApiError(401, "unauthorized", "new application_token not confirmed by Bitrix24")
-    return None
+    _prove_admin(proven)
+    return proven
 
 
 #: seconds between two reconciles an ONAPPPAYMENT asks for: anyone can post the event, so a
