@@ -376,20 +376,27 @@ class Queue:
         :returns: True when a task was enqueued, False when one is pending already.
         """
         now = time.time()
+        self._ensure_schema()
+        key = _reconcile_marker(portal_id)
+        if not self.huey.put_if_empty(key, now):
+            pending = self.huey.get(key, peek=True)
+            if pending is None:
+                # Its task started meanwhile and cleared it: the marker is to take, once.
+                if not self.huey.put_if_empty(key, now):
+                    return False
+            elif now <= float(pending) + RECONCILE_MARKER_GRACE:
+                return False
+            # else: a marker whose task should have started long ago belongs to a lost task
+        # The spacing is read only once the marker is ours: a task clears its marker after it
+        # noted its start, so a start that let us in is seen here (read before, it could be
+        # missed, and a second reconcile would run at once).
         eta = now
         if spacing > 0:
             started = self._reconcile_started(portal_id)
             for last in (started, last_done):
                 if last is not None:
                     eta = max(eta, last + spacing)
-        self._ensure_schema()
-        key = _reconcile_marker(portal_id)
-        if not self.huey.put_if_empty(key, eta):
-            pending = self.huey.get(key, peek=True)
-            # A marker whose task should have started long ago belongs to a lost task.
-            if pending is not None and now <= float(pending) + RECONCILE_MARKER_GRACE:
-                return False
-            self.huey.put(key, eta)
+        self.huey.put(key, eta)
         try:
             self._submit(self.reconcile_portal, (portal_id,), eta - now)
         except Exception:
