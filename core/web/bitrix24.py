@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_FINISH_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>b24sms installed</title>
-<script src="//api.bitrix24.com/api/v1/"></script></head>
+<script src="https://api.bitrix24.com/api/v1/"></script></head>
 <body style="font-family: sans-serif">
 <p>{% if registered %}The app is installed and its SMS providers are registered.
 {% else %}The app is installed, but {% if failed %}{{ failed }} of its SMS providers
