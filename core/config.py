@@ -43,8 +43,6 @@ from marshmallow import (
 #: the embedded default (SQLite under instance/, one log-only provider), package data
 DEFAULT_CONFIG = resources.files(__package__ or "b24sms").joinpath("default.toml")
 #: owner-only: the instance folder holds the secret key, the SQLite database and its tokens
-INSTANCE_FOLDER_MODE = 0o700
-INSTANCE_FILE_MODE = 0o600
 CODE_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 

@@ -39,7 +39,7 @@ from .statuses import ACCEPTED_STATUSES
 
 #: counter rows per key on PostgreSQL (SQLite has one writer at a time: one row is enough)
 SLOTS = 8
-#: statuses that say a gateway took the message, even when we never learnt its id
+#: Connection.info keys: the counts noted in this transaction, and per open savepoint
 _PENDING = "b24sms_message_counts"
 _SAVED = "b24sms_message_counts_savepoints"
 

@@ -47,7 +47,7 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
     from waitress.server import create_server
 
     from .app import build_app
-    from .config import validate_config
+    from .config import prepare_instance, validate_config
     from .emulator import Emulator
     from .service import Service
 
@@ -86,7 +86,7 @@ def run_demo(number: str, text: str, echo: Callable[[str], None] = print) -> int
                 },
             }
         )
-        service = Service(config)
+        service = Service(prepare_instance(config))
         gateway_log = _TimelineHandler(say)
         logging.getLogger("b24sms.gateway.demo_log").addHandler(gateway_log)
         logging.getLogger("b24sms.gateway.demo_log").setLevel(logging.INFO)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from .bitrix24 import method_limits
 from .models import Portal, PortalState, utcnow
 
 if TYPE_CHECKING:
@@ -131,6 +132,9 @@ def save_install(
         portal = Portal(member_id=proven.member_id)
         session.add(portal)
     _store_proven(portal, proven)
+    if not created:
+        # a re-install starts afresh: no method or portal pause of the old install holds
+        method_limits.clear(session, portal.id)
     portal.application_token = application_token
     portal.language = language
     portal.state = PortalState.ACTIVE
@@ -163,6 +167,7 @@ def update_from_event(
         # version comes back with a proven update like any other.
         portal.state = PortalState.ACTIVE
         portal.last_error = None
+        method_limits.clear(session, portal.id)
     if application_token:
         portal.application_token = application_token
     # Bitrix24 deleted our providers with the update: forget what we registered.

@@ -376,17 +376,9 @@ class Queue:
         :returns: True when a task was enqueued, False when one is pending already.
         """
         now = time.time()
-        self._ensure_schema()
         key = _reconcile_marker(portal_id)
-        if not self.huey.put_if_empty(key, now):
-            pending = self.huey.get(key, peek=True)
-            if pending is None:
-                # Its task started meanwhile and cleared it: the marker is to take, once.
-                if not self.huey.put_if_empty(key, now):
-                    return False
-            elif now <= float(pending) + RECONCILE_MARKER_GRACE:
-                return False
-            # else: a marker whose task should have started long ago belongs to a lost task
+        if not self._claim_marker(key, now, RECONCILE_MARKER_GRACE):
+            return False
         # The spacing is read only once the marker is ours: a task clears its marker after it
         # noted its start, so a start that let us in is seen here (read before, it could be
         # missed, and a second reconcile would run at once).
@@ -454,17 +446,23 @@ class Queue:
         return True
 
     def _claim_flush_marker(self, portal_id: int, eta: float) -> bool:
+        return self._claim_marker(_flush_marker(portal_id), eta, FLUSH_MARKER_GRACE)
+
+    def _claim_marker(self, key: str, value: float, grace: float) -> bool:
+        """Put ``value`` (a task's eta) under ``key`` if no task holds it: True when ours.
+
+        A marker whose task should have started more than ``grace`` seconds ago belongs to a
+        lost task and is taken over.
+        """
         self._ensure_schema()
-        key = _flush_marker(portal_id)
-        if self.huey.put_if_empty(key, eta):
+        if self.huey.put_if_empty(key, value):
             return True
         pending = self.huey.get(key, peek=True)
         if pending is None:
-            # Cleared between our two reads: the flush started; try once more.
-            return bool(self.huey.put_if_empty(key, eta))
-        # A marker whose task should have started long ago belongs to a lost task.
-        if time.time() > float(pending) + FLUSH_MARKER_GRACE:
-            self.huey.put(key, eta)
+            # Cleared between our two reads: the task started; try once more.
+            return bool(self.huey.put_if_empty(key, value))
+        if time.time() > float(pending) + grace:
+            self.huey.put(key, value)
             return True
         return False
 

@@ -49,8 +49,11 @@ class QueryRedactingFilter(logging.Filter):
         args = record.args
         if isinstance(args, tuple):
             record.args = tuple(_redact_value(arg) for arg in args)
-        elif isinstance(args, dict):  # gunicorn's access log passes its atoms as a mapping
-            record.args = {key: _redact_value(value) for key, value in args.items()}
+        elif isinstance(args, dict):
+            # gunicorn's access log passes its atoms as a mapping of its own (SafeAtoms: "-" for
+            # a missing atom, header atoms in any case): changed in place, not replaced
+            for key, value in list(args.items()):
+                args[key] = _redact_value(value)
         elif not args and isinstance(record.msg, str):
             # Only a message without arguments: redacting a format string could unbalance it.
             record.msg = redact_query(record.msg)

@@ -38,6 +38,7 @@ from .models import (
     RegistrationState,
     utcnow,
 )
+from .outbox.pacing import take_token
 
 __all__ = [
     "SyncReport",
@@ -610,13 +611,7 @@ def _room_in_bucket(db: Database, portal_id: int, settings: Bitrix24Config) -> b
         state = session.get(PortalPacing, portal_id)
         if state is None:
             return True  # no outbox traffic ever: the bucket is empty
-        level = float(state.bucket_level or 0.0)
-        if state.bucket_at is not None:
-            level = max(0.0, level - max(0.0, (now - state.bucket_at).total_seconds()) * rate)
-        if level + RECONCILE_COST > burst:
-            return False
-        state.bucket_level, state.bucket_at = level + RECONCILE_COST, now
-        return True
+        return take_token(state, now, rate, burst, RECONCILE_COST) == 0.0
 
 
 def _claim(db: Database, portal_id: int, seen: dt.datetime | None, now: dt.datetime) -> bool:

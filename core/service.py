@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import pluggy
 
-from .config import Config, ProviderConfig, ServiceConfig, instance_encryption_key
+from .config import Config, ProviderConfig, ServiceConfig
 from .crypto import KeySet, bind_keys
 from .db import Database
 from .gateway import Gateway
@@ -48,12 +48,9 @@ class Service:
             self.providers, self.gateway_types, self.settings.public_url, config.filename
         )
         self.db = Database(self.settings.database_url)
-        #: secrets at rest: the token columns encrypt and decrypt with these (b24sms.crypto)
-        # A config straight from validate_config (the demo, tests) may still have no keys:
-        # this machine's generated key then, as prepare_instance would have given it.
-        self.keys = KeySet(
-            self.settings.encryption_keys or [instance_encryption_key(self.settings.database_url)]
-        )
+        #: secrets at rest: the token columns encrypt and decrypt with these (b24sms.crypto);
+        #: a config without keys must pass through config.prepare_instance first
+        self.keys = KeySet(self.settings.encryption_keys)
         bind_keys(self.db.engine, self.keys)
         from .registration import public_url_problems
 

@@ -166,3 +166,14 @@ def issued_tokens(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(EmulatedPortal, "_issue_pair_locked", recording)
     return tokens
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe_cache() -> Iterator[None]:
+    """The AUTH_ID probe's answers are cached per process (b24sms.bitrix24.verify): no test sees
+    another's."""
+    from b24sms.bitrix24 import verify
+
+    verify.clear_cache()
+    yield
+    verify.clear_cache()

@@ -22,7 +22,7 @@ import requests
 from sqlalchemy import select
 
 from b24sms import hookimpl, logs
-from b24sms.config import validate_config
+from b24sms.config import prepare_instance, validate_config
 from b24sms.gateway import (
     Gateway,
     OutgoingMessage,
@@ -135,7 +135,7 @@ def build_service(
     pm.register(ScriptedPlugin(), name="scripted-test")
     if recorder is not None:
         pm.register(recorder, name="recorder")
-    svc = Service(config, plugin_manager=pm)
+    svc = Service(prepare_instance(config), plugin_manager=pm)
     create_schema(svc)
     return svc
 

@@ -411,6 +411,8 @@ def test_a_portal_never_sees_another_portals_data(live_app, emulator):
     token = session_token(page.text)
     for form in ({"code": "second"}, {"status": "failed"}, {"page": "2"}):
         other = requests.post(f"{server.url}/app", data={"s": token, **form}, timeout=10)
+        assert other.status_code == 200, other.text[:300]
+        assert session_token(other.text)  # the page itself, not an error page
         assert all(other_id not in other.text for other_id in their_ids)
 
     # A test-message form token of one portal is refused with another's session.

@@ -26,13 +26,6 @@ from tests.fakes.recorder import Recorder, json_answer, redirect_to
 LOG = {"smslog": {"plugin": "log", "name": "Log only"}}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_probe_cache():
-    verify.clear_cache()
-    yield
-    verify.clear_cache()
-
-
 @pytest.fixture
 def attacker():
     with Recorder() as server:

@@ -21,7 +21,6 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 
 from b24sms import metrics
 from b24sms.config import ConfigError, MetricsConfig, validate_config
@@ -295,12 +294,15 @@ def test_error_codes_from_outside_are_cleaned_and_capped(monkeypatch):
 
 
 def test_an_unreachable_database_is_reported_not_raised():
-    class Broken:
-        def read(self):
-            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database down"))
+    from b24sms.db import Database
 
-    collector = metrics.DatabaseCollector(SimpleNamespace(providers={}, db=Broken()))
-    families = list(collector.collect())
+    # a real driver against a closed port: what a PostgreSQL that is down answers
+    db = Database(f"postgresql+psycopg://b24sms@127.0.0.1:{free_port()}/b24sms?connect_timeout=2")
+    try:
+        collector = metrics.DatabaseCollector(SimpleNamespace(providers={}, db=db))
+        families = list(collector.collect())
+    finally:
+        db.dispose()
     assert [(f.name, f.samples[0].value) for f in families] == [("b24sms_database_up", 0)]
 
 

@@ -19,7 +19,6 @@ import requests
 from sqlalchemy import select
 
 from b24sms import create_app
-from b24sms.bitrix24 import verify
 from b24sms.bitrix24.client import Bitrix24Client
 from b24sms.bitrix24.policy import CallSlots, EndpointRefused, RedirectRefused, SlotsBusy, web_slots
 from b24sms.models import Portal
@@ -27,13 +26,6 @@ from tests.conftest import base_config
 from tests.fakes.recorder import Recorder, redirect_to
 
 LOG = {"smslog": {"plugin": "log", "name": "Log only"}}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_probe_cache():
-    verify.clear_cache()
-    yield
-    verify.clear_cache()
 
 
 def set_endpoint(server, member_id: str, endpoint: str) -> int:
@@ -62,6 +54,25 @@ def test_a_portal_redirect_is_not_followed(live_app, emulator):
         assert refused.value.http_status == 302
         assert [r.method for r in moved.requests] == ["POST"]
         assert internal.requests == []
+
+
+def test_a_moved_portal_is_not_followed_outside_allowed_domains(live_app, emulator):
+    # The same REST path on another host is a domain change (change-domen.md), followed
+    # between private addresses; but not to a host an install would have been refused for.
+    server = live_app(providers=LOG, bitrix24={"allowed_domains": ["127.0.0.1"]})
+    portal = emulator.add_portal()
+    assert portal.install(server.url).status_code == 200
+    svc = server.app.extensions["b24sms"]
+    with Recorder() as elsewhere, Recorder() as moved:
+        port = elsewhere.host.rsplit(":", 1)[1]
+        target = f"http://localhost:{port}/rest/messageservice.sender.list"
+        moved.answer = redirect_to(target, 302)
+        portal_id = set_endpoint(server, portal.member_id, f"{moved.url}/rest/")
+        client = Bitrix24Client(svc.db, portal_id, svc.config.bitrix24)
+        with pytest.raises(RedirectRefused) as refused:
+            client.call("messageservice.sender.list")
+        assert "allowed_domains" in str(refused.value)
+        assert elsewhere.requests == []
 
 
 @pytest.mark.parametrize("endpoint", ["file:///etc/", "gopher://127.0.0.1:6379/", "http:///rest/"])

@@ -254,6 +254,8 @@ def test_description_goes_as_a_language_map(live_app, emulator):
 
 
 def test_payment_required_fails_new_messages_until_bitrix24_answers_again(live_app, emulator):
+    """An assumption, not a documented answer (docs/bitrix24.md): no page shows a REST method
+    answering PAYMENT_REQUIRED; the documented signal is the OAuth server's, tested below."""
     server = live_app(providers=LOG_PROVIDER)
     svc = server.app.extensions["b24sms"]
     portal = emulator.add_portal()

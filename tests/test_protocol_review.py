@@ -214,3 +214,32 @@ def test_a_worker_waits_as_long_as_bitrix24_lets_a_request_run(live_app, emulato
     with pytest.raises(TransientError):
         short.call("app.info")
     assert client.call("app.info")["CODE"] == emulator.client_id
+
+
+# -- a re-install starts afresh (_includes/system-errors.md: OVERLOAD_LIMIT is lifted by support) -
+
+
+def test_a_reinstall_lifts_the_pause_of_the_old_install(live_app, emulator):
+    from b24sms.bitrix24.errors import Bitrix24Error
+    from b24sms.models import MethodLimit
+
+    server = live_app(providers=LOG_PROVIDER)
+    svc = server.app.extensions["b24sms"]
+    portal = emulator.add_portal()
+    portal.install(server.url)
+    portal.inject("OVERLOAD_LIMIT", 503)
+    client = Bitrix24Client(svc.db, stored(server, portal).id, svc.config.bitrix24)
+    with pytest.raises(Bitrix24Error):
+        client.call("app.info")
+
+    def limits() -> int:
+        with svc.db.session() as session:
+            rows = session.scalars(
+                select(MethodLimit).where(MethodLimit.portal_id == stored(server, portal).id)
+            )
+            return len(list(rows))
+
+    assert limits() > 0  # paused: every call is refused without a request
+    answer = portal.install(server.url)
+    assert answer.status_code == 200 and answer.json()["registered"] is True, answer.text
+    assert limits() == 0

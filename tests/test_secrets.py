@@ -460,3 +460,22 @@ def test_previous_secret_keys_drop_empty_entries(tmp_path, previous, expected):
 def test_a_short_previous_secret_key_stops_the_start(tmp_path):
     with pytest.raises(ConfigError, match=r"service\.previous_secret_keys"):
         validate_config(base_config(tmp_path, service={"previous_secret_keys": ["short"]}), {})
+
+
+def test_the_redacting_filter_keeps_gunicorns_atoms_mapping():
+    """gunicorn formats its access line from a dict of its own that answers "-" for an atom it
+    lacks (a header the request did not send): redacted in place, it still does."""
+    import logging
+
+    class Atoms(dict):  # what gunicorn.glogging.SafeAtoms does for a missing key
+        def __getitem__(self, key):
+            return super().__getitem__(key) if key in self else "-"
+
+    atoms = Atoms({"r": "POST /bitrix24/handler/x?member_id=m&key=0123456789abcdef HTTP/1.1"})
+    fmt = "%(r)s %({x-forwarded-for}i)s"  # gunicorn's access_log_format, a header it lacks
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, fmt, (), None)
+    record.args = atoms  # as gunicorn passes it
+    QueryRedactingFilter().filter(record)
+    assert record.args is atoms
+    line = record.getMessage()
+    assert "0123456789abcdef" not in line and line.endswith(" -")

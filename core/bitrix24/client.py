@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -298,8 +299,17 @@ class Bitrix24Client:
 
         def send(target: str) -> requests.Response:
             # Redirects are ours to follow: requests would resend a POST as a bodiless GET, and
-            # a portal must not bounce our token to another address unchecked (see .policy).
+            # a portal must not bounce our token to another address unchecked (see .policy),
+            # nor to a host outside [bitrix24] allowed_domains (an install could not go there).
             check_url(target)
+            if target != url and self.settings.allowed_domains:
+                from .verify import domain_allowed  # verify imports this module
+
+                host = urlsplit(target).netloc
+                if not domain_allowed(host, self.settings.allowed_domains):
+                    raise RedirectRefused(
+                        "REDIRECT_REFUSED", f"redirect to {host}, outside allowed_domains", 302
+                    )
             return self.http.post(
                 target,
                 json={**params, "auth": token},

@@ -153,7 +153,7 @@ def _check_node(node: Any, name: str, depth: int, budget: list[int]) -> None:
             key = str(key)
             if _BAD_TEXT.search(key):
                 raise PayloadError(
-                    _shown(repr(key)), "a field name holds a NUL character or is not valid Unicode"
+                    repr(key), "a field name holds a NUL character or is not valid Unicode"
                 )
             _check_node(value, f"{name}[{key}]" if name else key, depth + 1, budget)
 

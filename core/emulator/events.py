@@ -46,7 +46,10 @@ KNOWN_EVENTS = frozenset(
 
 
 def _lower_keys(params: Mapping[str, Any]) -> dict[str, Any]:
-    # REST parameter names are case-insensitive on Bitrix24; the docs write them in lower case.
+    # An assumption, not a documented rule: the event-bind.md / event-unbind.md examples write
+    # the parameter names in lower case and event names in either case, and PHP-side REST
+    # handlers read them case-insensitively; the emulator accepts both rather than refuse a call
+    # a real portal might take.
     return {str(key).lower(): value for key, value in params.items() if key != "auth"}
 
 

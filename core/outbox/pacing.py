@@ -66,14 +66,17 @@ def wait_before_calling(portal: Portal, now: dt.datetime) -> float:
     return 0.0
 
 
-def take_token(state: PortalPacing, now: dt.datetime, rate: float, capacity: float) -> float:
-    """Spend one request from the bucket: 0 when taken, else the seconds until one is free."""
+def take_token(
+    state: PortalPacing, now: dt.datetime, rate: float, capacity: float, cost: float = 1.0
+) -> float:
+    """Spend ``cost`` requests from the bucket: 0 when taken, else the seconds until they are
+    free."""
     level = float(state.bucket_level or 0.0)
     if state.bucket_at is not None:
         elapsed = max(0.0, (now - state.bucket_at).total_seconds())
         level = max(0.0, level - elapsed * rate)
-    if level + 1.0 <= capacity + 1e-9:
-        state.bucket_level = level + 1.0
+    if level + cost <= capacity + 1e-9:
+        state.bucket_level = level + cost
         state.bucket_at = now
         return 0.0
-    return (level + 1.0 - capacity) / rate
+    return (level + cost - capacity) / rate

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from b24sms import hookimpl
-from b24sms.config import load_config
+from b24sms.config import load_config, prepare_instance
 from b24sms.gateway import Gateway, OutgoingMessage, SendResult, StatusReport
 from b24sms.plugins import make_plugin_manager
 from b24sms.service import Service
@@ -49,4 +49,4 @@ def build(config_path: Path) -> Service:
     """The service as both processes build it: from the file, with the blocking gateway."""
     pm = make_plugin_manager(environ={"B24SMS_LOAD_PLUGINS": ""})
     pm.register(BlockingPlugin(), name="blocking-test")
-    return Service(load_config(config_path, environ={}), plugin_manager=pm)
+    return Service(prepare_instance(load_config(config_path, environ={})), plugin_manager=pm)
